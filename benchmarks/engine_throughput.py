@@ -1,0 +1,221 @@
+"""CoUn retain-training throughput: this engine's device-resident loop vs. the usual DataLoader loop.
+
+What is timed (images/second of retain training, evaluation excluded): one CoUn step =
+two augmented views of a batch, features of both, CE(classifier(z1), y) + cl_weight *
+contrastive_loss(z1, z2, tau), backward, SGD (momentum 0.9, wd 5e-4) + cosine lr step.
+
+  (a) engine:    images live on the device as uint8; `shuffled_batches` gives index batches and
+                 `Augmenter` makes both views with batched tensor ops - the inner loop of
+                 `coun_tune.core.engine.run_unlearning`, reproduced step for step (incl. its
+                 per-step isfinite check) without the epoch-end evaluation.
+  (b) reference: what most unlearning codebases do: a torch `Dataset` over the same uint8 images
+                 that returns two views through per-sample PIL transforms (RandomCrop(padding) ->
+                 RandomHorizontalFlip -> ToTensor -> Normalize, applied twice), a
+                 `DataLoader(shuffle=True, num_workers=w, persistent_workers=False)` for w in 0, 1, 2,
+                 and a plain loop with the same loss and model. The best w is the reference.
+
+Why: the engine's claim is that dropping PIL/DataLoader/workers costs nothing on a CPU and wins on
+a GPU, where per-sample PIL work, collation and host-to-device copies starve the model.
+Both sides use the same seeded synthetic uint8 data (formats do not matter for throughput), the
+same initial weights, batch size, warm-up and timed step count. Timing covers whole steps with
+time.perf_counter (CUDA synchronised at both ends); epoch boundaries falling inside the timed window
+(permutation, or DataLoader worker re-spawn since workers are not persistent) are counted, as in
+a real run. On the 2-core CPU the timed window of the small CNN is one epoch (16 steps).
+
+Usage:  python benchmarks/engine_throughput.py [--quick] [--device cpu|cuda] [--threads N] [--amp]
+The last line printed is `ratio: X` = engine / best-reference img/s for the small CNN at 28x28.
+Needs torch + torchvision only (run from the source tree with PYTHONPATH=. on a bare GPU box).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source tree
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+from coun_tune.core.batching import Augmenter, shuffled_batches
+from coun_tune.core.datasets import AugmentPolicy
+from coun_tune.core.losses import contrastive_loss
+from coun_tune.core.models import ResNet18, SmallCNN
+
+LR, MOMENTUM, WEIGHT_DECAY, FINAL_LR = 0.05, 0.9, 5e-4, 1e-4  # the engine's recipe
+CL_WEIGHT, TAU, N_IMAGES, SEED = 1.0, 0.1, 4096, 0
+
+# name, model factory, (C, H, W), policy, batch/warm-up/timed steps as {device: (cpu, cuda)} and quick
+CONFIGS = [
+    dict(name="small_cnn 28x28", key="small_cnn", model=lambda: SmallCNN(1, 10), shape=(1, 28, 28),
+         policy=AugmentPolicy(crop_padding=2, flip=True, mean=(0.286,), std=(0.353,)),
+         cpu=(256, 2, 16), cuda=(256, 5, 64), quick=(256, 1, 4)),
+    dict(name="resnet18 32x32", key="resnet18", model=lambda: ResNet18(3, 10), shape=(3, 32, 32),
+         policy=AugmentPolicy(crop_padding=4, flip=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+         cpu=(16, 1, 3), cuda=(128, 5, 32), quick=(16, 1, 1)),
+]
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """The reference pipeline: HWC uint8 array -> PIL image -> two independent transform draws."""
+
+    def __init__(self, x_nchw: np.ndarray, y: np.ndarray, policy: AugmentPolicy):
+        self.x = np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1))  # stored HWC, as torchvision's CIFAR10 does
+        self.y = y
+        self.transform = transforms.Compose([
+            transforms.RandomCrop(self.x.shape[1], padding=policy.crop_padding),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(policy.mean, policy.std),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        img = self.x[i]
+        img = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+        return self.transform(img), self.transform(img), int(self.y[i])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(step, batches, warmup: int, steps: int, device: torch.device) -> float:
+    """Images/second over `steps` steps after `warmup`; `batches` is an endless iterator."""
+    for _ in range(warmup):
+        step(*next(batches))
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        n += step(*next(batches))
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def make_training(init_state: dict, model_fn, device: torch.device, total_steps: int):
+    torch.manual_seed(SEED)
+    model = model_fn().to(device)
+    model.load_state_dict(copy.deepcopy(init_state))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=FINAL_LR)
+    return model, opt, sched
+
+
+def bench_engine(cfg, x_u8, y, init_state, device, batch, warmup, steps, amp: bool) -> float:
+    """(a): the inner loop of run_unlearning with method CoUn (CE + the CL plug-in)."""
+    model, opt, sched = make_training(init_state, cfg["model"], device, warmup + steps)
+    X, Y = torch.from_numpy(x_u8).to(device), torch.from_numpy(y).to(device)
+    augmenter = Augmenter(cfg["policy"], device)
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
+    def step(idx: torch.Tensor) -> int:
+        x, yb = X[idx], Y[idx]
+        with autocast():
+            x1 = augmenter(x, generator)
+            z1 = model.features(x1)
+            loss = F.cross_entropy(model.classifier(z1), yb)
+            z2 = model.features(augmenter(x, generator))
+            loss = loss + CL_WEIGHT * contrastive_loss(z1, z2, TAU)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return idx.numel()
+
+    def batches():
+        while True:
+            for idx in shuffled_batches(len(Y), batch, generator, device):
+                yield (idx,)
+
+    return measure(step, batches(), warmup, steps, device)
+
+
+def bench_reference(cfg, x_u8, y, init_state, device, batch, warmup, steps, workers: int) -> float:
+    """(b): Dataset with per-sample PIL transforms + DataLoader + plain loop."""
+    model, opt, sched = make_training(init_state, cfg["model"], device, warmup + steps)
+    loader = torch.utils.data.DataLoader(
+        TwoViewDataset(x_u8, y, cfg["policy"]), batch_size=batch, shuffle=True, num_workers=workers,
+        persistent_workers=False, pin_memory=device.type == "cuda")
+
+    def step(x1: torch.Tensor, x2: torch.Tensor, yb: torch.Tensor) -> int:
+        x1, x2, yb = (t.to(device, non_blocking=True) for t in (x1, x2, yb))
+        z1 = model.features(x1)
+        loss = F.cross_entropy(model.classifier(z1), yb)
+        z2 = model.features(x2)
+        loss = loss + CL_WEIGHT * contrastive_loss(z1, z2, TAU)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return yb.shape[0]
+
+    def batches():
+        while True:
+            yield from loader  # a fresh iterator (and fresh workers) every epoch
+
+    it = batches()
+    try:
+        return measure(step, it, warmup, steps, device)
+    finally:
+        it.close()  # shut the workers down before the next measurement
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few steps: a smoke test, not a measurement")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--amp", action="store_true", help="CUDA only: also time the engine under bf16 autocast")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"sklearn", "ray", "optuna", "mlflow", "pyarrow"})
+    if heavy:
+        print(f"warning: importing coun_tune.core pulled in {', '.join(heavy)}")
+    print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"{N_IMAGES} synthetic images | cl_weight {CL_WEIGHT}, tau {TAU}")
+    head = f"{'config':<16} {'batch':>5} {'steps':>5} {'engine':>8} {'ref w=0':>8} {'ref w=1':>8} {'ref w=2':>8} {'best ref':>8} {'ratio':>6}"
+    print(head + "   (img/s)")
+    t_start, ratios, amp_lines = time.perf_counter(), {}, []
+    for cfg in CONFIGS:
+        batch, warmup, steps = cfg["quick"] if args.quick else cfg["cuda" if device.type == "cuda" else "cpu"]
+        rng = np.random.default_rng(SEED)
+        x_u8 = rng.integers(0, 256, size=(N_IMAGES, *cfg["shape"]), dtype=np.uint8)
+        y = rng.integers(0, 10, size=N_IMAGES).astype(np.int64)
+        torch.manual_seed(SEED)
+        init_state = {k: v.clone() for k, v in cfg["model"]().state_dict().items()}
+        common = (cfg, x_u8, y, init_state, device, batch, warmup, steps)
+        engine = bench_engine(*common, amp=False)
+        refs = [bench_reference(*common, workers=w) for w in (0, 1, 2)]
+        best = max(refs)
+        ratios[cfg["key"]] = engine / best
+        print(f"{cfg['name']:<16} {batch:>5} {steps:>5} {engine:>8.1f} " + " ".join(f"{r:>8.1f}" for r in refs)
+              + f" {best:>8.1f} {engine / best:>6.2f}", flush=True)
+        if args.amp and device.type == "cuda":
+            amp = bench_engine(*common, amp=True)
+            amp_lines.append(f"{cfg['key']} engine bf16 autocast: {amp:.1f} img/s ({amp / best:.2f}x best reference)")
+    for line in amp_lines:
+        print(line)
+    if args.amp and device.type != "cuda":
+        print("--amp ignored: bf16 autocast is timed on CUDA only")
+    print(f"total wall time {time.perf_counter() - t_start:.1f} s")
+    print(f"resnet18 ratio: {ratios['resnet18']:.2f}")
+    print(f"ratio: {ratios['small_cnn']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

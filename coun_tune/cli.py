@@ -1,0 +1,128 @@
+"""`coun-tune` commands. Bad input anywhere: one line on stderr, exit code 2, nothing written.
+
+  coun-tune unlearn  [--config FILE] [--dataset D --forget SPEC --seed S] [--method M] [hparams] --output DIR
+  coun-tune search   SPEC.yaml [--address A] [--tracking-uri URI] [--resume]
+  coun-tune pareto   EXPERIMENT_OR_RUN_ID [--tracking-uri URI]
+  coun-tune export   EXPERIMENT_OR_RUN_ID --pick knee|best:METRIC|METRIC>=X --output FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from coun_tune.errors import UsageError
+
+
+def _all_hparams() -> dict:
+    from coun_tune.core.methods import METHODS, method_hparams
+
+    out = {}
+    for m in METHODS:
+        out.update(method_hparams(m))
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors follow the same one-line, exit-2 rule
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="coun-tune", description="Distributed hyperparameter search for contrastive machine unlearning (CoUn).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    u = sub.add_parser("unlearn", help="run one unlearning job and print its metrics against the oracle")
+    u.add_argument("--config", help="YAML config (as written by `coun-tune export`); flags override it")
+    u.add_argument("--dataset")
+    u.add_argument("--forget", help="random:F | class:K | class:K:F | ids:FILE.parquet")
+    u.add_argument("--seed", type=int, help="scenario seed: draws the forget set and initialises the base models")
+    u.add_argument("--arch")
+    u.add_argument("--recipe", help="recipe of the original/oracle (default: the dataset's)")
+    u.add_argument("--data-root", help="where the dataset's files are")
+    u.add_argument("--method")
+    u.add_argument("--batch-size", type=int)
+    u.add_argument("--unlearn-seed", type=int, help="augmentation/batch-order seed (default: --seed)")
+    for name, h in _all_hparams().items():
+        u.add_argument("--" + name.replace("_", "-"), dest="hp_" + name, type=int if h.kind == "int" else float,
+                       help=f"{h.help} (default {h.default})")
+    u.add_argument("--output", default="out", help="output directory (default: out)")
+    u.add_argument("--cache-dir", help="base-model cache (default: $COUN_TUNE_CACHE or ~/.cache/coun-tune)")
+    u.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    u.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
+
+    from coun_tune import cli_search
+
+    cli_search.add_commands(sub)
+    return p
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from coun_tune.config.unlearn_config import build_unlearn_config, read_yaml
+
+    doc = read_yaml(args.config) if args.config else {}
+    overrides = {k: getattr(args, k) for k in ("dataset", "forget", "seed", "arch", "recipe", "data_root", "method",
+                                               "batch_size", "unlearn_seed")}
+    overrides["hparams"] = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None}
+    cfg = build_unlearn_config(doc, overrides)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {str(out)!r} exists and is not a directory")
+    run_unlearn(cfg, out, args.cache_dir, args.device, args.download)
+    return 0
+
+
+def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, download: bool = False) -> dict:
+    import torch
+    import yaml
+
+    from coun_tune.core.datasets import load_dataset
+    from coun_tune.core.pipeline import prepare, unlearn
+    from coun_tune.report import metrics_table
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    data = load_dataset(cfg.scenario.dataset, cfg.scenario.data_root, download=download)
+    prep = prepare(cfg.scenario, cache_dir, device, log=log, data=data)
+    log(f"unlearning with {cfg.method} {json.dumps(cfg.hparams)}")
+    model, metrics = unlearn(prep, cfg.method, cfg.hparams, batch_size=cfg.batch_size, seed=cfg.seed)
+    result = {
+        "config": cfg.to_dict(),
+        "split_hash": prep.split.split_hash,
+        "num_forget": int(len(prep.split.forget_idx)),
+        "num_retain": int(len(prep.split.retain_idx)),
+        "num_test": int(len(prep.split.test_idx)),
+        "unlearned": metrics,
+        "original": prep.base.original_metrics,
+        "oracle": prep.base.oracle_metrics,
+        "base_models_from_cache": prep.base.from_cache,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(metrics_table({"original": prep.base.original_metrics, "oracle": prep.base.oracle_metrics,
+                         cfg.method: metrics}))
+    print(f"\nwrote {out / 'metrics.json'} and {out / 'model.pt'}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "unlearn":
+            return cmd_unlearn(args)
+        from coun_tune import cli_search
+
+        return cli_search.dispatch(args)
+    except UsageError as e:
+        print(f"coun-tune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

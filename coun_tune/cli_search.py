@@ -1,0 +1,59 @@
+"""Search-side commands: search, pareto, export. Ray, Optuna and MLflow are imported only
+when one of them runs, so `coun-tune unlearn` starts fast and works without them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("search", help="run a multi-objective search on Ray, logged to MLflow")
+    s.add_argument("spec", help="search spec YAML (see search_spaces/)")
+    s.add_argument("--address", help="an existing Ray cluster (e.g. 127.0.0.1:6379 or auto); default: local Ray")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (overrides the spec's)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted search with the same name")
+
+    p = sub.add_parser("pareto", help="recompute the Pareto front of a search from MLflow, tag and log it")
+    p.add_argument("search", help="experiment name (its latest search) or parent run id")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+
+    e = sub.add_parser("export", help="write the config of one Pareto trial as a `coun-tune unlearn --config` YAML")
+    e.add_argument("search", help="experiment name (its latest search) or parent run id")
+    e.add_argument("--pick", default="knee", help="knee | best:METRIC | a constraint such as retain_acc>=99")
+    e.add_argument("--output", required=True, help="YAML file to write")
+    e.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+
+
+def _check_tracking_uri(uri: str) -> None:
+    from coun_tune.errors import UsageError
+
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise UsageError(f"no MLflow database at {db} (tracking URI {uri})")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "search":
+        from coun_tune.config.search_spec import load_search_spec
+        from coun_tune.search.runner import run_search
+
+        spec = load_search_spec(args.spec)
+        run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
+        return 0
+    from coun_tune.tracking.mlflow_store import client_for, find_parent_run
+    from coun_tune.tracking.review import export_config, review_pareto
+    from coun_tune.pareto import parse_pick
+
+    _check_tracking_uri(args.tracking_uri)
+    if args.command == "export":
+        parse_pick(args.pick)
+    client = client_for(args.tracking_uri)
+    parent = find_parent_run(client, args.search)
+    if args.command == "pareto":
+        review_pareto(client, parent.info.run_id)
+    else:
+        path = export_config(client, parent.info.run_id, args.pick, args.output)
+        print(f"wrote {path}\napply it: coun-tune unlearn --config {path} --output out/")
+    return 0

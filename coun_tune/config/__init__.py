@@ -1,0 +1,1 @@
+"""Typed, validated configs loaded from YAML (always with yaml.safe_load)."""

@@ -1,0 +1,179 @@
+"""The search spec: one YAML file says what to search, how, and where results go. Everything
+is validated here, before Ray starts: one line naming the problem, exit code 2, nothing logged.
+
+    name: digits_quick                   # the MLflow experiment (Ray's and MLflow's word)
+    scenario: {dataset: digits, forget: "random:0.1", seed: 0}
+    method: coun
+    objectives: {forget_gap: min, retain_acc: max}     # two or three metrics the engine logs
+    space:                                # any hyperparameter the method declares
+      temperature: {log: [0.02, 0.3]}     # log-uniform
+      cl_weight: {log: [0.1, 6.0]}
+      lr: {uniform: [0.01, 0.1]}          # linear
+      epochs: {int: [1, 3]}               # integer range (inclusive)
+      # batch-free examples: {choice: [0.05, 0.1, 0.2]}, or a plain value to fix it
+    sampler: nsga2                        # nsga2 | tpe | gp | random
+    num_samples: 8                        # trials
+    max_concurrent_trials: 2
+    resources_per_trial: {cpu: 1, gpu: 0}   # fractional GPUs allowed, e.g. 0.25
+    seed: 0                               # sampler seed
+    storage_path: ./coun_tune_results     # Ray Tune's experiment storage (shared on a cluster)
+    tracking_uri: sqlite:///mlflow.db     # MLflow; an http://host:port server works the same
+    cache_dir: null                       # base-model cache (default $COUN_TUNE_CACHE or ~/.cache/coun-tune)
+    batch_size: null                      # default: the dataset's
+    mia_every: 0                          # SVC MIA cadence in epochs; 0 = final epoch only
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coun_tune.config.unlearn_config import read_yaml, validate_scenario
+from coun_tune.core.methods import METHODS, method_hparams
+from coun_tune.core.recipes import Scenario
+from coun_tune.errors import UsageError
+
+SAMPLERS = ("nsga2", "tpe", "gp", "random")
+DOMAIN_KINDS = ("log", "uniform", "int", "choice")
+# Every metric a trial's final report holds: what objectives may name.
+LOGGED_METRICS = ("retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy", "mia_loss_attack_acc",
+                  "retain_gap", "forget_gap", "test_gap", "mia_gap", "avg_gap", "wall_seconds", "flops")
+KEYS = {"name", "scenario", "method", "objectives", "space", "sampler", "num_samples", "max_concurrent_trials",
+        "resources_per_trial", "seed", "storage_path", "tracking_uri", "cache_dir", "batch_size", "mia_every",
+        "description"}
+
+
+@dataclass
+class Domain:
+    """A searchable hyperparameter: kind in DOMAIN_KINDS with (low, high) or `choices`."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+
+    def to_dict(self) -> dict:
+        return {self.kind: list(self.choices) if self.kind == "choice" else [self.low, self.high]}
+
+
+@dataclass
+class SearchSpec:
+    name: str
+    scenario: Scenario
+    method: str
+    objectives: dict[str, str]
+    space: dict[str, Domain]
+    fixed: dict[str, Any]
+    sampler: str = "nsga2"
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    seed: int = 0
+    storage_path: str = "./coun_tune_results"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    cache_dir: str | None = None
+    batch_size: int | None = None
+    mia_every: int = 0
+    source: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return self.source
+
+
+def _number(x: Any, where: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise UsageError(f"{where} must be a finite number, got {x!r}")
+    return float(x)
+
+
+def _domain(name: str, value: Any, kind_of: str) -> Domain | Any:
+    """A dict with one key in DOMAIN_KINDS is a domain; anything else is a fixed value."""
+    where = f"space.{name}"
+    if not isinstance(value, dict):
+        _number(value, where)
+        return value
+    if len(value) != 1 or next(iter(value)) not in DOMAIN_KINDS:
+        raise UsageError(f"{where} must be a number or one of {{log|uniform|int|choice: ...}}, got {value!r}")
+    kind, arg = next(iter(value.items()))
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise UsageError(f"{where}: empty domain (choice needs a non-empty list)")
+        for a in arg:
+            _number(a, where)
+        return Domain("choice", choices=tuple(arg))
+    if not isinstance(arg, list) or len(arg) != 2:
+        raise UsageError(f"{where}: {kind} needs [low, high], got {arg!r}")
+    low, high = _number(arg[0], where), _number(arg[1], where)
+    if not low < high if kind != "int" else not low <= high:
+        raise UsageError(f"{where}: empty domain [{arg[0]}, {arg[1]}] (low must be below high)")
+    if kind == "log" and low <= 0:
+        raise UsageError(f"{where}: a log domain needs low > 0, got {arg[0]}")
+    if kind == "int" and (low != int(low) or high != int(high)):
+        raise UsageError(f"{where}: int bounds must be integers, got {arg!r}")
+    if kind_of == "int" and kind not in ("int", "choice"):
+        raise UsageError(f"{where}: {name} is an integer; use {{int: [low, high]}} or choice")
+    return Domain(kind, low, high)
+
+
+def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
+    extra = sorted(set(doc) - KEYS)
+    if extra:
+        raise UsageError(f"unknown key {extra[0]!r} in {where}; allowed: {', '.join(sorted(KEYS))}")
+    name = doc.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError(f"{where} needs a `name` (the MLflow experiment)")
+    scenario = validate_scenario(doc.get("scenario") or {}, "scenario")
+    method = str(doc.get("method", "coun"))
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    objectives = doc.get("objectives") or {"forget_gap": "min", "retain_acc": "max"}
+    if not isinstance(objectives, dict) or not 2 <= len(objectives) <= 3:
+        raise UsageError("objectives must map two or three metrics to min or max")
+    for m, mode in objectives.items():
+        if m not in LOGGED_METRICS:
+            raise UsageError(f"objective {m!r} is not a metric the engine logs; choose from {', '.join(LOGGED_METRICS)}")
+        if mode not in ("min", "max"):
+            raise UsageError(f"objective {m}: mode must be min or max, got {mode!r}")
+    declared = method_hparams(method)
+    space_doc = doc.get("space") or {}
+    if not isinstance(space_doc, dict):
+        raise UsageError("space must be a mapping of hyperparameter -> domain or value")
+    space, fixed = {}, {}
+    for hp, value in space_doc.items():
+        if hp not in declared:
+            raise UsageError(f"space.{hp}: method {method!r} has no hyperparameter {hp!r}; it has {', '.join(sorted(declared))}")
+        d = _domain(hp, value, declared[hp].kind)
+        (space if isinstance(d, Domain) else fixed)[hp] = d
+    if not space:
+        raise UsageError("space has no searchable hyperparameter")
+    sampler = doc.get("sampler", "nsga2")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    ints = {}
+    for k, default, low in (("num_samples", 8, 1), ("max_concurrent_trials", 2, 1), ("seed", 0, 0), ("mia_every", 0, 0)):
+        v = doc.get(k, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise UsageError(f"{k} must be an integer >= {low}, got {v!r}")
+        ints[k] = v
+    res = doc.get("resources_per_trial") or {"cpu": 1, "gpu": 0}
+    if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
+        raise UsageError(f"resources_per_trial takes cpu and gpu, got {res!r}")
+    cpu, gpu = _number(res.get("cpu", 1), "resources_per_trial.cpu"), _number(res.get("gpu", 0), "resources_per_trial.gpu")
+    if cpu <= 0 or gpu < 0 or (gpu > 1 and gpu != int(gpu)):
+        raise UsageError(f"resources_per_trial: cpu must be > 0 and gpu a fraction in [0, 1] or a whole number, got {res!r}")
+    batch_size = doc.get("batch_size")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 2):
+        raise UsageError(f"batch_size must be an integer >= 2, got {batch_size!r}")
+    tracking_uri = str(doc.get("tracking_uri", "sqlite:///mlflow.db"))
+    if not tracking_uri.startswith(("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")):
+        raise UsageError(f"tracking_uri {tracking_uri!r}: use sqlite:///FILE or an MLflow server URL (http://host:port)")
+    return SearchSpec(name=name.strip(), scenario=scenario, method=method, objectives=dict(objectives),
+                      space=space, fixed=fixed, sampler=sampler, resources_per_trial={"cpu": cpu, "gpu": gpu},
+                      storage_path=str(doc.get("storage_path", "./coun_tune_results")), tracking_uri=tracking_uri,
+                      cache_dir=doc.get("cache_dir"), batch_size=batch_size, source=dict(doc), **ints)
+
+
+def load_search_spec(path: str | Path) -> SearchSpec:
+    return validate_search_spec(read_yaml(path, "spec"), f"spec {Path(path).name}")

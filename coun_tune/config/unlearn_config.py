@@ -1,0 +1,118 @@
+"""The config of one unlearning run: what `coun-tune unlearn --config` reads and what
+`coun-tune export` writes.
+
+    scenario: {dataset: digits, forget: "random:0.1", seed: 0, arch: small_cnn, recipe: digits}
+    method: coun
+    hparams: {temperature: 0.1, cl_weight: 1.0, lr: 0.05, epochs: 10}
+    batch_size: 64          # optional: the dataset's default
+    seed: 0                 # optional: augmentation/batch-order seed, default the scenario's
+
+Flags given on the command line override the file. Every problem is a UsageError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from coun_tune.core.datasets import check_dataset_name
+from coun_tune.core.engine import resolve_hparams
+from coun_tune.core.methods import METHODS
+from coun_tune.core.models import ARCHITECTURES
+from coun_tune.core.recipes import RECIPES, Scenario
+from coun_tune.core.splits import parse_forget_spec
+from coun_tune.errors import UsageError
+
+TOP_KEYS = {"scenario", "method", "hparams", "batch_size", "seed"}
+SCENARIO_KEYS = {"dataset", "forget", "seed", "arch", "recipe", "data_root"}
+
+
+@dataclass
+class UnlearnConfig:
+    scenario: Scenario
+    method: str
+    hparams: dict[str, Any]
+    batch_size: int | None = None
+    seed: int | None = None
+    source: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {"scenario": {k: v for k, v in self.scenario.to_dict().items() if v is not None},
+               "method": self.method, "hparams": dict(self.hparams)}
+        if self.batch_size is not None:
+            out["batch_size"] = self.batch_size
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
+
+
+def read_yaml(path: str | Path, what: str = "config") -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} file {str(p)!r} does not exist")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UsageError(f"{what} file {str(p)!r} is not valid YAML{where}") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{what} file {str(p)!r} must hold a mapping at the top level")
+    return doc
+
+
+def _unknown(keys: set, allowed: set, where: str) -> None:
+    extra = sorted(set(keys) - allowed)
+    if extra:
+        raise UsageError(f"unknown key {extra[0]!r} in {where}; allowed: {', '.join(sorted(allowed))}")
+
+
+def validate_scenario(d: dict, where: str = "scenario") -> Scenario:
+    if not isinstance(d, dict):
+        raise UsageError(f"{where} must be a mapping")
+    _unknown(set(d), SCENARIO_KEYS, where)
+    dataset = str(d.get("dataset", "digits"))
+    check_dataset_name(dataset)
+    forget = str(d.get("forget", "random:0.1"))
+    parse_forget_spec(forget)
+    seed = d.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"{where}.seed must be a non-negative integer, got {seed!r}")
+    arch, recipe = d.get("arch"), d.get("recipe")
+    if arch is not None and arch not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
+    if recipe is not None and recipe not in RECIPES:
+        raise UsageError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
+    root = d.get("data_root")
+    if root is not None and not Path(str(root)).is_dir():
+        raise UsageError(f"{dataset}: data directory {str(root)!r} does not exist")
+    return Scenario(dataset=dataset, forget=forget, seed=seed, arch=arch, recipe=recipe,
+                    data_root=None if root is None else str(root))
+
+
+def build_unlearn_config(doc: dict, overrides: dict[str, Any]) -> UnlearnConfig:
+    """Merge a config document (possibly empty) with flag overrides and validate the result.
+    `overrides` keys: dataset, forget, seed, arch, recipe, data_root, method, batch_size,
+    unlearn_seed, and any hyperparameter name; None means "not given"."""
+    _unknown(set(doc), TOP_KEYS, "config")
+    scen = dict(doc.get("scenario") or {})
+    for k in SCENARIO_KEYS:
+        if overrides.get(k) is not None:
+            scen[k] = overrides[k]
+    scenario = validate_scenario(scen)
+    method = str(overrides.get("method") or doc.get("method") or "coun")
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    hp = dict(doc.get("hparams") or {})
+    for k, v in (overrides.get("hparams") or {}).items():
+        if v is not None:
+            hp[k] = v
+    hparams = resolve_hparams(method, hp)
+    batch_size = overrides.get("batch_size") or doc.get("batch_size")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 2):
+        raise UsageError(f"batch_size must be an integer >= 2, got {batch_size!r}")
+    seed = overrides.get("unlearn_seed", doc.get("seed"))
+    return UnlearnConfig(scenario, method, hparams, batch_size, seed, source=doc)

@@ -1,0 +1,152 @@
+"""The original (theta_o, trained on D = D_r + D_u) and the oracle (theta_r, trained on D_r
+only), trained with the scenario's recipe and cached by a hash of everything that determines
+them, together with their metrics.
+
+Cache layout: <cache_dir>/models/<key>/{model.pt, meta.json}; meta.json holds the sha256 of
+model.pt (checked on every load), the key's inputs and the model's metrics on the scenario.
+A second run on the same scenario trains nothing and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from coun_tune.core.batching import shuffled_batches
+from coun_tune.core.datasets import DatasetArrays
+from coun_tune.core.engine import ScenarioData
+from coun_tune.core.metrics import evaluate, gaps
+from coun_tune.core.models import FeatureClassifier, build_model
+from coun_tune.core.recipes import Scenario, TrainRecipe
+from coun_tune.core.splits import Split
+from coun_tune.errors import UsageError
+
+ROLES = ("original", "oracle")
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """$COUN_TUNE_CACHE, else ~/.cache/coun-tune. On a cluster point it at shared storage."""
+    return Path(os.environ.get("COUN_TUNE_CACHE") or Path.home() / ".cache" / "coun-tune")
+
+
+def train_from_scratch(model: FeatureClassifier, scenario: ScenarioData, role: str, recipe: TrainRecipe,
+                       seed: int, log: Callable[[str], None] = lambda s: None) -> float:
+    """Train `model` in place on D (role "original": retain + forget) or D_r ("oracle") with
+    cross-entropy, CHN augmentation, SGD and step decay. Returns the wall seconds."""
+    if role == "original":
+        x = torch.cat([scenario.retain.x, scenario.forget.x])
+        y = torch.cat([scenario.retain.y, scenario.forget.y])
+    else:
+        x, y = scenario.retain.x, scenario.retain.y
+    device = x.device
+    generator = torch.Generator(device=device).manual_seed(seed + (0 if role == "original" else 1))
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    milestones = [int(round(f * recipe.epochs)) for f in recipe.milestones]
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=recipe.gamma)
+    t0 = time.perf_counter()
+    model.train()
+    for epoch in range(recipe.epochs):
+        for idx in shuffled_batches(len(y), recipe.batch_size, generator, device):
+            loss = torch.nn.functional.cross_entropy(model(scenario.augmenter(x[idx], generator)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        if (epoch + 1) % max(1, recipe.epochs // 5) == 0 or epoch + 1 == recipe.epochs:
+            log(f"  {role}: epoch {epoch + 1}/{recipe.epochs}, loss {loss.item():.4f}")
+    return time.perf_counter() - t0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(data: DatasetArrays, split: Split, scenario: Scenario, role: str) -> tuple[str, dict]:
+    """Hash of everything that determines a base model. The oracle does not depend on which
+    samples were forgotten beyond the retain set, which the split hash fixes."""
+    inputs = {"format": CACHE_FORMAT, "role": role, "dataset": data.name, "split_hash": split.split_hash,
+              "arch": scenario.arch_name, "recipe": scenario.train_recipe.to_dict(), "seed": scenario.seed}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
+
+
+def load_cached(entry: Path) -> tuple[dict, dict] | None:
+    """(state_dict, meta) if the entry exists and its checksum holds, else None. A checksum
+    mismatch is an error, not a silent retrain: the file was corrupted or tampered with."""
+    meta_path, model_path = entry / "meta.json", entry / "model.pt"
+    if not (meta_path.is_file() and model_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise UsageError(f"cache entry {str(entry)!r} has a corrupted meta.json: delete the folder to retrain") from None
+    if _sha256(model_path) != meta.get("sha256"):
+        raise UsageError(f"cached model {str(model_path)!r} fails its checksum: delete {str(entry)!r} to retrain")
+    return torch.load(model_path, map_location="cpu", weights_only=True), meta
+
+
+@dataclass
+class BaseModels:
+    original: FeatureClassifier
+    oracle: FeatureClassifier
+    original_metrics: dict[str, float]
+    oracle_metrics: dict[str, float]
+    from_cache: dict[str, bool]
+    cache_entries: dict[str, Path]
+
+
+def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, scen_data: ScenarioData,
+                       cache_dir: str | Path, log: Callable[[str], None] = print,
+                       roles: tuple[str, ...] = ROLES) -> BaseModels:
+    """Load theta_o and theta_r from the cache, training (and caching) whichever is missing.
+    Each model's metrics on the scenario are computed once, at training time, and cached."""
+    device = scen_data.retain.x.device
+    in_ch = data.image_shape[0]
+    models, metrics, from_cache, entries = {}, {}, {}, {}
+    for role in roles:
+        key, inputs = cache_key(data, split, scenario, role)
+        entry = Path(cache_dir) / "models" / key
+        entries[role] = entry
+        model = build_model(scenario.arch_name, in_ch, data.num_classes).to(device)
+        cached = load_cached(entry)
+        if cached is not None:
+            state, meta = cached
+            model.load_state_dict(state)
+            metrics[role], from_cache[role] = meta["metrics"], True
+            log(f"{role}: loaded from cache {entry}")
+        else:
+            log(f"{role}: training {scenario.arch_name} with recipe {scenario.recipe_name!r} ({scenario.train_recipe.epochs} epochs)")
+            torch.manual_seed(scenario.seed)  # the same init for theta_o and theta_r
+            model = build_model(scenario.arch_name, in_ch, data.num_classes).to(device)
+            seconds = train_from_scratch(model, scen_data, role, scenario.train_recipe, scenario.seed, log)
+            m = evaluate(model, scen_data.retain, scen_data.forget, scen_data.test, scen_data.augmenter, scenario.seed)
+            m["wall_seconds"] = seconds
+            entry.mkdir(parents=True, exist_ok=True)
+            tmp = entry / "model.pt.tmp"
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+            tmp.replace(entry / "model.pt")
+            meta = {"sha256": _sha256(entry / "model.pt"), "key_inputs": inputs, "metrics": m}
+            (entry / "meta.json").write_text(json.dumps(meta, indent=2))
+            metrics[role], from_cache[role] = m, False
+            log(f"{role}: trained in {seconds:.1f}s, cached at {entry}")
+        models[role] = model.eval()
+    if "original" in metrics and "oracle" in metrics:
+        metrics["original"] = {**metrics["original"], **gaps(metrics["original"], metrics["oracle"])}
+        orig_train_acc = metrics["original"]["retain_acc"]
+        if orig_train_acc < 99.0:
+            log(f"warning: the original reaches only {orig_train_acc:.1f}% retain accuracy; below 99% it has not "
+                "memorized its data and there is little to unlearn (METHOD.md section 5)")
+    return BaseModels(models.get("original"), models.get("oracle"), metrics.get("original", {}),
+                      metrics.get("oracle", {}), from_cache, entries)

@@ -1,0 +1,66 @@
+"""Fine-tuning variants that never read D_u: l1-sparse and NoT (METHOD.md section 3).
+
+- l1-sparse (Jia et al., "Model Sparsity Can Simplify Machine Unlearning", NeurIPS 2023;
+  OPTML-Group/Unlearn-Sparse `unlearn/FT.py`, `FT_l1`): FT + alpha_e * ||theta||_1 over all
+  parameters, alpha_e = alpha * (1 - e / l1_epochs) in epoch e < l1_epochs (0-based) and 0
+  after: the released code's per-epoch linear decay (`current_alpha = args.alpha * (1 - epoch
+  / (unlearn_epochs - no_l1_epochs))`), with `l1_epochs` the number of epochs it is applied
+  for (the paper's first 4 epochs).
+- NoT (Khalil, Setayesh, Li, "NoT: Federated Unlearning via Weight Negation", CVPR 2025, the
+  CoUn authors' own baseline): negate the first layer's parameters of theta_o, then FT.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coun_tune.core.methods.base import HParam, MethodContext, RetainStep
+from coun_tune.core.methods.ft import FT
+
+
+class L1Sparse(FT):
+    """loss = CE(logits_r, y_r) + alpha_e * sum_i |theta_i| (logits_r (N, K) of view 1)."""
+
+    name = "l1_sparse"
+    reads_forget = False
+    hparams = (
+        HParam("l1_alpha", 5e-4, 1e-4, 1e-1, log=True, help="l1-sparse: initial weight of ||theta||_1"),
+        HParam("l1_epochs", 4, 1, 20, kind="int", help="l1-sparse: epochs over which the l1 weight decays to 0"),
+    )
+
+    @staticmethod
+    def alpha(alpha0: float, l1_epochs: int, epoch: int) -> float:
+        return alpha0 * (1.0 - epoch / l1_epochs) if epoch < l1_epochs else 0.0
+
+    def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:
+        loss = F.cross_entropy(step.logits, step.y)
+        a = self.alpha(ctx.hparams["l1_alpha"], ctx.hparams["l1_epochs"], step.epoch)
+        if a > 0:  # past the l1 epochs this is plain FT: skip the norm altogether
+            loss = loss + a * torch.cat([p.flatten() for p in ctx.model.parameters()]).abs().sum()
+        return loss
+
+
+def first_layer(model: nn.Module) -> nn.Module:
+    """The first Conv2d or Linear module in definition order (the stem conv of every
+    architecture here: SmallCNN's body[0][0], ResNet-18's stem[0])."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            return m
+    raise ValueError("model has no Conv2d or Linear layer to negate")
+
+
+class NoT(FT):
+    """prepare(): first layer's weight (and bias, if any) := -(theta_o's); then FT."""
+
+    name = "not"
+    reads_forget = False
+
+    @torch.no_grad()
+    def prepare(self, ctx: MethodContext) -> None:
+        # Copied from ctx.original (not negated in place) so the result is -theta_o's layer
+        # whatever state the model arrives in; a resume then loads its own weights on top.
+        src = dict(first_layer(ctx.original).named_parameters())
+        for name, p in first_layer(ctx.model).named_parameters():
+            p.copy_(-src[name])

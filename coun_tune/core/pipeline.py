@@ -1,0 +1,67 @@
+"""From a scenario to unlearned metrics: the path `coun-tune unlearn` and every search trial
+take. Load data -> split registry -> device-resident splits -> cached original/oracle ->
+unlearn -> metrics with gaps to the oracle."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from coun_tune.core.base_models import BaseModels, default_cache_dir, ensure_base_models
+from coun_tune.core.datasets import DatasetArrays, load_dataset
+from coun_tune.core.engine import ScenarioData, run_unlearning
+from coun_tune.core.recipes import Scenario
+from coun_tune.core.splits import Split, materialize_split
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The training device: `requested` if given, else CUDA when present, else CPU. Inside a
+    Ray trial this is decided by torch.cuda.is_available(), never by Ray's GPU ids."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Prepared:
+    scenario: Scenario
+    data: DatasetArrays
+    split: Split
+    scen_data: ScenarioData
+    base: BaseModels
+
+    @property
+    def batch_size(self) -> int:
+        return self.scenario.defaults.batch_size
+
+
+def prepare(scenario: Scenario, cache_dir: str | Path | None = None, device: torch.device | str | None = None,
+            log: Callable[[str], None] = print, data: DatasetArrays | None = None) -> Prepared:
+    """Everything a run needs before unlearning starts. `data` may be passed in (a search puts
+    it in the Ray object store once and hands it to every trial)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    device = pick_device(str(device) if device else None)
+    if data is None:
+        data = load_dataset(scenario.dataset, scenario.data_root)
+    split = materialize_split(data, scenario.forget, scenario.seed, cache_dir)
+    scen_data = ScenarioData.build(data, split, device)
+    base = ensure_base_models(data, split, scenario, scen_data, cache_dir, log)
+    return Prepared(scenario, data, split, scen_data, base)
+
+
+def unlearn(prep: Prepared, method: str, hparams: dict[str, Any], batch_size: int | None = None,
+            seed: int | None = None, **kwargs: Any) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Unlearn a copy of theta_o; returns (theta_u, its final metrics with gaps to the oracle).
+    `seed` (default: the scenario's) drives augmentation and batch order."""
+    model = copy.deepcopy(prep.base.original).train().requires_grad_(True)
+    metrics = run_unlearning(
+        model, prep.base.original, prep.scen_data, method, hparams,
+        batch_size=batch_size or prep.batch_size,
+        seed=prep.scenario.seed if seed is None else seed,
+        oracle_metrics=prep.base.oracle_metrics, **kwargs,
+    )
+    return model, metrics

@@ -1,0 +1,1 @@
+"""The search layer: the only place that knows Ray."""

@@ -1,0 +1,150 @@
+"""`coun-tune search SPEC`: validate -> Ray -> base models (Ray task) -> Tuner with
+OptunaSearch (multi-objective) -> MLflow child runs -> Pareto review -> exported config."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from coun_tune.config.search_spec import Domain, SearchSpec
+from coun_tune.core.base_models import default_cache_dir
+from coun_tune.core.datasets import load_dataset
+from coun_tune.errors import UsageError
+
+SEARCH_STATE = "coun_tune_search.json"  # parent run id etc., beside Tune's experiment state
+
+
+def optuna_space(space: dict[str, Domain]) -> dict:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for name, d in space.items():
+        if d.kind == "choice":
+            out[name] = CategoricalDistribution(list(d.choices))
+        elif d.kind == "int":
+            out[name] = IntDistribution(int(d.low), int(d.high))
+        else:
+            out[name] = FloatDistribution(d.low, d.high, log=d.kind == "log")
+    return out
+
+
+def make_sampler(spec: SearchSpec):
+    import optuna
+
+    if spec.sampler == "nsga2":
+        # NSGA-II's first generation is random; a population of about half the budget lets a
+        # small search see at least one generation of selection.
+        return optuna.samplers.NSGAIISampler(population_size=max(2, min(50, spec.num_samples // 2)), seed=spec.seed)
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True)
+    if spec.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=spec.seed)
+    return optuna.samplers.RandomSampler(seed=spec.seed)
+
+
+def run_info_for(spec: SearchSpec, cache_dir: str) -> dict:
+    return {"scenario": {k: v for k, v in spec.scenario.to_dict().items()}, "method": spec.method,
+            "fixed": dict(spec.fixed), "batch_size": spec.batch_size, "seed": spec.scenario.seed,
+            "cache_dir": cache_dir, "mia_every": spec.mia_every, "cpus": spec.resources_per_trial["cpu"]}
+
+
+def init_ray(address: str | None, num_cpus: int | None = None):
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 _temp_dir=tempfile.mkdtemp(prefix="ctune-ray-"))
+
+
+def run_search(spec: SearchSpec, address: str | None = None, tracking_uri: str | None = None,
+               resume: bool = False, out=sys.stdout) -> dict:
+    """Run (or resume) a search. Returns {parent_run_id, experiment_id, review, export_path}."""
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from coun_tune.search.trainable import ensure_base_models_task, unlearn_trial
+    from coun_tune.tracking.mlflow_store import ROLE, client_for, ensure_experiment, log_params
+    from coun_tune.tracking.review import export_config, review_pareto
+    from coun_tune.tracking.trial_logger import MLflowTrialLogger
+
+    tracking_uri = tracking_uri or spec.tracking_uri
+    storage = Path(spec.storage_path).resolve()
+    exp_dir = storage / spec.name
+    state_file = exp_dir / SEARCH_STATE
+    if resume and not state_file.is_file():
+        raise UsageError(f"--resume: no search named {spec.name!r} under {storage} to resume")
+    if not resume and exp_dir.exists():
+        raise UsageError(f"a search named {spec.name!r} already exists under {storage}; use --resume or change `name`")
+    data = load_dataset(spec.scenario.dataset, spec.scenario.data_root)  # bad data dirs fail before any logging
+    cache_dir = str(Path(spec.cache_dir).resolve() if spec.cache_dir else default_cache_dir())
+
+    init_ray(address)
+    t0 = time.time()
+    data_ref = ray.put(data)
+    res = spec.resources_per_trial
+    base = ray.get(ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"])(ensure_base_models_task).remote(
+        spec.scenario.to_dict(), cache_dir, data_ref, int(max(1, res["cpu"]))))
+    for role in ("original", "oracle"):
+        how = "from the cache" if base["from_cache"][role] else "trained now (Ray task)"
+        print(f"{role}: {how}; retain_acc {base[role]['retain_acc']:.2f}, forget_acc {base[role]['forget_acc']:.2f}, "
+              f"test_acc {base[role]['test_acc']:.2f}", file=out)
+
+    client = client_for(tracking_uri)
+    experiment_id = ensure_experiment(client, tracking_uri, spec.name)
+    if resume:
+        state = json.loads(state_file.read_text())
+        parent_id = state["parent_run_id"]
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        parent = client.create_run(experiment_id, run_name=f"search_{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tags={ROLE: "search", "coun_tune.method": spec.method,
+                                         "coun_tune.objectives": json.dumps(spec.objectives)})
+        parent_id = parent.info.run_id
+        log_params(client, parent_id, {"sampler": spec.sampler, "num_samples": spec.num_samples,
+                                       "max_concurrent_trials": spec.max_concurrent_trials,
+                                       "method": spec.method, **{f"scenario.{k}": v for k, v in spec.scenario.to_dict().items()},
+                                       "split_hash": base["split_hash"]})
+        client.log_dict(parent_id, spec.to_dict(), "spec.yaml")
+        client.log_dict(parent_id, {"original": base["original"], "oracle": base["oracle"]}, "base_models.json")
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"parent_run_id": parent_id, "experiment_id": experiment_id,
+                                          "tracking_uri": tracking_uri}))
+
+    run_info = run_info_for(spec, cache_dir)
+    trainable = tune.with_resources(tune.with_parameters(unlearn_trial, data=data_ref, run_info=run_info),
+                                    {"cpu": res["cpu"], "gpu": res["gpu"]})
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        searcher = OptunaSearch(space=optuna_space(spec.space), metric=list(spec.objectives),
+                                mode=list(spec.objectives.values()), sampler=make_sampler(spec), seed=spec.seed)
+        logger = MLflowTrialLogger(tracking_uri, experiment_id, parent_id,
+                                   {"method": spec.method, **spec.fixed})
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=spec.num_samples,
+                                        max_concurrent_trials=spec.max_concurrent_trials),
+            run_config=tune.RunConfig(name=spec.name, storage_path=str(storage), callbacks=[logger],
+                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+        )
+    tuner.fit()
+    client.log_metric(parent_id, "search_wall_seconds", time.time() - t0)
+    review = review_pareto(client, parent_id, spec.objectives, out=out)
+    export_path = Path(spec.storage_path) / spec.name / "exported_knee.yaml"
+    export_config(client, parent_id, "knee", export_path)
+    client.set_terminated(parent_id, status="FINISHED")
+    print(f"\nexported the knee config to {export_path}", file=out)
+    print(f"  apply it: coun-tune unlearn --config {export_path} --output out/", file=out)
+    ui = f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000" \
+        if tracking_uri.startswith("sqlite") else f"open {tracking_uri}"
+    print(f"review in MLflow: {ui}  (experiment {spec.name!r}, parent run {parent_id})", file=out)
+    return {"parent_run_id": parent_id, "experiment_id": experiment_id, "review": review, "export_path": str(export_path)}

@@ -1,0 +1,71 @@
+"""The Ray Tune trainable: one trial = one unlearning run with a sampled config.
+
+The dataset arrives once through the object store (`tune.with_parameters`); the original and
+the oracle come from the base-model cache (the driver made sure they exist before the tuner
+started). Every epoch the trial reports its metrics with a checkpoint (model, optimiser,
+scheduler, method and RNG state); a retried or restored trial resumes from it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from ray import tune
+
+from coun_tune.core.datasets import DatasetArrays
+from coun_tune.core.pipeline import prepare, unlearn
+from coun_tune.core.recipes import Scenario
+
+STATE_FILE = "state.pt"
+
+
+def trial_config(run_info: dict, hparams: dict[str, Any]) -> dict:
+    """The `coun-tune unlearn --config` document that reproduces this trial."""
+    cfg = {"scenario": run_info["scenario"], "method": run_info["method"], "hparams": hparams,
+           "seed": run_info["seed"]}
+    if run_info.get("batch_size"):
+        cfg["batch_size"] = run_info["batch_size"]
+    return cfg
+
+
+def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
+    """config: the sampled hyperparameters. run_info: scenario, method, fixed hyperparameters,
+    batch size, unlearning seed, cache dir, MIA cadence and this trial's CPU share."""
+    torch.set_num_threads(max(1, int(run_info.get("cpus", 1))))
+    scenario = Scenario(**run_info["scenario"])
+    prep = prepare(scenario, run_info["cache_dir"], log=lambda s: None, data=data)
+    hparams = {**run_info["fixed"], **config}
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = torch.load(Path(d) / STATE_FILE, map_location=prep.scen_data.retain.x.device, weights_only=True)
+    exported = trial_config(run_info, {k: (v.item() if hasattr(v, "item") else v) for k, v in hparams.items()})
+
+    def on_epoch(epoch: int, metrics: dict, make_checkpoint) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            state = make_checkpoint()
+            torch.save(state, Path(d) / STATE_FILE)
+            torch.save({k: v.detach().cpu() for k, v in state["model"].items()}, Path(d) / "model.pt")
+            (Path(d) / "config.yaml").write_text(yaml.safe_dump(exported, sort_keys=False))
+            (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    unlearn(prep, run_info["method"], hparams, batch_size=run_info.get("batch_size"), seed=run_info["seed"],
+            on_epoch=on_epoch, resume=resume, mia_every=run_info.get("mia_every", 0))
+
+
+def ensure_base_models_task(scenario: dict, cache_dir: str, data: DatasetArrays, cpus: int) -> dict:
+    """Run as a Ray task before the tuner starts: train theta_o / theta_r if the cache lacks
+    them. Returns what the driver prints: metrics and whether each came from the cache."""
+    torch.set_num_threads(max(1, cpus))
+    lines: list[str] = []
+    prep = prepare(Scenario(**scenario), cache_dir, log=lines.append, data=data)
+    return {"original": prep.base.original_metrics, "oracle": prep.base.oracle_metrics,
+            "from_cache": prep.base.from_cache, "log": lines, "split_hash": prep.split.split_hash,
+            "num_forget": int(len(prep.split.forget_idx)), "num_retain": int(len(prep.split.retain_idx))}

@@ -1,0 +1,84 @@
+"""Talking to MLflow through an explicit `MlflowClient` (no fluent global state, so a Ray
+driver, a test and a CLI command can each point at their own store).
+
+Tags that carry coun-tune's structure:
+  coun_tune.role      "search" (parent) | "trial" (child)
+  coun_tune.trial_id  Ray Tune's trial id (child)
+  mlflow.parentRunId  nests a child under its search
+  pareto              "true" | "false" on children, set by the Pareto review
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from coun_tune.errors import UsageError
+
+ROLE, TRIAL_ID, PARENT = "coun_tune.role", "coun_tune.trial_id", "mlflow.parentRunId"
+
+
+def client_for(tracking_uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def artifact_root_for(tracking_uri: str, name: str) -> str | None:
+    """With a SQLite store, artifacts go beside the database file (absolute), not to ./mlruns
+    of whichever process happens to create the experiment. A server decides for itself."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+        return (db.parent / "mlartifacts" / name).as_uri()
+    return None
+
+
+def ensure_experiment(client, tracking_uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri, name))
+
+
+def find_parent_run(client, ref: str):
+    """A parent run by id, else the latest search run of the experiment named `ref`."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(ref)
+    if exp is None:
+        try:
+            run = client.get_run(ref)
+        except MlflowException:
+            raise UsageError(f"{ref!r} is neither an MLflow experiment name nor a run id in this tracking store") from None
+        if run.data.tags.get(ROLE) != "search":
+            raise UsageError(f"run {ref} is not a coun-tune search (parent) run")
+        return run
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE}` = 'search'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise UsageError(f"experiment {ref!r} has no coun-tune search run")
+    return runs[0]
+
+
+def child_runs(client, parent) -> list:
+    """Every trial run nested under `parent` (all pages)."""
+    out, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`{PARENT}` = '{parent.info.run_id}'",
+                                  max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=items[i:i + 100])

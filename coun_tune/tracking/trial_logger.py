@@ -1,0 +1,103 @@
+"""The single MLflow writer of a search: a Tune `Callback` on the driver, keyed by trial id.
+
+Why a driver-side callback (and not `setup_mlflow` inside trials): one writer, one run per
+trial, and its trial-id -> run-id map is saved with the Tune experiment (get_state/set_state),
+so a retried trial or a restored search continues the same child run instead of making a new
+one. Metrics of one report go in one batched request.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from coun_tune.tracking.mlflow_store import PARENT, ROLE, TRIAL_ID, client_for, log_params
+
+# What a trial reports that is worth a metric series in MLflow (Ray adds bookkeeping keys).
+METRIC_KEYS = ("retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy", "mia_loss_attack_acc",
+               "mia_efficacy_resample_min", "mia_efficacy_resample_max", "mia_member_saturated",
+               "mia_nonmember_saturated", "retain_gap", "forget_gap", "test_gap", "mia_gap", "avg_gap",
+               "wall_seconds", "flops", "loss")
+
+
+class MLflowTrialLogger(Callback):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_params: dict[str, Any]):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.base_params = base_params
+        self.runs: dict[str, str] = {}  # trial id -> MLflow run id
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client_for(self.tracking_uri)
+        return self._client
+
+    def __getstate__(self):  # the client holds a DB engine: never pickle it with the tuner
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    def get_state(self) -> dict:
+        return {"runs": dict(self.runs)}
+
+    def set_state(self, state: dict) -> None:
+        self.runs.update(state.get("runs", {}))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is not None:  # a retry or a restored search: same run, running again
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        run = self.client.create_run(self.experiment_id, run_name=f"trial_{trial.trial_id}",
+                                     tags={PARENT: self.parent_run_id, ROLE: "trial", TRIAL_ID: trial.trial_id})
+        self.runs[trial.trial_id] = run.info.run_id
+        log_params(self.client, run.info.run_id, {**self.base_params, **trial.config})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        step, ts = int(result.get("epoch", result.get("training_iteration", 0))), int(time.time() * 1000)
+        metrics = [Metric(k, float(result[k]), ts, step) for k in METRIC_KEYS if isinstance(result.get(k), (int, float))]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        ckpt = trial.checkpoint
+        if ckpt is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(ckpt.to_directory(tmp))
+                for f in ("model.pt", "config.yaml", "metrics.json"):
+                    if (local / f).is_file():
+                        self.client.log_artifact(run_id, str(local / f), artifact_path="model")
+        self.client.set_tag(run_id, "status", "completed")
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        reason = "unknown error"
+        if trial.error_file and Path(trial.error_file).is_file():
+            lines = [l for l in Path(trial.error_file).read_text().strip().splitlines() if l.strip()]
+            reason = lines[-1][:500] if lines else reason
+        self.client.set_tag(run_id, "status", "failed")
+        self.client.set_tag(run_id, "error", reason)
+        self.client.set_terminated(run_id, status="FAILED")
+
+
+def summarize_config(config: dict) -> str:
+    return json.dumps(config, sort_keys=True)
