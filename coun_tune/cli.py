@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--cache-dir", help="base-model cache (default: $COUN_TUNE_CACHE or ~/.cache/coun-tune)")
     u.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     u.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
+    u.add_argument("--threads", type=int, help="CPU threads for torch (a search trial uses its CPU share)")
 
     from coun_tune import cli_search
 
@@ -72,14 +73,19 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {str(out)!r} exists and is not a directory")
-    run_unlearn(cfg, out, args.cache_dir, args.device, args.download)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    run_unlearn(cfg, out, args.cache_dir, args.device, args.download, args.threads)
     return 0
 
 
-def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, download: bool = False) -> dict:
+def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, download: bool = False,
+                threads: int | None = None) -> dict:
     import torch
     import yaml
 
+    if threads:
+        torch.set_num_threads(threads)
     from coun_tune.core.datasets import load_dataset
     from coun_tune.core.pipeline import prepare, unlearn
     from coun_tune.report import metrics_table

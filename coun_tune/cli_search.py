@@ -40,8 +40,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from coun_tune.search.runner import run_search
 
         spec = load_search_spec(args.spec)
-        run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
-        return 0
+        result = run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
+        return 130 if result.get("interrupted") else 0
     from coun_tune.tracking.mlflow_store import client_for, find_parent_run
     from coun_tune.tracking.review import export_config, review_pareto
     from coun_tune.pareto import parse_pick

@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Before torch loads OpenMP: idle worker threads sleep instead of spinning, which keeps the
+# 2-thread runs fast when the 2 cores are shared with other processes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -24,10 +30,16 @@ def session_cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prepared(session_cache_dir, digits):
-    """pipeline.prepare on digits random:0.1, seed 0, recipe "tiny", CPU, in a temp cache."""
-    from coun_tune.core.pipeline import prepare
+def scenario():
     from coun_tune.core.recipes import Scenario
 
+    return Scenario(**SCENARIO_KW)
+
+
+@pytest.fixture(scope="session")
+def prepared(scenario, session_cache_dir, digits):
+    """pipeline.prepare on digits random:0.1, seed 0, recipe "tiny", CPU, in a temp cache."""
+    from coun_tune.core.pipeline import prepare
+
     torch.set_num_threads(2)
-    return prepare(Scenario(**SCENARIO_KW), cache_dir=session_cache_dir, device="cpu", log=lambda s: None, data=digits)
+    return prepare(scenario, cache_dir=session_cache_dir, device="cpu", log=lambda s: None, data=digits)

@@ -136,7 +136,14 @@ def run_search(spec: SearchSpec, address: str | None = None, tracking_uri: str |
             run_config=tune.RunConfig(name=spec.name, storage_path=str(storage), callbacks=[logger],
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=1),
         )
-    tuner.fit()
+    grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < spec.num_samples:
+        # Tune caught SIGINT/SIGTERM and saved its state: leave the parent run open for --resume
+        client.set_tag(parent_id, "status", "interrupted")
+        print(f"\nsearch interrupted after {grid.num_terminated} of {spec.num_samples} trials; continue it with:\n"
+              f"  coun-tune search <spec> --resume", file=out)
+        return {"parent_run_id": parent_id, "experiment_id": experiment_id, "interrupted": True}
+    client.set_tag(parent_id, "status", "completed")
     client.log_metric(parent_id, "search_wall_seconds", time.time() - t0)
     review = review_pareto(client, parent_id, spec.objectives, out=out)
     export_path = Path(spec.storage_path) / spec.name / "exported_knee.yaml"

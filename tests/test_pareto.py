@@ -1,0 +1,79 @@
+"""Pareto fronts, hypervolume and picks against hand-computed answers."""
+
+import numpy as np
+import pytest
+
+from coun_tune import pareto
+from coun_tune.errors import UsageError
+
+MODES = ["min", "max"]  # forget_gap: min, retain_acc: max
+
+
+def test_front_hand_computed():
+    v = np.array([[1.0, 90.0], [2.0, 95.0], [3.0, 94.0], [0.5, 80.0], [2.0, 95.0], [np.nan, 99.0]])
+    # [3, 94] is dominated by [2, 95]; the duplicate [2, 95] stays; NaN rows never count
+    assert pareto.non_dominated_mask(v, MODES).tolist() == [True, True, False, True, True, False]
+
+
+def test_equal_values_from_different_float_paths_tie():
+    a = 3.4722222222222223 - 2.083333333333333
+    b = 2.083333333333333 - 0.6944444444444444
+    assert a != b  # the float paths really differ
+    v = np.array([[a, 96.9], [b, 98.8]])
+    assert pareto.non_dominated_mask(v, MODES).tolist() == [False, True]
+
+
+def test_three_objectives():
+    v = np.array([[1, 90, 5], [1, 90, 4], [2, 99, 9]], dtype=float)
+    assert pareto.non_dominated_mask(v, ["min", "max", "min"]).tolist() == [False, True, True]
+
+
+def test_hypervolume_2d_hand_computed():
+    # minimised points (1,-90), (2,-95), (0.5,-80), reference (100, 0):
+    # [0.5,1) x 80 + [1,2) x 90 + [2,100) x 95 = 40 + 90 + 9310
+    pts = pareto.to_minimisation(np.array([[1, 90], [2, 95], [0.5, 80]], dtype=float), MODES)
+    assert pareto.hypervolume(pts, np.array([100.0, 0.0])) == pytest.approx(9440.0)
+
+
+def test_hypervolume_3d_boxes():
+    # two boxes from the origin-ish: (0,0,0)->(2,1,1) and (0,0,0)->(1,2,1) with ref (2,2,1):
+    # union = 2 + 2 - 1 (overlap 1x1x1) = 3
+    pts = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert pareto.hypervolume(pts, np.array([2.0, 2.0, 1.0])) == pytest.approx(3.0)
+
+
+def test_hypervolume_ignores_points_beyond_reference():
+    assert pareto.hypervolume(np.array([[5.0, 5.0]]), np.array([4.0, 10.0])) == 0.0
+
+
+def test_reference_point_percent_and_other():
+    ref = pareto.reference_point(["forget_gap", "retain_acc", "wall_seconds"], ["min", "max", "min"],
+                                 np.array([[1.0, 90.0, 10.0], [2.0, 95.0, 20.0]]))
+    assert ref.tolist() == pytest.approx([100.0, 0.0, 22.0])
+
+
+def test_knee_is_balanced_point():
+    v = np.array([[0.0, 80.0], [1.0, 95.0], [5.0, 100.0]])
+    # scaled: (0, 1), (0.2, 0.25), (1, 0) -> distances 1, 0.32, 1
+    assert pareto.knee_index(v, MODES) == 1
+
+
+@pytest.mark.parametrize("pick,expected", [
+    ("knee", 1), ("best:forget_gap", 0), ("best:retain_acc", 2), ("retain_acc>=99", 2), ("forget_gap<=1", 0),
+])
+def test_pick_index(pick, expected):
+    rows = [{"forget_gap": 0.0, "retain_acc": 80.0}, {"forget_gap": 1.5, "retain_acc": 95.0},
+            {"forget_gap": 5.0, "retain_acc": 100.0}, {"forget_gap": 6.0, "retain_acc": 90.0}]
+    assert pareto.pick_index(rows, {"forget_gap": "min", "retain_acc": "max"}, pick) == expected
+
+
+@pytest.mark.parametrize("pick", ["best", "knee2", "retain_acc=>9", ""])
+def test_bad_pick(pick):
+    with pytest.raises(UsageError):
+        pareto.parse_pick(pick)
+
+
+def test_unsatisfiable_constraint():
+    rows = [{"forget_gap": 0.0, "retain_acc": 80.0}]
+    with pytest.raises(UsageError, match="no Pareto trial satisfies"):
+        pareto.pick_index(rows, {"forget_gap": "min", "retain_acc": "max"}, "retain_acc>=99")
