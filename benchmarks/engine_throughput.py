@@ -11,11 +11,13 @@ contrastive_loss(z1, z2, tau), backward, SGD (momentum 0.9, wd 5e-4) + cosine lr
   (b) reference: what most unlearning codebases do: a torch `Dataset` over the same uint8 images
                  that returns two views through per-sample PIL transforms (RandomCrop(padding) ->
                  RandomHorizontalFlip -> ToTensor -> Normalize, applied twice), a
-                 `DataLoader(shuffle=True, num_workers=w, persistent_workers=False)` for w in 0, 1, 2,
-                 and a plain loop with the same loss and model. The best w is the reference.
+                 `DataLoader(shuffle=True, num_workers=w, persistent_workers=False)` for w in 0, 1, 2
+                 (--workers changes the list), and a plain loop with the same loss and model.
+                 The best w is the reference.
 
-Why: the engine's claim is that dropping PIL/DataLoader/workers costs nothing on a CPU and wins on
-a GPU, where per-sample PIL work, collation and host-to-device copies starve the model.
+Why: to check the engine's premise that dropping PIL/DataLoader/workers costs nothing on a CPU and
+pays on a GPU, where per-sample PIL work, collation and host copies can starve the model (how much
+depends on the worker count the box affords: try --workers 0,2,4,8 on a many-core GPU host).
 Both sides use the same seeded synthetic uint8 data (formats do not matter for throughput), the
 same initial weights, batch size, warm-up and timed step count. Timing covers whole steps with
 time.perf_counter (CUDA synchronised at both ends). Warm-up and timed steps lie inside one epoch
@@ -24,6 +26,7 @@ warm-up, as on real datasets, where its per-epoch cost is spread over hundreds o
 On this 2-core CPU box the ResNet-18 rows are a few steps of several seconds each: indicative only.
 
 Usage:  python benchmarks/engine_throughput.py [--quick] [--device cpu|cuda] [--threads N] [--amp]
+                                              [--workers 0,1,2]
 The last line printed is `ratio: X` = engine / best-reference img/s for the small CNN at 28x28.
 Needs torch + torchvision only (run from the source tree with PYTHONPATH=. on a bare GPU box).
 """
@@ -53,14 +56,14 @@ from coun_tune.core.models import ResNet18, SmallCNN
 LR, MOMENTUM, WEIGHT_DECAY, FINAL_LR = 0.05, 0.9, 5e-4, 1e-4  # the engine's recipe
 CL_WEIGHT, TAU, MIN_IMAGES, SEED = 1.0, 0.1, 4096, 0
 
-# name, model factory, (C, H, W), policy, batch/warm-up/timed steps as {device: (cpu, cuda)} and quick
+# name, model factory, (C, H, W), augmentation; (batch, warm-up steps, timed steps) on cpu / cuda / --quick
 CONFIGS = [
     dict(name="small_cnn 28x28", key="small_cnn", model=lambda: SmallCNN(1, 10), shape=(1, 28, 28),
          policy=AugmentPolicy(crop_padding=2, flip=True, mean=(0.286,), std=(0.353,)),
-         cpu=(256, 2, 12), cuda=(256, 5, 64), quick=(256, 1, 4)),
+         cpu=(256, 2, 10), cuda=(256, 10, 200), quick=(256, 1, 4)),
     dict(name="resnet18 32x32", key="resnet18", model=lambda: ResNet18(3, 10), shape=(3, 32, 32),
          policy=AugmentPolicy(crop_padding=4, flip=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-         cpu=(16, 1, 2), cuda=(128, 5, 32), quick=(16, 1, 1)),
+         cpu=(16, 1, 2), cuda=(128, 5, 64), quick=(16, 1, 1)),
 ]
 
 
@@ -181,7 +184,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     ap.add_argument("--amp", action="store_true", help="CUDA only: also time the engine under bf16 autocast")
+    ap.add_argument("--workers", default="0,1,2", help="DataLoader num_workers values for the reference")
     args = ap.parse_args()
+    workers = [int(w) for w in args.workers.split(",")]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     heavy = sorted({m.split(".")[0] for m in sys.modules} & {"sklearn", "ray", "optuna", "mlflow", "pyarrow"})
@@ -189,7 +194,10 @@ def main() -> None:
         print(f"warning: importing coun_tune.core pulled in {', '.join(heavy)}")
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"synthetic uint8 images | cl_weight {CL_WEIGHT}, tau {TAU}")
-    head = f"{'config':<16} {'batch':>5} {'steps':>5} {'engine':>8} {'ref w=0':>8} {'ref w=1':>8} {'ref w=2':>8} {'best ref':>8} {'ratio':>6}"
+    if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > os.cpu_count():
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other jobs skew these numbers")
+    refs_head = " ".join(f"{f'ref w={w}':>8}" for w in workers)
+    head = f"{'config':<16} {'batch':>5} {'steps':>5} {'engine':>8} {refs_head} {'best ref':>8} {'ratio':>6}"
     print(head + "   (img/s)")
     t_start, ratios, amp_lines = time.perf_counter(), {}, []
     for cfg in CONFIGS:
@@ -202,7 +210,7 @@ def main() -> None:
         init_state = {k: v.clone() for k, v in cfg["model"]().state_dict().items()}
         common = (cfg, x_u8, y, init_state, device, batch, warmup, steps)
         engine = bench_engine(*common, amp=False)
-        refs = [bench_reference(*common, workers=w) for w in (0, 1, 2)]
+        refs = [bench_reference(*common, workers=w) for w in workers]
         best = max(refs)
         ratios[cfg["key"]] = engine / best
         print(f"{cfg['name']:<16} {batch:>5} {steps:>5} {engine:>8.1f} " + " ".join(f"{r:>8.1f}" for r in refs)
@@ -214,7 +222,8 @@ def main() -> None:
         print(line)
     if args.amp and device.type != "cuda":
         print("--amp ignored: bf16 autocast is timed on CUDA only")
-    print(f"total wall time {time.perf_counter() - t_start:.1f} s")
+    load = f", load average now {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"total wall time {time.perf_counter() - t_start:.1f} s{load}")
     print(f"resnet18 ratio: {ratios['resnet18']:.2f}")
     print(f"ratio: {ratios['small_cnn']:.2f}")
 

@@ -126,18 +126,18 @@ def session_pids(sid: int) -> list[int]:
     return sorted(out)
 
 
+def cmdline(pid: int) -> str:
+    """A process's command line, space-joined; "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def pids_with_arg(fragment: str) -> list[int]:
     """Live processes whose command line contains `fragment` (a unique temp dir, say)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if fragment in cmd and _alive(int(entry)):
-                out.append(int(entry))
-    return sorted(out)
+    return sorted(int(e) for e in os.listdir("/proc")
+                  if e.isdigit() and int(e) != os.getpid() and fragment in cmdline(int(e)) and _alive(int(e)))
 
 
 def stop_pids(pids: list[int], grace: float = 15.0) -> list[int]:
@@ -161,11 +161,21 @@ def stop_pids(pids: list[int], grace: float = 15.0) -> list[int]:
     return killed
 
 
+def stop_until_gone(find, grace: float = 15.0, rounds: int = 4) -> list[int]:
+    """Stop the PIDs `find()` returns, again and again while it returns any (a dying raylet
+    may still spawn a worker); up to `rounds` rounds. Returns what is left (should be [])."""
+    for _ in range(rounds):
+        pids = find()
+        if not pids:
+            return []
+        stop_pids(pids, grace)
+        time.sleep(0.5)
+    return find()
+
+
 def stop_session(sid: int, grace: float = 15.0) -> list[int]:
-    """Stop every live process of session `sid` (by PID). Returns the PIDs it found."""
-    pids = session_pids(sid)
-    stop_pids(pids, grace)
-    return pids
+    """Stop every live process of session `sid` (by PID). Returns what is left (should be [])."""
+    return stop_until_gone(lambda: session_pids(sid), grace)
 
 
 # --- Pareto ---------------------------------------------------------------------------------

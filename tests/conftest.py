@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads OpenMP: idle worker threads sleep instead of spinning, which keeps the
-# 2-thread runs fast when the 2 cores are shared with other processes.
+# Set while torch loads OpenMP (libgomp reads it once, at load): idle worker threads sleep
+# instead of spinning, which keeps the 2-thread runs fast when the 2 cores are shared with
+# other processes. Restored right after, so subprocesses started by tests are unaffected.
+_omp_wait_policy = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.zeros(1)  # make sure the OpenMP runtime is loaded and initialised
+if _omp_wait_policy is None:
+    del os.environ["OMP_WAIT_POLICY"]
 
 torch.set_num_threads(2)
 

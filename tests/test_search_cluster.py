@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from _search_helpers import (OBJECTIVES, SEARCHED, child_env, free_ports, pids_with_arg, run_cli, session_pids,
-                             stop_pids, write_spec)
+from _search_helpers import (OBJECTIVES, SEARCHED, child_env, cmdline, free_ports, pids_with_arg, run_cli, session_pids,
+                             stop_until_gone, write_spec)
 
 NUM_SAMPLES = 4
 NODE_MEMORY = 2 * 1024**3          # each `ray start` would otherwise claim the machine's memory
@@ -54,8 +54,7 @@ def _ray_start(args: list[str], env: dict, sessions: list[int], timeout: float =
 
 
 def _raylet_running(temp_dir: Path) -> bool:
-    return any("raylet" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-               for p in pids_with_arg(str(temp_dir)) if Path(f"/proc/{p}/cmdline").exists())
+    return any(cmdline(p).split(" ")[0].endswith("/raylet") for p in pids_with_arg(str(temp_dir)))
 
 
 @pytest.fixture
@@ -78,13 +77,19 @@ def two_node_cluster():
             assert _raylet_running(d), f"no raylet running with temp dir {d}"
         yield {"address": f"127.0.0.1:{gcs}", "env": env, "nodes": {"head": head_tmp, "worker": worker_tmp}}
     finally:
-        pids = set(pids_with_arg(str(base)))
-        for sid in sessions:
-            pids |= set(session_pids(sid))
-        stop_pids(sorted(pids), grace=20)
-        left = pids_with_arg(str(base))
+        # The agents rename their command line (ray::DashboardAgent), hence the sessions too.
+        # gcs_server and the autoscaler monitor may sit out a SIGTERM for 30 s and more: a
+        # short grace, then SIGKILL (what `ray stop` does after its grace period).
+        left = stop_until_gone(lambda: _our_pids(base, sessions), grace=8)
         shutil.rmtree(base, ignore_errors=True)
         assert not left, f"Ray processes of this test still running: {left}"
+
+
+def _our_pids(base: Path, sessions: list[int]) -> list[int]:
+    pids = set(pids_with_arg(str(base)))
+    for sid in sessions:
+        pids |= set(session_pids(sid))
+    return sorted(pids)
 
 
 def _node_of_pid(pid: int, nodes: dict[str, Path]) -> str | None:
