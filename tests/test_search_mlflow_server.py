@@ -165,7 +165,6 @@ def test_search_logs_to_mlflow_server_then_export_and_unlearn(mlflow_server, tmp
     result = json.loads((out_dir / "metrics.json").read_text())
     assert result["base_models_from_cache"] == {"original": True, "oracle": True}, \
         "unlearn should reuse the base models the search trained into the same cache"
-    for m in ("retain_acc", "forget_acc", "test_acc"):
-        assert abs(result["unlearned"][m] - picked.data.metrics[m]) <= 1.5, \
-            (m, result["unlearned"][m], picked.data.metrics[m])
-    print(f"search {search_s:.0f} s, total {time.monotonic() - t0:.0f} s")
+    diffs = {m: result["unlearned"][m] - picked.data.metrics[m] for m in ("retain_acc", "forget_acc", "test_acc")}
+    assert all(abs(d) <= 1.5 for d in diffs.values()), (diffs, result["unlearned"], picked.data.metrics)
+    print(f"search {search_s:.0f} s, total {time.monotonic() - t0:.0f} s; unlearn - trial: {diffs}")

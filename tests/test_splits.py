@@ -189,3 +189,16 @@ def test_tampered_file_raises(digits, tmp_path):
     pq.write_table(tampered.replace_schema_metadata(table.schema.metadata), f)
     with pytest.raises(UsageError):
         materialize_split(digits, "random:0.1", 0, tmp_path)
+
+
+def test_corrupted_registry_file_is_a_usage_error(tmp_path):
+    from coun_tune.core.datasets import load_dataset
+    from coun_tune.core.splits import materialize_split
+    from coun_tune.errors import UsageError
+
+    data = load_dataset("digits")
+    materialize_split(data, "random:0.1", 0, tmp_path)
+    (path,) = (tmp_path / "splits" / "digits").glob("*.parquet")
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(UsageError, match="unreadable"):
+        materialize_split(data, "random:0.1", 0, tmp_path)

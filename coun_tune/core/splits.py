@@ -155,10 +155,13 @@ def materialize_split(data: DatasetArrays, spec: str | ForgetSpec, seed: int, ca
     key = hashlib.sha256(json.dumps([fingerprint, fs.kind, fs.fraction, fs.class_id, ids_hash, seed]).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "splits" / data.name / f"{key}.parquet"
     if path.is_file():
-        table = pq.read_table(path)
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-        role = np.asarray(table.column("role").to_pylist())
-        index = table.column("index").to_numpy().astype(np.int64)
+        try:
+            table = pq.read_table(path)
+            meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+            role = np.asarray(table.column("role").to_pylist())
+            index = table.column("index").to_numpy().astype(np.int64)
+        except Exception as e:  # a truncated or foreign file: say so, never a traceback
+            raise UsageError(f"split file {str(path)!r} is unreadable ({type(e).__name__}): delete it to recompute") from None
         forget, test_idx = np.sort(index[role == "forget"]), np.sort(index[role == "test"])
         if _content_hash(fingerprint, forget, test_idx) != meta.get("split_hash"):
             raise UsageError(f"split file {str(path)!r} does not match its content hash: delete it to recompute")
