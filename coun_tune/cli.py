@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("unlearn", help="run one unlearning job and print its metrics against the oracle")
     u.add_argument("--config", help="YAML config (as written by `coun-tune export`); flags override it")
     u.add_argument("--dataset")
-    u.add_argument("--forget", help="random:F | class:K | class:K:F | ids:FILE.parquet")
+    u.add_argument("--forget", action="append",
+                   help="random:F | class:K | class:K:F | ids:FILE.parquet; give it several times for sequential requests")
     u.add_argument("--seed", type=int, help="scenario seed: draws the forget set and initialises the base models")
     u.add_argument("--arch")
     u.add_argument("--recipe", help="recipe of the original/oracle (default: the dataset's)")
@@ -69,6 +70,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("dataset", "forget", "seed", "arch", "recipe", "data_root", "method",
                                                "batch_size", "unlearn_seed")}
     overrides["hparams"] = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None}
+    if args.forget is not None and len(args.forget) == 1:
+        overrides["forget"] = args.forget[0]
     cfg = build_unlearn_config(doc, overrides)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
@@ -92,6 +95,8 @@ def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, downl
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     data = load_dataset(cfg.scenario.dataset, cfg.scenario.data_root, download=download)
+    if cfg.scenario.sequential:
+        return run_unlearn_sequential(cfg, out, cache_dir, device, data, log)
     prep = prepare(cfg.scenario, cache_dir, device, log=log, data=data)
     log(f"unlearning with {cfg.method} {json.dumps(cfg.hparams)}")
     model, metrics = unlearn(prep, cfg.method, cfg.hparams, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -112,6 +117,30 @@ def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, downl
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     print(metrics_table({"original": prep.base.original_metrics, "oracle": prep.base.oracle_metrics,
                          cfg.method: metrics}))
+    print(f"\nwrote {out / 'metrics.json'} and {out / 'model.pt'}")
+    return result
+
+
+def run_unlearn_sequential(cfg, out: Path, cache_dir, device, data, log) -> dict:
+    import torch
+    import yaml
+
+    from coun_tune.core.pipeline import unlearn_sequential
+    from coun_tune.report import MAIN_ROWS, table
+
+    model, records = unlearn_sequential(cfg.scenario, cfg.method, cfg.hparams, cfg.batch_size, cfg.seed,
+                                        cache_dir, device, log, data)
+    result = {"config": cfg.to_dict(), "requests": records, "unlearned": records[-1]["unlearned"],
+              "original": records[-1]["original"], "oracle": records[-1]["oracle"]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    rows = [r for r in MAIN_ROWS if r not in ("wall_seconds", "flops")]
+    print(table(["request", "removed", *rows],
+                [[f"{r['request']}: {r['spec'].split(' then ')[-1]}", r["num_forget"], *[r["unlearned"].get(m) for m in rows]]
+                 for r in records]))
+    print("\n(each row: the model after that request, against the oracle of the data remaining then)")
     print(f"\nwrote {out / 'metrics.json'} and {out / 'model.pt'}")
     return result
 

@@ -6,7 +6,7 @@ import pytest
 
 from coun_tune.config.search_spec import SAMPLERS, load_search_spec, validate_search_spec
 
-SPECS = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
+SPECS = sorted((Path(__file__).parent.parent / "search_spaces").rglob("*.yaml"))
 
 
 def test_required_specs_ship():
@@ -51,3 +51,22 @@ def test_every_sampler_suggests_inside_the_space(sampler):
             assert d.low <= cfg[k] <= d.high, (k, cfg[k])
         assert isinstance(cfg["epochs"], int)
         searcher.on_trial_complete(f"t{i}", {"forget_gap": float(i), "retain_acc": 90.0 + i})
+
+
+def test_method_spaces_are_generated_from_declared_ranges():
+    import yaml as _yaml
+
+    from coun_tune.config.method_spaces import HEADER, all_specs
+    from coun_tune.core.methods import METHODS
+
+    folder = Path(__file__).parent.parent / "search_spaces" / "fashion_mnist"
+    expected = all_specs("fashion_mnist")
+    assert {p.name for p in folder.glob("*.yaml")} == set(expected)
+    for fname, spec in expected.items():
+        text = (folder / fname).read_text()
+        assert text.startswith(HEADER) and _yaml.safe_load(text) == spec, fname
+    # every method appears with the plug-in off and (except ft, whose plug-in form is coun) on
+    for m in METHODS:
+        assert f"{m}.yaml" in expected
+        if m not in ("ft", "coun"):
+            assert _yaml.safe_load((folder / f"{m}_cl.yaml").read_text())["space"]["cl_weight"] != 0.0

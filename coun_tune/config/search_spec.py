@@ -125,6 +125,8 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     if not isinstance(name, str) or not name.strip():
         raise UsageError(f"{where} needs a `name` (the MLflow experiment)")
     scenario = validate_scenario(doc.get("scenario") or {}, "scenario")
+    if scenario.sequential:
+        raise UsageError("scenario.forget: sequential requests run with `coun-tune unlearn`; a search tunes one request")
     method = str(doc.get("method", "coun"))
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")

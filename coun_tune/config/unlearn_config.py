@@ -76,8 +76,15 @@ def validate_scenario(d: dict, where: str = "scenario") -> Scenario:
     _unknown(set(d), SCENARIO_KEYS, where)
     dataset = str(d.get("dataset", "digits"))
     check_dataset_name(dataset)
-    forget = str(d.get("forget", "random:0.1"))
-    parse_forget_spec(forget)
+    forget = d.get("forget", "random:0.1")
+    if isinstance(forget, (list, tuple)):  # sequential forgetting: requests applied in turn
+        if not forget:
+            raise UsageError(f"{where}.forget: an empty list of requests")
+        forget = tuple(str(f) for f in forget) if len(forget) > 1 else str(forget[0])
+    else:
+        forget = str(forget)
+    for f in forget if isinstance(forget, tuple) else (forget,):
+        parse_forget_spec(f)
     seed = d.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise UsageError(f"{where}.seed must be a non-negative integer, got {seed!r}")

@@ -3,7 +3,8 @@ only), trained with the scenario's recipe and cached by a hash of everything tha
 them, together with their metrics.
 
 Cache layout: <cache_dir>/models/<key>/{model.pt, meta.json}; meta.json holds the sha256 of
-model.pt (checked on every load), the key's inputs and the model's metrics on the scenario.
+model.pt (checked on every load), the key's inputs, the training wall time and the model's
+metrics on each split it has been evaluated on (keyed by split hash).
 A second run on the same scenario trains nothing and says so.
 """
 
@@ -30,7 +31,7 @@ from coun_tune.core.splits import Split
 from coun_tune.errors import UsageError
 
 ROLES = ("original", "oracle")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -38,15 +39,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COUN_TUNE_CACHE") or Path.home() / ".cache" / "coun-tune")
 
 
-def train_from_scratch(model: FeatureClassifier, scenario: ScenarioData, role: str, recipe: TrainRecipe,
-                       seed: int, log: Callable[[str], None] = lambda s: None) -> float:
-    """Train `model` in place on D (role "original": retain + forget) or D_r ("oracle") with
-    cross-entropy, CHN augmentation, SGD and step decay. Returns the wall seconds."""
-    if role == "original":
-        x = torch.cat([scenario.retain.x, scenario.forget.x])
-        y = torch.cat([scenario.retain.y, scenario.forget.y])
-    else:
-        x, y = scenario.retain.x, scenario.retain.y
+def train_from_scratch(model: FeatureClassifier, x: torch.Tensor, y: torch.Tensor, augmenter, recipe: TrainRecipe,
+                       seed: int, role: str, log: Callable[[str], None] = lambda s: None) -> float:
+    """Train `model` in place on x (N, C, H, W) uint8 / y (N,) with cross-entropy, CHN
+    augmentation, SGD and step decay. Returns the wall seconds. The original gets the whole
+    training split in its stored order (so it is the same model whatever is forgotten later);
+    the oracle gets D_r."""
     device = x.device
     generator = torch.Generator(device=device).manual_seed(seed + (0 if role == "original" else 1))
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
@@ -56,7 +54,7 @@ def train_from_scratch(model: FeatureClassifier, scenario: ScenarioData, role: s
     model.train()
     for epoch in range(recipe.epochs):
         for idx in shuffled_batches(len(y), recipe.batch_size, generator, device):
-            loss = torch.nn.functional.cross_entropy(model(scenario.augmenter(x[idx], generator)), y[idx])
+            loss = torch.nn.functional.cross_entropy(model(augmenter(x[idx], generator)), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -75,10 +73,12 @@ def _sha256(path: Path) -> str:
 
 
 def cache_key(data: DatasetArrays, split: Split, scenario: Scenario, role: str) -> tuple[str, dict]:
-    """Hash of everything that determines a base model. The oracle does not depend on which
-    samples were forgotten beyond the retain set, which the split hash fixes."""
-    inputs = {"format": CACHE_FORMAT, "role": role, "dataset": data.name, "split_hash": split.split_hash,
-              "arch": scenario.arch_name, "recipe": scenario.train_recipe.to_dict(), "seed": scenario.seed}
+    """Hash of everything that determines a base model's weights. The original depends on the
+    dataset, not on what will be forgotten (it trains on all of D), so every forget spec and
+    every sequential request share one; the oracle depends on the split (its D_r)."""
+    inputs = {"format": CACHE_FORMAT, "role": role, "dataset": data.name, "arch": scenario.arch_name,
+              "recipe": scenario.train_recipe.to_dict(), "seed": scenario.seed}
+    inputs["data" if role == "original" else "split_hash"] = data.fingerprint() if role == "original" else split.split_hash
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
 
 
@@ -124,23 +124,38 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
         if cached is not None:
             state, meta = cached
             model.load_state_dict(state)
-            metrics[role], from_cache[role] = meta["metrics"], True
+            from_cache[role] = True
             log(f"{role}: loaded from cache {entry}")
         else:
             log(f"{role}: training {scenario.arch_name} with recipe {scenario.recipe_name!r} ({scenario.train_recipe.epochs} epochs)")
+            if role == "original":
+                x, y = (torch.from_numpy(a).to(device) for a in (data.train_x, data.train_y))
+            else:
+                x, y = scen_data.retain.x, scen_data.retain.y
             torch.manual_seed(scenario.seed)  # the same init for theta_o and theta_r
             model = build_model(scenario.arch_name, in_ch, data.num_classes).to(device)
-            seconds = train_from_scratch(model, scen_data, role, scenario.train_recipe, scenario.seed, log)
-            m = evaluate(model, scen_data.retain, scen_data.forget, scen_data.test, scen_data.augmenter, scenario.seed)
-            m["wall_seconds"] = seconds
+            seconds = train_from_scratch(model, x, y, scen_data.augmenter, scenario.train_recipe, scenario.seed, role, log)
+            del x, y
             entry.mkdir(parents=True, exist_ok=True)
             tmp = entry / "model.pt.tmp"
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
             tmp.replace(entry / "model.pt")
-            meta = {"sha256": _sha256(entry / "model.pt"), "key_inputs": inputs, "metrics": m}
-            (entry / "meta.json").write_text(json.dumps(meta, indent=2))
-            metrics[role], from_cache[role] = m, False
+            meta = {"sha256": _sha256(entry / "model.pt"), "key_inputs": inputs, "wall_seconds": seconds,
+                    "metrics_by_split": {}}
+            from_cache[role] = False
             log(f"{role}: trained in {seconds:.1f}s, cached at {entry}")
+        # Metrics depend on the split (which samples are D_u, which test samples count): cached
+        # per split hash beside the weights, computed once.
+        by_split = meta.setdefault("metrics_by_split", {})
+        if split.split_hash not in by_split:
+            model.eval()
+            m = evaluate(model, scen_data.retain, scen_data.forget, scen_data.test, scen_data.augmenter, scenario.seed)
+            m["wall_seconds"] = meta.get("wall_seconds", 0.0)
+            by_split[split.split_hash] = m
+            tmp = entry / "meta.json.tmp"
+            tmp.write_text(json.dumps(meta, indent=2))
+            tmp.replace(entry / "meta.json")
+        metrics[role] = by_split[split.split_hash]
         models[role] = model.eval()
     if "original" in metrics and "oracle" in metrics:
         metrics["original"] = {**metrics["original"], **gaps(metrics["original"], metrics["oracle"])}

@@ -15,7 +15,7 @@ from coun_tune.core.base_models import BaseModels, default_cache_dir, ensure_bas
 from coun_tune.core.datasets import DatasetArrays, load_dataset
 from coun_tune.core.engine import ScenarioData, run_unlearning
 from coun_tune.core.recipes import Scenario
-from coun_tune.core.splits import Split, materialize_split
+from coun_tune.core.splits import Split, materialize_split, sequential_splits
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -47,6 +47,8 @@ def prepare(scenario: Scenario, cache_dir: str | Path | None = None, device: tor
     device = pick_device(str(device) if device else None)
     if data is None:
         data = load_dataset(scenario.dataset, scenario.data_root)
+    if scenario.sequential:
+        raise ValueError("a sequential scenario runs through unlearn_sequential(), not prepare()")
     split = materialize_split(data, scenario.forget, scenario.seed, cache_dir)
     scen_data = ScenarioData.build(data, split, device)
     base = ensure_base_models(data, split, scenario, scen_data, cache_dir, log)
@@ -65,3 +67,31 @@ def unlearn(prep: Prepared, method: str, hparams: dict[str, Any], batch_size: in
         oracle_metrics=prep.base.oracle_metrics, **kwargs,
     )
     return model, metrics
+
+
+def unlearn_sequential(scenario: Scenario, method: str, hparams: dict[str, Any], batch_size: int | None = None,
+                       seed: int | None = None, cache_dir: str | Path | None = None,
+                       device: torch.device | str | None = None, log: Callable[[str], None] = print,
+                       data: DatasetArrays | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    """Sequential forgetting: apply scenario.forget's requests in turn, each unlearning run
+    starting from the previous one's model, and measure after each request against the oracle
+    of the data remaining at that point (trained, or read from the cache, per request).
+    Returns (final model, one record per request: its split, the oracle's and the model's metrics)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    device = pick_device(str(device) if device else None)
+    data = data if data is not None else load_dataset(scenario.dataset, scenario.data_root)
+    splits = sequential_splits(data, list(scenario.forget), scenario.seed, cache_dir)
+    model, records = None, []
+    for k, split in enumerate(splits):
+        scen_data = ScenarioData.build(data, split, device)
+        base = ensure_base_models(data, split, scenario, scen_data, cache_dir, log)
+        start = base.original if model is None else model
+        model = copy.deepcopy(start).train().requires_grad_(True)
+        log(f"request {k + 1}/{len(splits)}: forgetting {split.spec} ({len(split.forget_idx)} samples removed so far)")
+        metrics = run_unlearning(model, base.original, scen_data, method, hparams,
+                                 batch_size=batch_size or scenario.defaults.batch_size,
+                                 seed=(scenario.seed if seed is None else seed) + k, oracle_metrics=base.oracle_metrics)
+        records.append({"request": k + 1, "spec": split.spec, "split_hash": split.split_hash,
+                        "num_forget": int(len(split.forget_idx)), "num_retain": int(len(split.retain_idx)),
+                        "original": base.original_metrics, "oracle": base.oracle_metrics, "unlearned": metrics})
+    return model, records

@@ -68,7 +68,7 @@ class Scenario:
     dataset's files are (None: the dataset's default root)."""
 
     dataset: str = "digits"
-    forget: str = "random:0.1"
+    forget: str | tuple[str, ...] = "random:0.1"  # a tuple: sequential requests, applied in turn
     seed: int = 0
     arch: str | None = None
     recipe: str | None = None
@@ -80,6 +80,10 @@ class Scenario:
         if self.dataset not in DATASET_DEFAULTS:
             raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(sorted(DATASET_DEFAULTS))}")
         return DATASET_DEFAULTS[self.dataset]
+
+    @property
+    def sequential(self) -> bool:
+        return isinstance(self.forget, tuple)
 
     @property
     def arch_name(self) -> str:
@@ -96,5 +100,5 @@ class Scenario:
         return RECIPES[self.recipe_name]
 
     def to_dict(self) -> dict:
-        return {"dataset": self.dataset, "forget": self.forget, "seed": self.seed, "arch": self.arch_name,
+        return {"dataset": self.dataset, "forget": list(self.forget) if self.sequential else self.forget, "seed": self.seed, "arch": self.arch_name,
                 "recipe": self.recipe_name, "data_root": self.data_root}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,18 +112,24 @@ def _content_hash(fingerprint: str, forget_idx: np.ndarray, test_idx: np.ndarray
     return h.hexdigest()
 
 
-def compute_forget_indices(data: DatasetArrays, spec: ForgetSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pure: (forget_idx, test_idx) for a spec and seed, both sorted int64."""
+def compute_forget_indices(data: DatasetArrays, spec: ForgetSpec, seed: int,
+                           exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pure: (forget_idx, test_idx) for a spec and seed, both sorted int64. `exclude` holds
+    samples already removed by earlier requests (sequential forgetting): they are never drawn
+    again, and a random fraction is a fraction of the *whole* training set."""
     n = len(data.train_y)
     rng = np.random.default_rng(seed)
     test_idx = np.arange(len(data.test_y), dtype=np.int64)
+    available = np.setdiff1d(np.arange(n, dtype=np.int64), exclude if exclude is not None else [])
     if spec.kind == "random":
         k = int(round(spec.fraction * n))
-        forget = rng.choice(n, size=k, replace=False)
+        if k > len(available):
+            raise UsageError(f"forget spec {spec} needs {k} samples but only {len(available)} remain")
+        forget = rng.choice(available, size=k, replace=False)
     elif spec.kind == "class":
         if spec.class_id >= data.num_classes:
             raise UsageError(f"forget spec class:{spec.class_id}: {data.name} has classes 0..{data.num_classes - 1}")
-        members = np.flatnonzero(data.train_y == spec.class_id)
+        members = available[data.train_y[available] == spec.class_id]
         if spec.fraction is None:
             forget = members
             test_idx = np.flatnonzero(data.test_y != spec.class_id).astype(np.int64)
@@ -135,24 +142,30 @@ def compute_forget_indices(data: DatasetArrays, spec: ForgetSpec, seed: int) -> 
             raise UsageError(f"forget list {spec.path!r}: index {int(bad[0])} is out of range [0, {n})")
         if len(np.unique(forget)) != len(forget):
             raise UsageError(f"forget list {spec.path!r} has duplicate indices")
+        if exclude is not None and np.isin(forget, exclude).any():
+            raise UsageError(f"forget list {spec.path!r} repeats samples an earlier request already removed")
     forget = np.sort(np.asarray(forget, dtype=np.int64))
-    if len(forget) == 0 or len(forget) >= n:
+    removed = 0 if exclude is None else len(exclude)
+    if len(forget) == 0 or len(forget) + removed >= n:
         raise UsageError(f"forget spec {spec} selects {len(forget)} of {n} samples; need at least 1 and fewer than all")
     return forget, test_idx
 
 
-def materialize_split(data: DatasetArrays, spec: str | ForgetSpec, seed: int, cache_dir: str | Path) -> Split:
-    """Return the split for (data, spec, seed), reading it from the registry if it is there and
-    writing it (once) if not. The file is verified against its content hash on every read."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs = parse_forget_spec(spec) if isinstance(spec, str) else spec
-    fingerprint = data.fingerprint()
+def _spec_key(fs: ForgetSpec) -> list:
     ids_hash = ""
     if fs.kind == "ids":  # key on the request's content, not its path
         ids_hash = hashlib.sha256(read_index_list(fs.path).astype("<i8").tobytes()).hexdigest()
-    key = hashlib.sha256(json.dumps([fingerprint, fs.kind, fs.fraction, fs.class_id, ids_hash, seed]).encode()).hexdigest()[:20]
+    return [fs.kind, fs.fraction, fs.class_id, ids_hash]
+
+
+def _register(data: DatasetArrays, fingerprint: str, key_parts: list, spec_text: str, seed: int, cache_dir: str | Path,
+              compute) -> Split:
+    """Read the split for `key_parts` from the registry, or compute it (compute() ->
+    (forget_idx, test_idx)) and write it once. Verified against its content hash on read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = hashlib.sha256(json.dumps([fingerprint, key_parts, seed]).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "splits" / data.name / f"{key}.parquet"
     if path.is_file():
         try:
@@ -167,18 +180,50 @@ def materialize_split(data: DatasetArrays, spec: str | ForgetSpec, seed: int, ca
             raise UsageError(f"split file {str(path)!r} does not match its content hash: delete it to recompute")
         split_hash = meta["split_hash"]
     else:
-        forget, test_idx = compute_forget_indices(data, fs, seed)
+        forget, test_idx = compute()
         split_hash = _content_hash(fingerprint, forget, test_idx)
         table = pa.table({
             "role": pa.array(["forget"] * len(forget) + ["test"] * len(test_idx)),
             "index": pa.array(np.concatenate([forget, test_idx]), type=pa.int64()),
         }).replace_schema_metadata({
             "split_hash": split_hash, "dataset": data.name, "dataset_fingerprint": fingerprint,
-            "spec": str(fs), "seed": str(seed),
+            "spec": spec_text, "seed": str(seed),
         })
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         pq.write_table(table, tmp)
         tmp.replace(path)  # atomic: concurrent trials never read a half-written split
     retain = np.setdiff1d(np.arange(len(data.train_y), dtype=np.int64), forget)
-    return Split(data.name, str(fs), seed, forget, retain, test_idx, split_hash)
+    return Split(data.name, spec_text, seed, forget, retain, test_idx, split_hash)
+
+
+def materialize_split(data: DatasetArrays, spec: str | ForgetSpec, seed: int, cache_dir: str | Path) -> Split:
+    """Return the split for (data, spec, seed), reading it from the registry if it is there and
+    writing it (once) if not. The file is verified against its content hash on every read."""
+    fs = parse_forget_spec(spec) if isinstance(spec, str) else spec
+    fingerprint = data.fingerprint()
+    return _register(data, fingerprint, _spec_key(fs), str(fs), seed, cache_dir,
+                     lambda: compute_forget_indices(data, fs, seed))
+
+
+def sequential_splits(data: DatasetArrays, specs: list[str], seed: int, cache_dir: str | Path) -> list[Split]:
+    """Sequential forgetting: requests applied in turn. Request k is drawn from the samples
+    that remain after requests 1..k-1 (seed + k - 1), so requests are disjoint. Split k is
+    cumulative: its forget set is everything removed so far, its retain set the data that
+    remains, its test set drops every whole class removed so far. Each is in the registry."""
+    fingerprint = data.fingerprint()
+    removed = np.zeros(0, dtype=np.int64)
+    test_idx = np.arange(len(data.test_y), dtype=np.int64)
+    key_parts: list = []
+    splits = []
+    for k, spec in enumerate(specs):
+        fs = parse_forget_spec(spec)
+        request, req_test = compute_forget_indices(data, fs, seed + k, exclude=removed)
+        removed = np.union1d(removed, request)
+        test_idx = np.intersect1d(test_idx, req_test)
+        key_parts = key_parts + [_spec_key(fs)]
+        frozen_removed, frozen_test = removed.copy(), test_idx.copy()
+        text = " then ".join(str(parse_forget_spec(s)) for s in specs[:k + 1])
+        splits.append(_register(data, fingerprint, ["sequential", key_parts], text, seed, cache_dir,
+                                lambda r=frozen_removed, t=frozen_test: (r, t)))
+    return splits
