@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -52,21 +53,41 @@ def run_info_for(spec: SearchSpec, cache_dir: str) -> dict:
             "cache_dir": cache_dir, "mia_every": spec.mia_every, "cpus": spec.resources_per_trial["cpu"]}
 
 
-def init_ray(address: str | None, num_cpus: int | None = None):
+def init_ray(address: str | None, num_cpus: int | None = None) -> str | None:
+    """Connect to a cluster, or start local Ray in a temp dir of our own (the default /tmp/ray
+    is shared by every Ray user of the machine). Returns the temp dir to remove afterwards."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="ctune-ray-"))
+        return None
+    temp_dir = tempfile.mkdtemp(prefix="ctune-ray-")  # short: Ray's socket paths must fit 107 bytes
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
+    return temp_dir
 
 
 def run_search(spec: SearchSpec, address: str | None = None, tracking_uri: str | None = None,
                resume: bool = False, out=sys.stdout) -> dict:
     """Run (or resume) a search. Returns {parent_run_id, experiment_id, review, export_path}."""
+    import ray
+
+    started = ray.is_initialized()
+    try:
+        return _run_search(spec, address, tracking_uri, resume, out)
+    finally:
+        if not started and ray.is_initialized():
+            temp_dir = _LOCAL_TEMP.pop("dir", None)
+            ray.shutdown()
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+_LOCAL_TEMP: dict[str, str] = {}
+
+
+def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None, resume: bool, out) -> dict:
     import ray
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -87,7 +108,9 @@ def run_search(spec: SearchSpec, address: str | None = None, tracking_uri: str |
     data = load_dataset(spec.scenario.dataset, spec.scenario.data_root)  # bad data dirs fail before any logging
     cache_dir = str(Path(spec.cache_dir).resolve() if spec.cache_dir else default_cache_dir())
 
-    init_ray(address)
+    temp_dir = init_ray(address)
+    if temp_dir:
+        _LOCAL_TEMP["dir"] = temp_dir
     t0 = time.time()
     data_ref = ray.put(data)
     res = spec.resources_per_trial
