@@ -20,11 +20,13 @@ pays on a GPU, where per-sample PIL work, collation and host copies can starve t
 depends on the worker count the box affords: try --workers 0,2,4,8 on a many-core GPU host).
 Both sides use the same seeded synthetic uint8 data (formats do not matter for throughput), the
 same initial weights, batch size, warm-up and timed step count. Timing covers whole steps with
-time.perf_counter: on CUDA images / total time (synchronised at both ends), on CPU images per step
-/ median step time, which is robust to other jobs' bursts on a shared box. Warm-up and timed steps lie inside one epoch
-(the synthetic set has at least batch x (warm-up + timed) images): worker start-up falls in the
-warm-up, as on real datasets, where its per-epoch cost is spread over hundreds of steps.
-On this 2-core CPU box the ResNet-18 rows are a few steps of several seconds each: indicative only.
+time.perf_counter: on CUDA images / total time (synchronised at both ends); on CPU images per
+step / median step time, robust to other jobs' bursts on a shared box. Warm-up and timed steps
+lie inside one epoch (the synthetic set has at least batch x (warm-up + timed) images): worker
+start-up falls in the warm-up, as on real datasets, where its per-epoch cost is spread over
+hundreds of steps. On a 2-core CPU the rows are a few steps each: indicative only, and
+meaningless while other jobs load the box (the script warns when the load average exceeds the
+core count).
 
 Usage:  python benchmarks/engine_throughput.py [--quick] [--device cpu|cuda] [--threads N] [--amp]
                                               [--workers 0,1,2]

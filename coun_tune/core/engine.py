@@ -170,11 +170,15 @@ def run_unlearning(
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        generator.set_state(resume["generator"].to("cpu") if device.type == "cpu" else resume["generator"])
+        generator.set_state(resume["generator"].cpu())  # set_state takes a CPU ByteTensor, CUDA generators too
         method.load_state_dict(resume.get("method", {}))
         start_epoch, wall = int(resume["epoch"]), float(resume["wall_seconds"])
     flops_per_sample = flops_per_retain_sample(model, scenario.image_shape, cl_weight > 0)
     flops_per_forward = 2 * count_forward_macs(model, scenario.image_shape)  # a method's extra passes
+
+    def flops_after(n_epochs: int) -> float:
+        extra = sum(method.extra_forwards(ctx, e) for e in range(n_epochs))
+        return float(flops_per_sample * len(scenario.retain) * n_epochs + flops_per_forward * extra)
     metrics: dict[str, float] = {}
 
     for epoch in range(start_epoch, epochs):
@@ -202,8 +206,7 @@ def run_unlearning(
             metrics.update(gaps(metrics, oracle_metrics))
         metrics["epoch"] = epoch + 1
         metrics["wall_seconds"] = wall
-        extra = sum(method.extra_forwards(ctx, e) for e in range(epoch + 1))
-        metrics["flops"] = float(flops_per_sample * len(scenario.retain) * (epoch + 1) + flops_per_forward * extra)
+        metrics["flops"] = flops_after(epoch + 1)
         metrics["loss"] = float(loss.item())
         if on_epoch is not None:
             def make_checkpoint(e: int = epoch + 1, w: float = wall) -> dict:
@@ -211,4 +214,9 @@ def run_unlearning(
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                         "method": method.state_dict(), "epoch": e, "wall_seconds": w}
             on_epoch(epoch + 1, metrics, make_checkpoint)
+    if not metrics:  # resumed from the last epoch's checkpoint: nothing left to train
+        metrics = evaluate(model, scenario.retain, scenario.forget, scenario.test, scenario.augmenter, seed)
+        if oracle_metrics is not None:
+            metrics.update(gaps(metrics, oracle_metrics))
+        metrics.update(epoch=epochs, wall_seconds=wall, flops=flops_after(epochs))
     return metrics

@@ -30,7 +30,9 @@ def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> 
         raise ValueError("contrastive_loss needs at least 2 samples (one positive, >= 1 negative)")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    sim = F.normalize(z1.float(), dim=1) @ F.normalize(z2.float(), dim=1).T  # (N, N) cosines
-    logits = sim / temperature
-    target = torch.arange(z1.shape[0], device=z1.device)
-    return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+    # fp32 even under autocast: with tau ~0.1 a bf16 similarity matrix gives coarse logits
+    with torch.autocast(z1.device.type, enabled=False):
+        sim = F.normalize(z1.float(), dim=1) @ F.normalize(z2.float(), dim=1).T  # (N, N) cosines
+        logits = sim / temperature
+        target = torch.arange(z1.shape[0], device=z1.device)
+        return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)

@@ -32,6 +32,7 @@ class MLflowTrialLogger(Callback):
         self.parent_run_id = parent_run_id
         self.base_params = base_params
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id
+        self.last_step: dict[str, int] = {}  # trial id -> last epoch logged
         self._client = None
 
     @property
@@ -46,15 +47,20 @@ class MLflowTrialLogger(Callback):
         return state
 
     def get_state(self) -> dict:
-        return {"runs": dict(self.runs)}
+        return {"runs": dict(self.runs), "last_step": dict(self.last_step)}
 
     def set_state(self, state: dict) -> None:
         self.runs.update(state.get("runs", {}))
+        self.last_step.update(state.get("last_step", {}))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         run_id = self.runs.get(trial.trial_id)
         if run_id is not None:  # a retry or a restored search: same run, running again
             self.client.update_run(run_id, status="RUNNING")
+            # Ray delivers results at least once: a trial restored from a checkpoint older than
+            # its last report repeats those epochs. MLflow is the truth of what was logged.
+            logged = [m.step for m in self.client.get_metric_history(run_id, "retain_acc")]
+            self.last_step[trial.trial_id] = max(logged, default=0)
             return
         run = self.client.create_run(self.experiment_id, run_name=f"trial_{trial.trial_id}",
                                      tags={PARENT: self.parent_run_id, ROLE: "trial", TRIAL_ID: trial.trial_id})
@@ -68,6 +74,9 @@ class MLflowTrialLogger(Callback):
         if run_id is None:
             return
         step, ts = int(result.get("epoch", result.get("training_iteration", 0))), int(time.time() * 1000)
+        if step <= self.last_step.get(trial.trial_id, 0):
+            return  # an epoch repeated after a restore: logged once already (same values on CPU)
+        self.last_step[trial.trial_id] = step
         metrics = [Metric(k, float(result[k]), ts, step) for k in METRIC_KEYS if isinstance(result.get(k), (int, float))]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
