@@ -74,12 +74,40 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         overrides["forget"] = args.forget[0]
     cfg = build_unlearn_config(doc, overrides)
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {str(out)!r} exists and is not a directory")
+    check_output_dir(out)
+    check_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     run_unlearn(cfg, out, args.cache_dir, args.device, args.download, args.threads)
     return 0
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before any work if the results could not be written."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {str(out)!r} exists and is not a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output {str(out)!r} is not writable")
+
+
+def check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise UsageError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
 
 
 def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, download: bool = False,

@@ -25,15 +25,6 @@ def add_commands(sub) -> None:
     e.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
 
 
-def _check_tracking_uri(uri: str) -> None:
-    from coun_tune.errors import UsageError
-
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if not db.is_file():
-            raise UsageError(f"no MLflow database at {db} (tracking URI {uri})")
-
-
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "search":
         from coun_tune.config.search_spec import load_search_spec
@@ -42,13 +33,17 @@ def dispatch(args: argparse.Namespace) -> int:
         spec = load_search_spec(args.spec)
         result = run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
         return 130 if result.get("interrupted") else 0
-    from coun_tune.tracking.mlflow_store import client_for, find_parent_run
+    from coun_tune.tracking.mlflow_store import check_tracking_uri, client_for, find_parent_run
     from coun_tune.tracking.review import export_config, review_pareto
     from coun_tune.pareto import parse_pick
 
-    _check_tracking_uri(args.tracking_uri)
+    from coun_tune.errors import UsageError
+
+    check_tracking_uri(args.tracking_uri, must_exist=True)
     if args.command == "export":
         parse_pick(args.pick)
+        if Path(args.output).is_dir():
+            raise UsageError(f"--output {args.output!r} is a directory; give a file name such as picked.yaml")
     client = client_for(args.tracking_uri)
     parent = find_parent_run(client, args.search)
     if args.command == "pareto":

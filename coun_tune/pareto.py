@@ -14,8 +14,12 @@ import numpy as np
 
 # Reference points for the hypervolume, in the minimised space: a percent metric to maximise
 # is bounded below by 0 (-> 0 after negation), a gap or percent metric to minimise by 100.
+# pareto stays pure numpy (core.metrics imports torch), so these facts of the metric registry
+# core.metrics.METRICS are restated here; tests/test_pareto.py checks that the two agree.
 PERCENT_METRICS = {"retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy", "mia_loss_attack_acc",
                    "retain_gap", "forget_gap", "test_gap", "mia_gap", "avg_gap"}
+BETTER = {"retain_acc": "max", "test_acc": "max", "retain_gap": "min", "forget_gap": "min", "test_gap": "min",
+          "mia_gap": "min", "avg_gap": "min", "wall_seconds": "min", "flops": "min"}
 
 
 def to_minimisation(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:
@@ -117,7 +121,10 @@ def pick_index(rows: list[dict], objectives: dict[str, str], pick: str) -> int:
         raise UsageError(f"metric {metric!r} is not logged by the trials")
     col = np.array([rows[i][metric] for i in front], dtype=float)
     if kind == "best":
-        mode = objectives.get(metric, "max" if metric.endswith("_acc") or metric == "mia_efficacy" else "min")
+        mode = objectives.get(metric) or BETTER.get(metric)
+        if mode is None:
+            raise UsageError(f"best:{metric}: {metric} has no better direction (it should match the oracle's); "
+                             "pick by its gap or by a constraint instead")
         return int(front[np.nanargmin(col) if mode == "min" else np.nanargmax(col)])
     ok = {">=": col >= value, "<=": col <= value, ">": col > value, "<": col < value}[op]
     if not ok.any():

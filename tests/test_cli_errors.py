@@ -96,6 +96,10 @@ def test_missing_spec_file(tmp_path, cli):
     (["--epochs", "0"], "epochs must be >= 1"),
     (["--lr", "abc"], "invalid float value"),
     (["--config", "missing.yaml"], "does not exist"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--device", "banana"], "unknown device"),
+    (["--arch", "vit_small"], "takes 32x32 images; digits has 8x8"),
+    (["--recipe", "forever"], "unknown recipe"),
 ])
 def test_bad_unlearn_input(tmp_path, cli, args, needle):
     pq.write_table(pa.table({"index": pa.array([0, 5, 99999], type=pa.int64())}), tmp_path / "req.parquet")
@@ -106,3 +110,45 @@ def test_bad_unlearn_input(tmp_path, cli, args, needle):
 def test_bad_unlearn_input_in_a_fresh_process(tmp_path):
     proc = run_cli(["unlearn", "--temperature", "-0.1", "--output", "out"], tmp_path)
     assert_clean_failure(proc, tmp_path, "temperature must be > 0")
+
+
+def test_config_seed_is_read_and_flags_override_it():
+    from coun_tune.config.unlearn_config import build_unlearn_config
+
+    doc = {"scenario": {"dataset": "digits"}, "method": "coun", "seed": 7}
+    assert build_unlearn_config(doc, {"unlearn_seed": None}).seed == 7
+    assert build_unlearn_config(doc, {"unlearn_seed": 3}).seed == 3
+
+
+def test_export_to_a_directory_is_refused(tmp_path, cli):
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    (tmp_path / "outdir").mkdir()
+    proc = cli(["export", "x", "--output", "outdir", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], tmp_path)
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+
+
+def test_unreachable_mlflow_server_fails_before_ray(tmp_path, cli):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "spec.yaml").write_text(GOOD_SPEC)
+    proc = cli(["search", "spec.yaml", "--tracking-uri", f"http://127.0.0.1:{port}"], tmp_path)
+    assert_clean_failure(proc, tmp_path, "does not answer")
+
+
+def test_gpu_trials_on_a_local_cpu_ray_fail_before_logging(tmp_path):
+    (tmp_path / "spec.yaml").write_text(GOOD_SPEC + "resources_per_trial: {cpu: 1, gpu: 0.25}\n")
+    assert_clean_failure(run_cli(["search", "spec.yaml"], tmp_path), tmp_path, "local Ray sees 0")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda s: s.replace("{log: [0.01, 0.1]}", "{uniform: [-1, 0.1]}"), "space.lr: lr must be >"),
+    (lambda s: s.replace("epochs: 1", "epochs: {int: [0, 3]}"), "space.epochs: epochs must be >= 1"),
+    (lambda s: s.replace("method: coun", "method: neggrad_plus").replace("  epochs: 1", "  epochs: 1\n  neggrad_beta: {uniform: [0.9, 1.5]}"),
+     "neggrad_beta must be in [0, 1]"),
+])
+def test_space_corners_are_checked_before_anything_starts(tmp_path, cli, edit, needle):
+    (tmp_path / "spec.yaml").write_text(edit(GOOD_SPEC))
+    assert_clean_failure(cli(["search", "spec.yaml"], tmp_path), tmp_path, needle)

@@ -77,3 +77,16 @@ def test_unsatisfiable_constraint():
     rows = [{"forget_gap": 0.0, "retain_acc": 80.0}]
     with pytest.raises(UsageError, match="no Pareto trial satisfies"):
         pareto.pick_index(rows, {"forget_gap": "min", "retain_acc": "max"}, "retain_acc>=99")
+
+
+def test_pareto_facts_agree_with_the_metric_registry():
+    from coun_tune.core.metrics import METRICS
+
+    assert pareto.PERCENT_METRICS == {m for m, (_, pct) in METRICS.items() if pct}
+    assert pareto.BETTER == {m: better for m, (better, _) in METRICS.items() if better}
+
+
+def test_best_of_a_metric_without_direction_is_refused():
+    rows = [{"forget_gap": 0.0, "retain_acc": 80.0, "forget_acc": 90.0}]
+    with pytest.raises(UsageError, match="no better direction"):
+        pareto.pick_index(rows, {"forget_gap": "min", "retain_acc": "max"}, "best:forget_acc")

@@ -32,14 +32,14 @@ from typing import Any
 
 from coun_tune.config.unlearn_config import read_yaml, validate_scenario
 from coun_tune.core.methods import METHODS, method_hparams
+from coun_tune.core.metrics import METRICS
 from coun_tune.core.recipes import Scenario
 from coun_tune.errors import UsageError
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 DOMAIN_KINDS = ("log", "uniform", "int", "choice")
 # Every metric a trial's final report holds: what objectives may name.
-LOGGED_METRICS = ("retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy", "mia_loss_attack_acc",
-                  "retain_gap", "forget_gap", "test_gap", "mia_gap", "avg_gap", "wall_seconds", "flops")
+LOGGED_METRICS = tuple(METRICS)
 KEYS = {"name", "scenario", "method", "objectives", "space", "sampler", "num_samples", "max_concurrent_trials",
         "resources_per_trial", "seed", "storage_path", "tracking_uri", "cache_dir", "batch_size", "mia_every",
         "description"}
@@ -150,6 +150,16 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
         (space if isinstance(d, Domain) else fixed)[hp] = d
     if not space:
         raise UsageError("space has no searchable hyperparameter")
+    # Every corner of the space must be a config the engine accepts: check the fixed values and
+    # each domain's ends (or choices) now, not in trials after Ray and MLflow have started.
+    from coun_tune.core.engine import resolve_hparams
+
+    for hp, d in space.items():
+        for v in d.choices if d.kind == "choice" else (d.low, d.high):
+            try:
+                resolve_hparams(method, {**fixed, hp: v})
+            except UsageError as e:
+                raise UsageError(f"space.{hp}: {e}") from None
     sampler = doc.get("sampler", "nsga2")
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -168,12 +178,15 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     batch_size = doc.get("batch_size")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 2):
         raise UsageError(f"batch_size must be an integer >= 2, got {batch_size!r}")
+    storage_path = str(doc.get("storage_path", "./coun_tune_results"))
+    if "://" in storage_path:
+        raise UsageError(f"storage_path {storage_path!r}: use a path (on a cluster, a shared filesystem mounted on every node)")
     tracking_uri = str(doc.get("tracking_uri", "sqlite:///mlflow.db"))
     if not tracking_uri.startswith(("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")):
         raise UsageError(f"tracking_uri {tracking_uri!r}: use sqlite:///FILE or an MLflow server URL (http://host:port)")
     return SearchSpec(name=name.strip(), scenario=scenario, method=method, objectives=dict(objectives),
                       space=space, fixed=fixed, sampler=sampler, resources_per_trial={"cpu": cpu, "gpu": gpu},
-                      storage_path=str(doc.get("storage_path", "./coun_tune_results")), tracking_uri=tracking_uri,
+                      storage_path=storage_path, tracking_uri=tracking_uri,
                       cache_dir=doc.get("cache_dir"), batch_size=batch_size, source=dict(doc), **ints)
 
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from coun_tune.core.datasets import check_dataset_name
+from coun_tune.core.datasets import IMAGE_SIZES, check_dataset_name
 from coun_tune.core.engine import resolve_hparams
 from coun_tune.core.methods import METHODS
-from coun_tune.core.models import ARCHITECTURES
+from coun_tune.core.models import ARCH_INPUT_SIZE, ARCHITECTURES
 from coun_tune.core.recipes import RECIPES, Scenario
 from coun_tune.core.splits import parse_forget_spec
 from coun_tune.errors import UsageError
@@ -93,6 +93,10 @@ def validate_scenario(d: dict, where: str = "scenario") -> Scenario:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
     if recipe is not None and recipe not in RECIPES:
         raise UsageError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
+    need = ARCH_INPUT_SIZE.get(arch or "")
+    if need is not None and IMAGE_SIZES.get(dataset) != need:
+        raise UsageError(f"architecture {arch!r} takes {need}x{need} images; {dataset} has "
+                         f"{IMAGE_SIZES.get(dataset)}x{IMAGE_SIZES.get(dataset)}")
     root = d.get("data_root")
     if root is not None and not Path(str(root)).is_dir():
         raise UsageError(f"{dataset}: data directory {str(root)!r} does not exist")
@@ -121,5 +125,8 @@ def build_unlearn_config(doc: dict, overrides: dict[str, Any]) -> UnlearnConfig:
     batch_size = overrides.get("batch_size") or doc.get("batch_size")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 2):
         raise UsageError(f"batch_size must be an integer >= 2, got {batch_size!r}")
-    seed = overrides.get("unlearn_seed", doc.get("seed"))
+    seed = overrides.get("unlearn_seed")
+    seed = doc.get("seed") if seed is None else seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
     return UnlearnConfig(scenario, method, hparams, batch_size, seed, source=doc)

@@ -109,9 +109,11 @@ class BaseModels:
 
 def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, scen_data: ScenarioData,
                        cache_dir: str | Path, log: Callable[[str], None] = print,
-                       roles: tuple[str, ...] = ROLES) -> BaseModels:
+                       roles: tuple[str, ...] = ROLES, train_missing: bool = True) -> BaseModels:
     """Load theta_o and theta_r from the cache, training (and caching) whichever is missing.
-    Each model's metrics on the scenario are computed once, at training time, and cached."""
+    Each model's metrics on a split are computed once and cached. A search trial passes
+    train_missing=False: the driver made sure they exist, and a trial that cannot see them is
+    on a node without the shared cache, where retraining would measure against another oracle."""
     device = scen_data.retain.x.device
     in_ch = data.image_shape[0]
     models, metrics, from_cache, entries = {}, {}, {}, {}
@@ -126,6 +128,9 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
             model.load_state_dict(state)
             from_cache[role] = True
             log(f"{role}: loaded from cache {entry}")
+        elif not train_missing:
+            raise RuntimeError(f"{role} model missing from the cache at {entry}: on a cluster, cache_dir must be "
+                               "shared storage mounted at the same path on every node")
         else:
             log(f"{role}: training {scenario.arch_name} with recipe {scenario.recipe_name!r} ({scenario.train_recipe.epochs} epochs)")
             if role == "original":
@@ -137,7 +142,7 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
             seconds = train_from_scratch(model, x, y, scen_data.augmenter, scenario.train_recipe, scenario.seed, role, log)
             del x, y
             entry.mkdir(parents=True, exist_ok=True)
-            tmp = entry / "model.pt.tmp"
+            tmp = entry / f"model.pt.{os.getpid()}.tmp"  # unique: concurrent runs may share a cache
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
             tmp.replace(entry / "model.pt")
             meta = {"sha256": _sha256(entry / "model.pt"), "key_inputs": inputs, "wall_seconds": seconds,
@@ -152,7 +157,7 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
             m = evaluate(model, scen_data.retain, scen_data.forget, scen_data.test, scen_data.augmenter, scenario.seed)
             m["wall_seconds"] = meta.get("wall_seconds", 0.0)
             by_split[split.split_hash] = m
-            tmp = entry / "meta.json.tmp"
+            tmp = entry / f"meta.json.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(meta, indent=2))
             tmp.replace(entry / "meta.json")
         metrics[role] = by_split[split.split_hash]

@@ -102,6 +102,10 @@ def _digits(root: str | None, download: bool) -> DatasetArrays:
     )
 
 
+# Image side length of each dataset: lets a config be checked against an architecture with a
+# fixed input size (the ViTs) before any data is read.
+IMAGE_SIZES = {"digits": 8, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
+
 DEFAULT_ROOTS = {
     "fashion_mnist": "/usr/share/datasets/fashion-mnist",  # Debian's dataset-fashion-mnist
     "cifar10": "./data",

@@ -92,22 +92,27 @@ def resolve_hparams(method: str, given: dict[str, Any]) -> dict[str, Any]:
             raise UsageError(f"{name} must be a number, got {v!r}") from None
         if not math.isfinite(v):
             raise UsageError(f"{name} must be finite, got {v}")
+        if not h.valid[0] <= v <= h.valid[1]:
+            raise UsageError(f"{name} must be in [{h.valid[0]:g}, {h.valid[1]:g}], got {v:g}")
         out[name] = v
     if out["temperature"] <= 0:
         raise UsageError(f"temperature must be > 0, got {out['temperature']:g}")
     if out["cl_weight"] < 0:
         raise UsageError(f"cl_weight must be >= 0, got {out['cl_weight']:g}")
-    if out["lr"] <= 0:
-        raise UsageError(f"lr must be > 0, got {out['lr']:g}")
+    if out["lr"] <= FINAL_LR:  # the cosine schedule ends at FINAL_LR: a smaller lr would rise
+        raise UsageError(f"lr must be > {FINAL_LR:g} (the cosine schedule's floor), got {out['lr']:g}")
     if out["epochs"] < 1:
         raise UsageError(f"epochs must be >= 1, got {out['epochs']}")
     return out
 
 
-def flops_per_retain_sample(model: FeatureClassifier, image_shape: tuple[int, int, int], cl_on: bool) -> int:
+def flops_per_retain_sample(model: FeatureClassifier, image_shape: tuple[int, int, int], cl_on: bool,
+                            uses_retain_step: bool = True) -> int:
     """FLOPs counted like the paper: FLOPs = 2 x MACs; a training pass is forward + backward
-    = 3 forwards; with the CL plug-in both views go forward and backward (6 forwards)."""
-    return 2 * count_forward_macs(model, image_shape) * (6 if cl_on else 3)
+    = 3 forwards; with the CL plug-in both views go forward and backward (6 forwards); a
+    method that ignores the retain batch (GA) spends none on it without the plug-in."""
+    passes = 6 if cl_on else (3 if uses_retain_step else 0)
+    return 2 * count_forward_macs(model, image_shape) * passes
 
 
 def step_loss(method: Method, ctx: MethodContext, x: torch.Tensor, y: torch.Tensor, epoch: int, step_i: int,
@@ -116,7 +121,9 @@ def step_loss(method: Method, ctx: MethodContext, x: torch.Tensor, y: torch.Tens
     on view 1 plus, when the plug-in is on, cl_weight * L_CL(z1, z2). The loop and the tests
     call this one function. Draws from ctx.generator in this order: view 1, the method's
     own draws, view 2; so turning the plug-in on changes nothing before view 2."""
-    x1 = ctx.augmenter(x, ctx.generator)
+    x1 = ctx.augmenter(x, ctx.generator)  # drawn even when unused: the RNG stream stays the same
+    if not method.uses_retain_step and cl_weight == 0:
+        return method.loss(ctx, None)  # e.g. GA: no retain forward, batch norm sees only D_u
     z1 = ctx.model.features(x1)
     step = RetainStep(x1=x1, y=y, z1=z1, logits=ctx.model.classifier(z1), epoch=epoch, step=step_i)
     loss = method.loss(ctx, step)
@@ -173,7 +180,7 @@ def run_unlearning(
         generator.set_state(resume["generator"].cpu())  # set_state takes a CPU ByteTensor, CUDA generators too
         method.load_state_dict(resume.get("method", {}))
         start_epoch, wall = int(resume["epoch"]), float(resume["wall_seconds"])
-    flops_per_sample = flops_per_retain_sample(model, scenario.image_shape, cl_weight > 0)
+    flops_per_sample = flops_per_retain_sample(model, scenario.image_shape, cl_weight > 0, method.uses_retain_step)
     flops_per_forward = 2 * count_forward_macs(model, scenario.image_shape)  # a method's extra passes
 
     def flops_after(n_epochs: int) -> float:

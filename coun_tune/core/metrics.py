@@ -21,6 +21,19 @@ import torch.nn.functional as F
 from coun_tune.core.batching import Augmenter, DeviceSplit, ordered_batches
 
 GAP_OF = {"retain_gap": "retain_acc", "forget_gap": "unlearn_acc", "test_gap": "test_acc", "mia_gap": "mia_efficacy"}
+
+# The one registry of what a run reports: name -> (better: "min" | "max" | None, percent?).
+# `better` is None where neither direction is "better" in itself (forget accuracy should
+# match the oracle's, not be high or low). Search specs, MLflow logging, the Pareto reference
+# point and `best:` picks all read this.
+METRICS: dict[str, tuple[str | None, bool]] = {
+    "retain_acc": ("max", True), "forget_acc": (None, True), "unlearn_acc": (None, True),
+    "test_acc": ("max", True), "mia_efficacy": (None, True), "mia_loss_attack_acc": (None, True),
+    "retain_gap": ("min", True), "forget_gap": ("min", True), "test_gap": ("min", True), "mia_gap": ("min", True),
+    "avg_gap": ("min", True), "wall_seconds": ("min", False), "flops": ("min", False),
+}
+DIAGNOSTICS = ("mia_efficacy_resample_min", "mia_efficacy_resample_max", "mia_member_saturated",
+               "mia_nonmember_saturated", "loss", "epoch")
 SATURATED = 0.999
 MIA_RESAMPLES = 5
 

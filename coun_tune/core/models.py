@@ -103,6 +103,10 @@ ARCHITECTURES: dict[str, Callable[[int, int], FeatureClassifier]] = {
 }
 
 
+# Architectures that accept only one input size (a ViT's positional embedding is sized for it).
+ARCH_INPUT_SIZE = {"vit_small": 32, "vit_small_64": 64}
+
+
 def build_model(arch: str, in_channels: int, num_classes: int) -> FeatureClassifier:
     from coun_tune.errors import UsageError
 

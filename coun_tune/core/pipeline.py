@@ -40,7 +40,8 @@ class Prepared:
 
 
 def prepare(scenario: Scenario, cache_dir: str | Path | None = None, device: torch.device | str | None = None,
-            log: Callable[[str], None] = print, data: DatasetArrays | None = None) -> Prepared:
+            log: Callable[[str], None] = print, data: DatasetArrays | None = None,
+            train_missing: bool = True) -> Prepared:
     """Everything a run needs before unlearning starts. `data` may be passed in (a search puts
     it in the Ray object store once and hands it to every trial)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -51,7 +52,7 @@ def prepare(scenario: Scenario, cache_dir: str | Path | None = None, device: tor
         raise ValueError("a sequential scenario runs through unlearn_sequential(), not prepare()")
     split = materialize_split(data, scenario.forget, scenario.seed, cache_dir)
     scen_data = ScenarioData.build(data, split, device)
-    base = ensure_base_models(data, split, scenario, scen_data, cache_dir, log)
+    base = ensure_base_models(data, split, scenario, scen_data, cache_dir, log, train_missing=train_missing)
     return Prepared(scenario, data, split, scen_data, base)
 
 
@@ -88,7 +89,9 @@ def unlearn_sequential(scenario: Scenario, method: str, hparams: dict[str, Any],
         start = base.original if model is None else model
         model = copy.deepcopy(start).train().requires_grad_(True)
         log(f"request {k + 1}/{len(splits)}: forgetting {split.spec} ({len(split.forget_idx)} samples removed so far)")
-        metrics = run_unlearning(model, base.original, scen_data, method, hparams,
+        # the model entering this request is the method's theta_o: SalUn's mask, NoT's negated
+        # layer and SCRUB/BadTeacher's teachers are taken from it, not from the first original
+        metrics = run_unlearning(model, start, scen_data, method, hparams,
                                  batch_size=batch_size or scenario.defaults.batch_size,
                                  seed=(scenario.seed if seed is None else seed) + k, oracle_metrics=base.oracle_metrics)
         records.append({"request": k + 1, "spec": split.spec, "split_hash": split.split_hash,

@@ -93,7 +93,7 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
     from ray.tune.search.optuna import OptunaSearch
 
     from coun_tune.search.trainable import ensure_base_models_task, unlearn_trial
-    from coun_tune.tracking.mlflow_store import ROLE, client_for, ensure_experiment, log_params
+    from coun_tune.tracking.mlflow_store import ROLE, check_tracking_uri, client_for, ensure_experiment, log_params
     from coun_tune.tracking.review import export_config, review_pareto
     from coun_tune.tracking.trial_logger import MLflowTrialLogger
 
@@ -105,17 +105,32 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
         raise UsageError(f"--resume: no search named {spec.name!r} under {storage} to resume")
     if not resume and exp_dir.exists():
         raise UsageError(f"a search named {spec.name!r} already exists under {storage}; use --resume or change `name`")
+    check_tracking_uri(tracking_uri, must_exist=resume)
     data = load_dataset(spec.scenario.dataset, spec.scenario.data_root)  # bad data dirs fail before any logging
     cache_dir = str(Path(spec.cache_dir).resolve() if spec.cache_dir else default_cache_dir())
 
+    # The SVC MIA (and so mia_*, avg_gap) may be computed only at the last epoch; Optuna reads
+    # only the last report, so Tune must not insist every report holds every objective.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if address is None and spec.resources_per_trial["gpu"] > 0:
+        import torch  # local Ray sees the GPUs torch sees; without one, trials would wait forever
+
+        if spec.resources_per_trial["gpu"] > torch.cuda.device_count():
+            raise UsageError(f"resources_per_trial asks for {spec.resources_per_trial['gpu']:g} GPU but local Ray sees "
+                             f"{torch.cuda.device_count()}: set gpu: 0 here, or pass --address of a GPU cluster")
     temp_dir = init_ray(address)
     if temp_dir:
         _LOCAL_TEMP["dir"] = temp_dir
     t0 = time.time()
-    data_ref = ray.put(data)
     res = spec.resources_per_trial
-    base = ray.get(ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"])(ensure_base_models_task).remote(
-        spec.scenario.to_dict(), cache_dir, data_ref, int(max(1, res["cpu"]))))
+    data_ref = ray.put(data)
+    try:
+        base = ray.get(ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"])(ensure_base_models_task).remote(
+            spec.scenario.to_dict(), cache_dir, data_ref, int(max(1, res["cpu"]))))
+    except ray.exceptions.RayTaskError as e:  # a bad input found on the worker: its one line, not a traceback
+        if isinstance(e.cause, UsageError):
+            raise e.cause from None
+        raise
     for role in ("original", "oracle"):
         how = "from the cache" if base["from_cache"][role] else "trained now (Ray task)"
         print(f"{role}: {how}; retain_acc {base[role]['retain_acc']:.2f}, forget_acc {base[role]['forget_acc']:.2f}, "
@@ -157,7 +172,9 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent_trials),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(storage), callbacks=[logger],
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1,
+                                      # resume and the MLflow model artifact need only the latest
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     grid = tuner.fit()
     if grid.num_terminated + grid.num_errors < spec.num_samples:

@@ -38,7 +38,7 @@ def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
     batch size, unlearning seed, cache dir, MIA cadence and this trial's CPU share."""
     torch.set_num_threads(max(1, int(run_info.get("cpus", 1))))
     scenario = Scenario(**run_info["scenario"])
-    prep = prepare(scenario, run_info["cache_dir"], log=lambda s: None, data=data)
+    prep = prepare(scenario, run_info["cache_dir"], log=lambda s: None, data=data, train_missing=False)
     hparams = {**run_info["fixed"], **config}
     resume = None
     checkpoint = tune.get_checkpoint()

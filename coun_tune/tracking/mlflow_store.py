@@ -27,13 +27,36 @@ def client_for(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+
+
+def check_tracking_uri(tracking_uri: str, must_exist: bool) -> None:
+    """Fail fast, before Ray starts or anything is logged: a SQLite store that must exist does,
+    and a server answers /health (MLflow's client would retry for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        if must_exist and not db.is_file():
+            raise UsageError(f"no MLflow database at {db} (tracking URI {tracking_uri})")
+        if not db.parent.resolve().is_dir():
+            raise UsageError(f"tracking URI {tracking_uri}: directory {db.parent} does not exist")
+        return
+    if tracking_uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10) as r:
+                r.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise UsageError(f"MLflow server {tracking_uri} does not answer ({getattr(e, 'reason', e)})") from None
+
+
 def artifact_root_for(tracking_uri: str, name: str) -> str | None:
     """With a SQLite store, artifacts go beside the database file (absolute), not to ./mlruns
     of whichever process happens to create the experiment. A server decides for itself."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):]).resolve()
-        return (db.parent / "mlartifacts" / name).as_uri()
-    return None
+    db = sqlite_path(tracking_uri)
+    return (db.resolve().parent / "mlartifacts" / name).as_uri() if db is not None else None
 
 
 def ensure_experiment(client, tracking_uri: str, name: str) -> str:

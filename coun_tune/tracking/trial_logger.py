@@ -16,13 +16,11 @@ from typing import Any
 
 from ray.tune import Callback
 
+from coun_tune.core.metrics import DIAGNOSTICS, METRICS
 from coun_tune.tracking.mlflow_store import PARENT, ROLE, TRIAL_ID, client_for, log_params
 
 # What a trial reports that is worth a metric series in MLflow (Ray adds bookkeeping keys).
-METRIC_KEYS = ("retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy", "mia_loss_attack_acc",
-               "mia_efficacy_resample_min", "mia_efficacy_resample_max", "mia_member_saturated",
-               "mia_nonmember_saturated", "retain_gap", "forget_gap", "test_gap", "mia_gap", "avg_gap",
-               "wall_seconds", "flops", "loss")
+METRIC_KEYS = tuple(METRICS) + tuple(d for d in DIAGNOSTICS if d != "epoch")
 
 
 class MLflowTrialLogger(Callback):
@@ -62,6 +60,14 @@ class MLflowTrialLogger(Callback):
             logged = [m.step for m in self.client.get_metric_history(run_id, "retain_acc")]
             self.last_step[trial.trial_id] = max(logged, default=0)
             return
+        # The map is saved with Tune's experiment state, which may predate a driver crash: a run
+        # created for this trial just before it would be orphaned. Look for it before creating.
+        existing = self.client.search_runs(
+            [self.experiment_id], max_results=1,
+            filter_string=f"tags.`{PARENT}` = '{self.parent_run_id}' and tags.`{TRIAL_ID}` = '{trial.trial_id}'")
+        if existing:
+            self.runs[trial.trial_id] = existing[0].info.run_id
+            return self.on_trial_start(iteration, trials, trial, **info)
         run = self.client.create_run(self.experiment_id, run_name=f"trial_{trial.trial_id}",
                                      tags={PARENT: self.parent_run_id, ROLE: "trial", TRIAL_ID: trial.trial_id})
         self.runs[trial.trial_id] = run.info.run_id

@@ -10,8 +10,9 @@ draws one random forget batch (`ctx.forget_batch()`, ctx.generator, the run's au
 For NegGrad+ this is what the SCRUB code does (it cycles the forget loader alongside the
 retain loader). For GA it means an "epoch" holds |D_r| / batch_size forget steps rather than
 the original code's |D_u| / batch_size: the same loss, on a different clock; lr and epochs
-are searched anyway. GA's loss does not use the engine's retain forward (its logits are left
-out of the graph), but the CL plug-in, when on, still adds L_CL on the retain views.
+are searched anyway. GA's loss does not use the retain batch, so the engine skips its retain
+forward (`uses_retain_step = False`) unless the CL plug-in is on, which adds L_CL on the
+retain views.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class GA(Method):
 
     name = "ga"
     reads_forget = True
+    uses_retain_step = False
 
     def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:
         xf, yf = ctx.forget_batch()
@@ -46,7 +48,8 @@ class NegGradPlus(Method):
     name = "neggrad_plus"
     reads_forget = True
     hparams = (
-        HParam("neggrad_beta", 0.999, 0.95, 0.9999, help="NegGrad+: weight of retain CE; 1 - beta weighs forget ascent"),
+        HParam("neggrad_beta", 0.999, 0.95, 0.9999, help="NegGrad+: weight of retain CE; 1 - beta weighs forget ascent",
+               valid=(0.0, 1.0)),
     )
 
     def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:

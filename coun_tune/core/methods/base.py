@@ -25,7 +25,8 @@ from coun_tune.core.models import FeatureClassifier
 @dataclass(frozen=True)
 class HParam:
     """A hyperparameter a method declares: its default and a sensible search range.
-    `log` says whether the range is searched on a log scale; `kind` is "float" or "int"."""
+    `log` says whether the range is searched on a log scale; `kind` is "float" or "int".
+    `valid` is the hard (inclusive) range any value must lie in, searched or given."""
 
     name: str
     default: float | int
@@ -34,6 +35,7 @@ class HParam:
     log: bool = False
     kind: str = "float"
     help: str = ""
+    valid: tuple[float, float] = (float("-inf"), float("inf"))
 
 
 # Hyperparameters every method has (the shared recipe and the CL plug-in).
@@ -138,6 +140,9 @@ class Method:
 
     name: str = ""
     reads_forget: bool = False
+    # False for a method whose loss ignores the retain batch (GA): the engine then skips the
+    # retain forward unless the CL plug-in needs it, so batch norm sees only what GA trains on.
+    uses_retain_step: bool = True
     hparams: tuple[HParam, ...] = ()
     default_cl_weight: float = 0.0
 

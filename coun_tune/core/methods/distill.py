@@ -40,9 +40,11 @@ class SCRUB(Method):
     name = "scrub"
     reads_forget = True
     hparams = (
-        HParam("scrub_max_steps", 2, 1, 10, kind="int", help="SCRUB: epochs that start with a max pass over D_u"),
-        HParam("scrub_alpha", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of KL to the teacher on D_r"),
-        HParam("scrub_gamma", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of CE on D_r"),
+        HParam("scrub_max_steps", 2, 1, 10, kind="int", help="SCRUB: epochs that start with a max pass over D_u",
+               valid=(0, float("inf"))),
+        HParam("scrub_alpha", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of KL to the teacher on D_r",
+               valid=(0.0, float("inf"))),
+        HParam("scrub_gamma", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of CE on D_r", valid=(0.0, float("inf"))),
     )
 
     def before_epoch(self, ctx: MethodContext, epoch: int) -> None:

@@ -80,7 +80,8 @@ class SalUn(RL):
     name = "salun"
     reads_forget = True
     hparams = (
-        HParam("salun_threshold", 0.5, 0.1, 1.0, help="SalUn: fraction of weights (top |grad| on D_u) that may change"),
+        HParam("salun_threshold", 0.5, 0.1, 1.0, help="SalUn: fraction of weights (top |grad| on D_u) that may change",
+               valid=(0.0, 1.0)),
     )
 
     def __init__(self) -> None:
