@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     u.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
     u.add_argument("--threads", type=int, help="CPU threads for torch (a search trial uses its CPU share)")
+    u.add_argument("--oracle-seeds", type=int, default=1,
+                   help="train this many oracles (other seeds, same D_r) and report their gaps to the "
+                        "scenario's oracle: the noise floor of every gap (default 1: none)")
 
     from coun_tune import cli_search
 
@@ -78,7 +81,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    run_unlearn(cfg, out, args.cache_dir, args.device, args.download, args.threads)
+    if args.oracle_seeds < 1:
+        raise UsageError(f"--oracle-seeds must be >= 1, got {args.oracle_seeds}")
+    run_unlearn(cfg, out, args.cache_dir, args.device, args.download, args.threads, args.oracle_seeds)
     return 0
 
 
@@ -111,12 +116,13 @@ def check_device(device: str | None) -> None:
 
 
 def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, download: bool = False,
-                threads: int | None = None) -> dict:
+                threads: int | None = None, oracle_seeds: int = 1) -> dict:
     import torch
     import yaml
 
     if threads:
         torch.set_num_threads(threads)
+    from coun_tune.core.base_models import default_cache_dir
     from coun_tune.core.datasets import load_dataset
     from coun_tune.core.pipeline import prepare, unlearn
     from coun_tune.report import metrics_table
@@ -128,6 +134,10 @@ def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, downl
     prep = prepare(cfg.scenario, cache_dir, device, log=log, data=data)
     log(f"unlearning with {cfg.method} {json.dumps(cfg.hparams)}")
     model, metrics = unlearn(prep, cfg.method, cfg.hparams, batch_size=cfg.batch_size, seed=cfg.seed)
+    from coun_tune.core.base_models import oracle_seed_spread
+
+    noise = oracle_seed_spread(prep.data, prep.split, cfg.scenario, prep.scen_data, cache_dir or default_cache_dir(),
+                               prep.base.oracle_metrics, oracle_seeds, log)
     result = {
         "config": cfg.to_dict(),
         "split_hash": prep.split.split_hash,
@@ -138,13 +148,16 @@ def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, downl
         "original": prep.base.original_metrics,
         "oracle": prep.base.oracle_metrics,
         "base_models_from_cache": prep.base.from_cache,
+        "oracle_noise": noise,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    print(metrics_table({"original": prep.base.original_metrics, "oracle": prep.base.oracle_metrics,
-                         cfg.method: metrics}))
+    columns = {"original": prep.base.original_metrics, "oracle": prep.base.oracle_metrics, cfg.method: metrics}
+    if noise:  # gaps of oracles retrained with other seeds: what a gap below this means
+        columns[f"oracle seeds (n={oracle_seeds - 1})"] = {k[len("oracle_noise_"):]: v for k, v in noise.items()}
+    print(metrics_table(columns))
     print(f"\nwrote {out / 'metrics.json'} and {out / 'model.pt'}")
     return result
 

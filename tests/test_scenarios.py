@@ -79,3 +79,18 @@ def test_coun_beats_the_original_forget_gap_on_digits(tmp_path_factory):
     second = prepare(Scenario(dataset="digits", forget="random:0.1", seed=0), cache, "cpu", log=lambda s: None)
     assert second.base.from_cache == {"original": True, "oracle": True}
     assert second.base.oracle_metrics == prep.base.oracle_metrics
+
+
+def test_oracle_seed_spread_is_the_gap_between_retrained_oracles(prepared, session_cache_dir, digits):
+    from coun_tune.core.base_models import ensure_base_models, oracle_seed_spread
+    from coun_tune.core.metrics import gaps
+
+    args = (digits, prepared.split, prepared.scenario, prepared.scen_data, session_cache_dir, prepared.base.oracle_metrics)
+    assert oracle_seed_spread(*args, 1, log=lambda s: None) == {}
+    noise = oracle_seed_spread(*args, 2, log=lambda s: None)
+    other = ensure_base_models(digits, prepared.split, Scenario(**{**prepared.scenario.to_dict(), "seed": 1}),
+                               prepared.scen_data, session_cache_dir, lambda s: None, roles=("oracle",))
+    assert other.from_cache["oracle"]  # trained by the spread, cached like any oracle
+    expected = gaps(other.oracle_metrics, prepared.base.oracle_metrics)
+    assert noise["oracle_noise_avg_gap"] == pytest.approx(expected["avg_gap"])
+    assert noise["oracle_noise_seeds"] == 1.0

@@ -170,3 +170,25 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
                 "memorized its data and there is little to unlearn (METHOD.md section 5)")
     return BaseModels(models.get("original"), models.get("oracle"), metrics.get("original", {}),
                       metrics.get("oracle", {}), from_cache, entries)
+
+
+def oracle_seed_spread(data: DatasetArrays, split: Split, scenario: Scenario, scen_data: ScenarioData,
+                       cache_dir: str | Path, oracle_metrics: dict[str, float], n_seeds: int,
+                       log: Callable[[str], None] = print) -> dict[str, float]:
+    """The noise floor of every gap: oracles retrained on the same D_r with other seeds
+    (scenario.seed + 1 ... + n_seeds - 1, cached like any oracle), and their gaps to the
+    scenario's oracle. Returns the mean of each gap over those seeds, as `oracle_noise_<gap>`
+    (e.g. oracle_noise_avg_gap): an unlearned model whose gap is below this is as close to
+    the oracle as another retraining would be (METHOD.md sections 5 and 7)."""
+    if n_seeds < 2:
+        return {}
+    from dataclasses import replace
+
+    per_seed = []
+    for k in range(1, n_seeds):
+        other = replace(scenario, seed=scenario.seed + k)
+        base = ensure_base_models(data, split, other, scen_data, cache_dir, log, roles=("oracle",))
+        per_seed.append(gaps(base.oracle_metrics, oracle_metrics))
+    out = {f"oracle_noise_{g}": float(np.mean([p[g] for p in per_seed])) for g in per_seed[0]}
+    out["oracle_noise_seeds"] = float(n_seeds - 1)
+    return out
