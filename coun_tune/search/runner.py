@@ -112,6 +112,9 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
     # The SVC MIA (and so mia_*, avg_gap) may be computed only at the last epoch; Optuna reads
     # only the last report, so Tune must not insist every report holds every objective.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # num_to_keep=1 forces a (cheap, small) experiment snapshot per checkpoint; Tune warns about
+    # every one of them on short trials, which buries the progress view.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address is None and spec.resources_per_trial["gpu"] > 0:
         import torch  # local Ray sees the GPUs torch sees; without one, trials would wait forever
 
