@@ -55,7 +55,8 @@ def write_spec(path: Path, name: str, *, cache_dir: Path, storage_path: Path, tr
            "method": "coun", "objectives": dict(OBJECTIVES), "space": SPACE, "sampler": "nsga2",
            "num_samples": num_samples, "max_concurrent_trials": max_concurrent_trials,
            "resources_per_trial": {"cpu": 1, "gpu": 0}, "seed": 0,
-           "cache_dir": str(cache_dir), "storage_path": str(storage_path), "tracking_uri": tracking_uri, **extra}
+           "cache_dir": str(cache_dir), "storage_path": str(storage_path), "tracking_uri": tracking_uri}
+    doc.update(extra)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 

@@ -64,7 +64,7 @@ def two_node_cluster():
     head_tmp, worker_tmp = base / "h", base / "w"
     gcs, agent_h, agent_w, metrics_h, metrics_w = free_ports(5)
     env = child_env(RAY_AUTH_MODE="token")
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0", "--memory", str(NODE_MEMORY),
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "1", "--memory", str(NODE_MEMORY),
               "--object-store-memory", str(NODE_OBJECT_STORE), "--disable-usage-stats"]
     sessions: list[int] = []
     try:
@@ -106,7 +106,10 @@ def test_search_spreads_over_two_ray_nodes(two_node_cluster, tmp_path):
     db = tmp_path / "mlflow.db"
     storage = tmp_path / "results"
     spec = write_spec(tmp_path / "spec.yaml", name, cache_dir=tmp_path / "cache", storage_path=storage,
-                      tracking_uri=f"sqlite:///{db}", num_samples=NUM_SAMPLES, max_concurrent_trials=2)
+                      tracking_uri=f"sqlite:///{db}", num_samples=NUM_SAMPLES, max_concurrent_trials=2,
+                      # each node declares one (fake) GPU: trials ask for half of one, as the
+                      # CIFAR specs do; inside a trial torch sees no CUDA and trains on the CPU
+                      resources_per_trial={"cpu": 1, "gpu": 0.5})
     t0 = time.monotonic()
     run_cli(["search", str(spec), "--address", two_node_cluster["address"]], cwd=tmp_path,
             env=two_node_cluster["env"], timeout=300)

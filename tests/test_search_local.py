@@ -101,7 +101,7 @@ def test_pareto_tags_match_brute_force(search):
     parent = client.get_run(parents[0].info.run_id)
     assert parent.data.metrics["pareto_size"] == sum(expected)
     assert parent.data.metrics["hypervolume"] > 0
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.parquet", "pareto.png", "spec.yaml"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.parquet", "pareto.png", "pareto.html", "spec.yaml"}
     assert "Pareto front" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
 
 

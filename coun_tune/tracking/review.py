@@ -10,6 +10,8 @@ export_config: picks one front config (knee, best:METRIC, or a constraint) and w
 
 from __future__ import annotations
 
+import html
+import io
 import json
 import sys
 import tempfile
@@ -43,7 +45,8 @@ def trial_rows(client, parent) -> list[dict]:
     return rows
 
 
-def _plot(rows: list[dict], names: list[str], mask: np.ndarray, path: Path) -> None:
+def _plot(rows: list[dict], names: list[str], mask: np.ndarray, path: Path) -> str:
+    """Writes the PNG to `path` and returns the same figure as SVG text (for the HTML page)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +64,21 @@ def _plot(rows: list[dict], names: list[str], mask: np.ndarray, path: Path) -> N
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+    svg = io.StringIO()
+    fig.savefig(svg, format="svg")
     plt.close(fig)
+    return svg.getvalue()
+
+
+def _html(svg: str, headers: list[str], rows: list[list], title: str) -> str:
+    """A self-contained page (no scripts, no network): the plot and the front's table."""
+    cell = lambda v: html.escape(str(v) if not isinstance(v, float) else f"{v:.4g}")  # noqa: E731
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head>"
+            f"<body><h2>{html.escape(title)}</h2>{svg[svg.find('<svg'):]}<table><tr>{head}</tr>{body}</table></body></html>")
 
 
 def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None = None, out=sys.stdout) -> dict:
@@ -84,20 +101,22 @@ def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None 
     client.log_metric(parent_run_id, "hypervolume", hv)
     client.log_metric(parent_run_id, "pareto_size", int(mask.sum()))
     client.set_tag(parent_run_id, "hypervolume_reference", json.dumps(dict(zip(names, ref.tolist()))))
+    params = sorted({k for r in rows for k in r if k.startswith("param.") and k[6:] not in PARAM_SKIP})
+    shown = sorted(np.flatnonzero(mask), key=lambda i: values[i, 0])
+    extra = [m for m in ("avg_gap", "test_acc") if m not in names]
+    headers = ["trial", *names, *extra, *[p[6:] for p in params]]
+    front_rows = [[rows[i]["trial_id"], *[rows[i][k] for k in names], *[rows[i].get(m) for m in extra],
+                   *[_short(rows[i].get(p)) for p in params]] for i in shown]
     with tempfile.TemporaryDirectory() as d:
         cols = sorted({k for r in rows for k in r})
         pq.write_table(pa.table({c: [None if r.get(c) is None else str(r[c]) if c.startswith("param.") or c in ("run_id", "trial_id")
                                      else r.get(c) for r in rows] for c in cols}), Path(d) / "trials.parquet")
-        _plot(rows, names, mask, Path(d) / "pareto.png")
-        client.log_artifact(parent_run_id, str(Path(d) / "trials.parquet"))
-        client.log_artifact(parent_run_id, str(Path(d) / "pareto.png"))
-    params = sorted({k for r in rows for k in r if k.startswith("param.") and k[6:] not in PARAM_SKIP})
-    shown = sorted(np.flatnonzero(mask), key=lambda i: values[i, 0])
-    extra = [m for m in ("avg_gap", "test_acc") if m not in names]
+        svg = _plot(rows, names, mask, Path(d) / "pareto.png")
+        (Path(d) / "pareto.html").write_text(_html(svg, headers, front_rows, f"Pareto front, hypervolume {hv:.2f}"))
+        for f in ("trials.parquet", "pareto.png", "pareto.html"):
+            client.log_artifact(parent_run_id, str(Path(d) / f))
     print("\nPareto front (" + ", ".join(f"{k}: {v}" for k, v in objectives.items()) + f"), hypervolume {hv:.2f}:", file=out)
-    print(table(["trial", *names, *extra, *[p[6:] for p in params]],
-                [[rows[i]["trial_id"], *[rows[i][k] for k in names], *[rows[i].get(m) for m in extra],
-                  *[_short(rows[i].get(p)) for p in params]] for i in shown]), file=out)
+    print(table(headers, front_rows), file=out)
     print(f"{int(mask.sum())} of {len(rows)} completed trials on the front", file=out)
     return {"rows": rows, "mask": mask.tolist(), "hypervolume": hv, "objectives": objectives}
 
