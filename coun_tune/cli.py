@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--forget", action="append",
                    help="random:F | class:K | class:K:F | ids:FILE.parquet; give it several times for sequential requests")
     u.add_argument("--seed", type=int, help="scenario seed: draws the forget set and initialises the base models")
+    u.add_argument("--split-seed", type=int, help="draws the forget set (default: --seed); vary it for held-out forget sets")
     u.add_argument("--arch")
     u.add_argument("--recipe", help="recipe of the original/oracle (default: the dataset's)")
     u.add_argument("--data-root", help="where the dataset's files are")
@@ -70,7 +71,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from coun_tune.config.unlearn_config import build_unlearn_config, read_yaml
 
     doc = read_yaml(args.config) if args.config else {}
-    overrides = {k: getattr(args, k) for k in ("dataset", "forget", "seed", "arch", "recipe", "data_root", "method",
+    overrides = {k: getattr(args, k) for k in ("dataset", "forget", "seed", "split_seed", "arch", "recipe", "data_root", "method",
                                                "batch_size", "unlearn_seed")}
     overrides["hparams"] = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None}
     if args.forget is not None and len(args.forget) == 1:

@@ -24,6 +24,13 @@ def add_commands(sub) -> None:
     e.add_argument("--output", required=True, help="YAML file to write")
     e.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
 
+    t = sub.add_parser("transfer", help="re-run the Pareto configs on held-out forget sets, each against its own oracle")
+    t.add_argument("search", help="experiment name (its latest search) or parent run id")
+    t.add_argument("--split-seeds", default="1,2,3", help="comma-separated seeds of the held-out forget sets")
+    t.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    t.add_argument("--cache-dir", help="base-model cache (default: $COUN_TUNE_CACHE or ~/.cache/coun-tune)")
+    t.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "search":
@@ -40,6 +47,16 @@ def dispatch(args: argparse.Namespace) -> int:
     from coun_tune.errors import UsageError
 
     check_tracking_uri(args.tracking_uri, must_exist=True)
+    if args.command == "transfer":
+        try:
+            seeds = [int(x) for x in args.split_seeds.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--split-seeds must be comma-separated integers, got {args.split_seeds!r}") from None
+        if not seeds or min(seeds) < 0:
+            raise UsageError("--split-seeds needs at least one non-negative integer")
+        from coun_tune.cli import check_device
+
+        check_device(args.device)
     if args.command == "export":
         parse_pick(args.pick)
         if Path(args.output).is_dir():
@@ -48,6 +65,13 @@ def dispatch(args: argparse.Namespace) -> int:
     parent = find_parent_run(client, args.search)
     if args.command == "pareto":
         review_pareto(client, parent.info.run_id)
+    elif args.command == "transfer":
+        import sys
+
+        from coun_tune.tracking.transfer import transfer_check
+
+        transfer_check(client, parent.info.run_id, seeds, args.cache_dir, args.device,
+                       log=lambda s: print(s, file=sys.stderr, flush=True))
     else:
         path = export_config(client, parent.info.run_id, args.pick, args.output)
         print(f"wrote {path}\napply it: coun-tune unlearn --config {path} --output out/")

@@ -94,3 +94,13 @@ def test_oracle_seed_spread_is_the_gap_between_retrained_oracles(prepared, sessi
     expected = gaps(other.oracle_metrics, prepared.base.oracle_metrics)
     assert noise["oracle_noise_avg_gap"] == pytest.approx(expected["avg_gap"])
     assert noise["oracle_noise_seeds"] == 1.0
+
+
+def test_split_seed_draws_another_forget_set_for_the_same_original(prepared, digits, session_cache_dir):
+    from dataclasses import replace
+
+    other = prepare(replace(prepared.scenario, split_seed=5), session_cache_dir, "cpu", log=lambda s: None, data=digits)
+    assert not np.array_equal(other.split.forget_idx, prepared.split.forget_idx)
+    assert len(other.split.forget_idx) == len(prepared.split.forget_idx)
+    assert other.base.cache_entries["original"] == prepared.base.cache_entries["original"]  # the deployed model
+    assert other.base.cache_entries["oracle"] != prepared.base.cache_entries["oracle"]  # its own oracle

@@ -157,3 +157,22 @@ def test_interrupted_search_resumes_into_the_same_runs(tmp_path):
         assert c.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "retain_acc")]
         assert sorted(steps) == [1, 2, 3], steps  # every epoch once: nothing lost, nothing twice
+
+
+def test_transfer_reruns_the_front_on_held_out_forget_sets(search):
+    import pyarrow.parquet as pq
+
+    root, _ = search
+    uri = f"sqlite:///{root}/mlflow.db"
+    proc = cli(["transfer", "local", "--split-seeds", "1", "--tracking-uri", uri, "--cache-dir", str(root / "cache")], root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out" in proc.stdout
+    client, parents, children = runs_of(uri, "local")
+    front = [c for c in children if c.data.tags["pareto"] == "true"]
+    local = client.download_artifacts(parents[0].info.run_id, "transfer.parquet", str(root))
+    table = pq.read_table(local).to_pylist()
+    assert sorted(r["run_id"] for r in table) == sorted(c.info.run_id for c in front)
+    assert all(r["split_seed"] == 1 for r in table)
+    for c in front:
+        mean = client.get_run(c.info.run_id).data.metrics["transfer_forget_gap_mean"]
+        assert mean == pytest.approx(next(r["forget_gap"] for r in table if r["run_id"] == c.info.run_id))

@@ -51,6 +51,9 @@ def test_every_sampler_suggests_inside_the_space(sampler):
             assert d.low <= cfg[k] <= d.high, (k, cfg[k])
         assert isinstance(cfg["epochs"], int)
         searcher.on_trial_complete(f"t{i}", {"forget_gap": float(i), "retain_acc": 90.0 + i})
+    import pickle
+
+    pickle.loads(pickle.dumps(searcher))  # Tune pickles the searcher with the experiment state
 
 
 def test_method_spaces_are_generated_from_declared_ranges():

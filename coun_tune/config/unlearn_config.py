@@ -27,7 +27,7 @@ from coun_tune.core.splits import parse_forget_spec
 from coun_tune.errors import UsageError
 
 TOP_KEYS = {"scenario", "method", "hparams", "batch_size", "seed"}
-SCENARIO_KEYS = {"dataset", "forget", "seed", "arch", "recipe", "data_root"}
+SCENARIO_KEYS = {"dataset", "forget", "seed", "arch", "recipe", "data_root", "split_seed"}
 
 
 @dataclass
@@ -85,9 +85,10 @@ def validate_scenario(d: dict, where: str = "scenario") -> Scenario:
         forget = str(forget)
     for f in forget if isinstance(forget, tuple) else (forget,):
         parse_forget_spec(f)
-    seed = d.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise UsageError(f"{where}.seed must be a non-negative integer, got {seed!r}")
+    seed, split_seed = d.get("seed", 0), d.get("split_seed")
+    for name, v in (("seed", seed), ("split_seed", split_seed)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise UsageError(f"{where}.{name} must be a non-negative integer, got {v!r}")
     arch, recipe = d.get("arch"), d.get("recipe")
     if arch is not None and arch not in ARCHITECTURES:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
@@ -101,7 +102,7 @@ def validate_scenario(d: dict, where: str = "scenario") -> Scenario:
     if root is not None and not Path(str(root)).is_dir():
         raise UsageError(f"{dataset}: data directory {str(root)!r} does not exist")
     return Scenario(dataset=dataset, forget=forget, seed=seed, arch=arch, recipe=recipe,
-                    data_root=None if root is None else str(root))
+                    data_root=None if root is None else str(root), split_seed=split_seed)
 
 
 def build_unlearn_config(doc: dict, overrides: dict[str, Any]) -> UnlearnConfig:

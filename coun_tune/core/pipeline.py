@@ -50,7 +50,7 @@ def prepare(scenario: Scenario, cache_dir: str | Path | None = None, device: tor
         data = load_dataset(scenario.dataset, scenario.data_root)
     if scenario.sequential:
         raise ValueError("a sequential scenario runs through unlearn_sequential(), not prepare()")
-    split = materialize_split(data, scenario.forget, scenario.seed, cache_dir)
+    split = materialize_split(data, scenario.forget, scenario.forget_seed, cache_dir)
     scen_data = ScenarioData.build(data, split, device)
     base = ensure_base_models(data, split, scenario, scen_data, cache_dir, log, train_missing=train_missing)
     return Prepared(scenario, data, split, scen_data, base)
@@ -81,7 +81,7 @@ def unlearn_sequential(scenario: Scenario, method: str, hparams: dict[str, Any],
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     device = pick_device(str(device) if device else None)
     data = data if data is not None else load_dataset(scenario.dataset, scenario.data_root)
-    splits = sequential_splits(data, list(scenario.forget), scenario.seed, cache_dir)
+    splits = sequential_splits(data, list(scenario.forget), scenario.forget_seed, cache_dir)
     model, records = None, []
     for k, split in enumerate(splits):
         scen_data = ScenarioData.build(data, split, device)

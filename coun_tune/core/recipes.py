@@ -73,7 +73,14 @@ class Scenario:
     arch: str | None = None
     recipe: str | None = None
     data_root: str | None = None
+    # Draws the forget set when given (default: `seed`). Held-out forget sets for a transfer
+    # check vary it and keep `seed`, so the original (the deployed model) stays the same.
+    split_seed: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def forget_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def defaults(self) -> DatasetDefaults:
@@ -101,4 +108,5 @@ class Scenario:
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "forget": list(self.forget) if self.sequential else self.forget, "seed": self.seed, "arch": self.arch_name,
-                "recipe": self.recipe_name, "data_root": self.data_root}
+                "recipe": self.recipe_name, "data_root": self.data_root,
+                **({} if self.split_seed is None else {"split_seed": self.split_seed})}

@@ -33,33 +33,15 @@ def optuna_space(space: dict[str, Domain]) -> dict:
     return out
 
 
-def _no_repeat_nsga2(population_size: int, seed: int):
-    """NSGA-II that never proposes a config already tried. With a small population, crossover of
-    one elite with itself reproduces it (measured: 8 repeats in 20 seeded 8-trial searches of
-    digits_quick's space), and a repeat spends a trial on a known answer. A repeat is replaced
-    by NSGA-II's own fallback for a parameter it does not sample jointly: a random draw."""
-    import optuna
-
-    class NoRepeatNSGAII(optuna.samplers.NSGAIISampler):
-        def sample_relative(self, study, trial, search_space):
-            params = super().sample_relative(study, trial, search_space)
-            # compare on the jointly sampled keys only: the rest (an int domain, say) is drawn
-            # independently and repeats a small range by chance
-            if params and any(all(t.params.get(k) == v for k, v in params.items())
-                              for t in study.get_trials(deepcopy=False) if t.number != trial.number):
-                return {}
-            return params
-
-    return NoRepeatNSGAII(population_size=population_size, seed=seed)
-
-
 def make_sampler(spec: SearchSpec):
     import optuna
 
     if spec.sampler == "nsga2":
         # NSGA-II's first generation is random; a population of about half the budget lets a
         # small search see at least one generation of selection.
-        return _no_repeat_nsga2(max(2, min(50, spec.num_samples // 2)), spec.seed)
+        from coun_tune.search.samplers import NoRepeatNSGAII
+
+        return NoRepeatNSGAII(population_size=max(2, min(50, spec.num_samples // 2)), seed=spec.seed)
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True)
     if spec.sampler == "gp":
