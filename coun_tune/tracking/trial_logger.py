@@ -8,7 +8,6 @@ one. Metrics of one report go in one batched request.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -113,6 +112,3 @@ class MLflowTrialLogger(Callback):
         self.client.set_tag(run_id, "error", reason)
         self.client.set_terminated(run_id, status="FAILED")
 
-
-def summarize_config(config: dict) -> str:
-    return json.dumps(config, sort_keys=True)
