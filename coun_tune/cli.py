@@ -116,17 +116,28 @@ def check_device(device: str | None) -> None:
         raise UsageError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
 
 
-def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, download: bool = False,
-                threads: int | None = None, oracle_seeds: int = 1) -> dict:
+def write_outputs(out: Path, result: dict, model, cfg) -> None:
+    """metrics.json, model.pt (a plain state dict: load it with weights_only=True), config.yaml."""
     import torch
     import yaml
 
-    if threads:
-        torch.set_num_threads(threads)
-    from coun_tune.core.base_models import default_cache_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, download: bool = False,
+                threads: int | None = None, oracle_seeds: int = 1) -> dict:
+    import torch
+
+    from coun_tune.core.base_models import default_cache_dir, oracle_seed_spread
     from coun_tune.core.datasets import load_dataset
     from coun_tune.core.pipeline import prepare, unlearn
     from coun_tune.report import metrics_table
+
+    if threads:
+        torch.set_num_threads(threads)
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     data = load_dataset(cfg.scenario.dataset, cfg.scenario.data_root, download=download)
@@ -135,8 +146,6 @@ def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, downl
     prep = prepare(cfg.scenario, cache_dir, device, log=log, data=data)
     log(f"unlearning with {cfg.method} {json.dumps(cfg.hparams)}")
     model, metrics = unlearn(prep, cfg.method, cfg.hparams, batch_size=cfg.batch_size, seed=cfg.seed)
-    from coun_tune.core.base_models import oracle_seed_spread
-
     noise = oracle_seed_spread(prep.data, prep.split, cfg.scenario, prep.scen_data, cache_dir or default_cache_dir(),
                                prep.base.oracle_metrics, oracle_seeds, log)
     result = {
@@ -151,10 +160,7 @@ def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, downl
         "base_models_from_cache": prep.base.from_cache,
         "oracle_noise": noise,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_outputs(out, result, model, cfg)
     columns = {"original": prep.base.original_metrics, "oracle": prep.base.oracle_metrics, cfg.method: metrics}
     if noise:  # gaps of oracles retrained with other seeds: what a gap below this means
         columns[f"oracle seeds (n={oracle_seeds - 1})"] = {k[len("oracle_noise_"):]: v for k, v in noise.items()}
@@ -164,9 +170,6 @@ def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, downl
 
 
 def run_unlearn_sequential(cfg, out: Path, cache_dir, device, data, log) -> dict:
-    import torch
-    import yaml
-
     from coun_tune.core.pipeline import unlearn_sequential
     from coun_tune.report import MAIN_ROWS, table
 
@@ -174,10 +177,7 @@ def run_unlearn_sequential(cfg, out: Path, cache_dir, device, data, log) -> dict
                                         cache_dir, device, log, data)
     result = {"config": cfg.to_dict(), "requests": records, "unlearned": records[-1]["unlearned"],
               "original": records[-1]["original"], "oracle": records[-1]["oracle"]}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_outputs(out, result, model, cfg)
     rows = [r for r in MAIN_ROWS if r not in ("wall_seconds", "flops")]
     print(table(["request", "removed", *rows],
                 [[f"{r['request']}: {r['spec'].split(' then ')[-1]}", r["num_forget"], *[r["unlearned"].get(m) for m in rows]]

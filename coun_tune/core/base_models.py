@@ -23,8 +23,8 @@ import torch
 
 from coun_tune.core.batching import shuffled_batches
 from coun_tune.core.datasets import DatasetArrays
-from coun_tune.core.engine import ScenarioData
-from coun_tune.core.metrics import evaluate, gaps
+from coun_tune.core.engine import ScenarioData, evaluate_scenario
+from coun_tune.core.metrics import gaps
 from coun_tune.core.models import FeatureClassifier, build_model
 from coun_tune.core.recipes import Scenario, TrainRecipe
 from coun_tune.core.splits import Split
@@ -154,7 +154,7 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
         by_split = meta.setdefault("metrics_by_split", {})
         if split.split_hash not in by_split:
             model.eval()
-            m = evaluate(model, scen_data.retain, scen_data.forget, scen_data.test, scen_data.augmenter, scenario.seed)
+            m = evaluate_scenario(model, scen_data, scenario.seed)
             m["wall_seconds"] = meta.get("wall_seconds", 0.0)
             by_split[split.split_hash] = m
             tmp = entry / f"meta.json.{os.getpid()}.tmp"

@@ -75,6 +75,15 @@ class ScenarioData:
         )
 
 
+def evaluate_scenario(model: torch.nn.Module, scenario: ScenarioData, seed: int,
+                      oracle_metrics: dict[str, float] | None = None, with_mia: bool = True) -> dict[str, float]:
+    """A model's metrics on a scenario's splits, with its gaps to the oracle when given."""
+    metrics = evaluate(model, scenario.retain, scenario.forget, scenario.test, scenario.augmenter, seed, with_mia)
+    if oracle_metrics is not None:
+        metrics.update(gaps(metrics, oracle_metrics))
+    return metrics
+
+
 def resolve_hparams(method: str, given: dict[str, Any]) -> dict[str, Any]:
     """Defaults filled in and values checked; raises UsageError naming the bad one."""
     declared = method_hparams(method)
@@ -208,9 +217,7 @@ def run_unlearning(
 
         last = epoch + 1 == epochs
         with_mia = last or (mia_every > 0 and (epoch + 1) % mia_every == 0)
-        metrics = evaluate(model, scenario.retain, scenario.forget, scenario.test, scenario.augmenter, seed, with_mia)
-        if oracle_metrics is not None:
-            metrics.update(gaps(metrics, oracle_metrics))
+        metrics = evaluate_scenario(model, scenario, seed, oracle_metrics, with_mia)
         metrics["epoch"] = epoch + 1
         metrics["wall_seconds"] = wall
         metrics["flops"] = flops_after(epoch + 1)
@@ -222,8 +229,6 @@ def run_unlearning(
                         "method": method.state_dict(), "epoch": e, "wall_seconds": w}
             on_epoch(epoch + 1, metrics, make_checkpoint)
     if not metrics:  # resumed from the last epoch's checkpoint: nothing left to train
-        metrics = evaluate(model, scenario.retain, scenario.forget, scenario.test, scenario.augmenter, seed)
-        if oracle_metrics is not None:
-            metrics.update(gaps(metrics, oracle_metrics))
+        metrics = evaluate_scenario(model, scenario, seed, oracle_metrics)
         metrics.update(epoch=epochs, wall_seconds=wall, flops=flops_after(epochs))
     return metrics
