@@ -39,7 +39,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         spec = load_search_spec(args.spec)
         result = run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
-        return 130 if result.get("interrupted") else 0
+        return 130 if result.get("interrupted") else 1 if result.get("failed") else 0
     from coun_tune.tracking.mlflow_store import check_tracking_uri, client_for, find_parent_run
     from coun_tune.tracking.review import export_config, review_pareto
     from coun_tune.pareto import parse_pick

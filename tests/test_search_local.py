@@ -176,3 +176,22 @@ def test_transfer_reruns_the_front_on_held_out_forget_sets(search):
     for c in front:
         mean = client.get_run(c.info.run_id).data.metrics["transfer_forget_gap_mean"]
         assert mean == pytest.approx(next(r["forget_gap"] for r in table if r["run_id"] == c.info.run_id))
+
+
+def test_a_diverged_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path):
+    spec = SPEC.format(name="diverging", epochs=1, sampler="random", n=3, conc=2, root=tmp_path)
+    # lr 1e6 makes the loss non-finite within an epoch (DivergedError); seed 0 draws both values
+    spec = spec.replace("lr: {log: [0.01, 0.1]}", "lr: {choice: [0.05, 1000000.0]}")
+    (tmp_path / "spec.yaml").write_text(spec)
+    proc = cli(["search", "spec.yaml"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client, parents, children = runs_of(f"sqlite:///{tmp_path}/mlflow.db", "diverging")
+    assert len(children) == 3
+    failed = [c for c in children if c.info.status == "FAILED"]
+    done = [c for c in children if c.info.status == "FINISHED"]
+    assert failed and done, [(c.data.params["lr"], c.info.status) for c in children]
+    for c in failed:
+        assert float(c.data.params["lr"]) == 1e6
+        assert "DivergedError" in c.data.tags["error"] and "loss is" in c.data.tags["error"]
+    assert all(float(c.data.params["lr"]) == 0.05 for c in done)
+    assert {c.data.tags.get("pareto") for c in done} <= {"true", "false"} and "pareto" not in failed[0].data.tags

@@ -188,6 +188,12 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
         print(f"\nsearch interrupted after {grid.num_terminated} of {spec.num_samples} trials; continue it with:\n"
               f"  coun-tune search <spec> --resume", file=out)
         return {"parent_run_id": parent_id, "experiment_id": experiment_id, "interrupted": True}
+    if grid.num_terminated == 0:
+        client.set_tag(parent_id, "status", "failed")
+        client.set_terminated(parent_id, status="FAILED")
+        print(f"\nno trial completed ({grid.num_errors} failed; their reasons are the `error` tags of the "
+              f"child runs in MLflow experiment {spec.name!r})", file=out)
+        return {"parent_run_id": parent_id, "experiment_id": experiment_id, "failed": True}
     client.set_tag(parent_id, "status", "completed")
     client.log_metric(parent_id, "search_wall_seconds", time.time() - t0)
     review = review_pareto(client, parent_id, spec.objectives, out=out)
