@@ -117,7 +117,7 @@ def test_search_spreads_over_two_ray_nodes(two_node_cluster, tmp_path):
 
     # where each trial ran
     results = {}
-    for f in sorted((storage / name).glob("*/result.json")):
+    for f in sorted(storage.glob(f"{name}_*/*/result.json")):
         last = json.loads(f.read_text().strip().splitlines()[-1])
         results[last["trial_id"]] = last
     assert len(results) == NUM_SAMPLES, sorted(results)

@@ -3,6 +3,7 @@ OptunaSearch (multi-objective) -> MLflow child runs -> Pareto review -> exported
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -101,12 +102,18 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
 
     tracking_uri = tracking_uri or spec.tracking_uri
     storage = Path(spec.storage_path).resolve()
-    exp_dir = storage / spec.name
+    # Each run of a spec is a new search (a new Tune experiment dir and MLflow parent run, in the
+    # one experiment named by the spec); --resume continues the latest of them.
+    if resume:
+        states = sorted(storage.glob(f"{glob.escape(spec.name)}_*/{SEARCH_STATE}"))
+        if not states:
+            raise UsageError(f"--resume: no search named {spec.name!r} under {storage} to resume")
+        exp_dir = states[-1].parent
+    else:
+        exp_dir = storage / f"{spec.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        if exp_dir.exists():
+            raise UsageError(f"a search {exp_dir.name!r} was started this second under {storage}; try again")
     state_file = exp_dir / SEARCH_STATE
-    if resume and not state_file.is_file():
-        raise UsageError(f"--resume: no search named {spec.name!r} under {storage} to resume")
-    if not resume and exp_dir.exists():
-        raise UsageError(f"a search named {spec.name!r} already exists under {storage}; use --resume or change `name`")
     check_tracking_uri(tracking_uri, must_exist=resume)
     data = load_dataset(spec.scenario.dataset, spec.scenario.data_root)  # bad data dirs fail before any logging
     cache_dir = str(Path(spec.cache_dir).resolve() if spec.cache_dir else default_cache_dir())
@@ -148,7 +155,7 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
         parent_id = state["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
     else:
-        parent = client.create_run(experiment_id, run_name=f"search_{time.strftime('%Y%m%d-%H%M%S')}",
+        parent = client.create_run(experiment_id, run_name=exp_dir.name,
                                    tags={ROLE: "search", "coun_tune.method": spec.method,
                                          "coun_tune.objectives": json.dumps(spec.objectives)})
         parent_id = parent.info.run_id
@@ -176,7 +183,7 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent_trials),
-            run_config=tune.RunConfig(name=spec.name, storage_path=str(storage), callbacks=[logger],
+            run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(storage), callbacks=[logger],
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=1,
                                       # resume and the MLflow model artifact need only the latest
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
@@ -197,7 +204,7 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
     client.set_tag(parent_id, "status", "completed")
     client.log_metric(parent_id, "search_wall_seconds", time.time() - t0)
     review = review_pareto(client, parent_id, spec.objectives, out=out)
-    export_path = Path(spec.storage_path) / spec.name / "exported_knee.yaml"
+    export_path = Path(os.path.relpath(exp_dir / "exported_knee.yaml"))
     export_config(client, parent_id, "knee", export_path)
     client.set_terminated(parent_id, status="FINISHED")
     print(f"\nexported the knee config to {export_path}", file=out)
