@@ -10,12 +10,14 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from coun_tune.config.search_spec import Domain, SearchSpec
 from coun_tune.core.base_models import default_cache_dir
 from coun_tune.core.datasets import load_dataset
 from coun_tune.errors import UsageError
+from coun_tune.tracking.mlflow_store import check_tracking_uri
 
 SEARCH_STATE = "coun_tune_search.json"  # parent run id etc., beside Tune's experiment state
 
@@ -71,36 +73,17 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> str | None:
     return temp_dir
 
 
-def run_search(spec: SearchSpec, address: str | None = None, tracking_uri: str | None = None,
-               resume: bool = False, out=sys.stdout) -> dict:
-    """Run (or resume) a search. Returns {parent_run_id, experiment_id, review, export_path}."""
-    import ray
+@dataclass
+class _Plan:
+    """Everything decided before Ray starts (so a bad input fails with nothing started)."""
 
-    started = ray.is_initialized()
-    try:
-        return _run_search(spec, address, tracking_uri, resume, out)
-    finally:
-        if not started and ray.is_initialized():
-            temp_dir = _LOCAL_TEMP.pop("dir", None)
-            ray.shutdown()
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
+    exp_dir: Path
+    tracking_uri: str
+    data: object
+    cache_dir: str
 
 
-_LOCAL_TEMP: dict[str, str] = {}
-
-
-def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None, resume: bool, out) -> dict:
-    import ray
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    from coun_tune.search.trainable import ensure_base_models_task, unlearn_trial
-    from coun_tune.tracking.mlflow_store import ROLE, check_tracking_uri, client_for, ensure_experiment, log_params
-    from coun_tune.tracking.review import export_config, review_pareto
-    from coun_tune.tracking.trial_logger import MLflowTrialLogger
-
-    tracking_uri = tracking_uri or spec.tracking_uri
+def _plan(spec: SearchSpec, address: str | None, tracking_uri: str | None, resume: bool) -> _Plan:
     storage = Path(spec.storage_path).resolve()
     # Each run of a spec is a new search (a new Tune experiment dir and MLflow parent run, in the
     # one experiment named by the spec); --resume continues the latest of them.
@@ -113,29 +96,58 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
         exp_dir = storage / f"{spec.name}_{time.strftime('%Y%m%d-%H%M%S')}"
         if exp_dir.exists():
             raise UsageError(f"a search {exp_dir.name!r} was started this second under {storage}; try again")
-    state_file = exp_dir / SEARCH_STATE
+    tracking_uri = tracking_uri or spec.tracking_uri
     check_tracking_uri(tracking_uri, must_exist=resume)
-    data = load_dataset(spec.scenario.dataset, spec.scenario.data_root)  # bad data dirs fail before any logging
-    cache_dir = str(Path(spec.cache_dir).resolve() if spec.cache_dir else default_cache_dir())
-
-    # The SVC MIA (and so mia_*, avg_gap) may be computed only at the last epoch; Optuna reads
-    # only the last report, so Tune must not insist every report holds every objective.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # num_to_keep=1 forces a (cheap, small) experiment snapshot per checkpoint; Tune warns about
-    # every one of them on short trials, which buries the progress view.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address is None and spec.resources_per_trial["gpu"] > 0:
         import torch  # local Ray sees the GPUs torch sees; without one, trials would wait forever
 
         if spec.resources_per_trial["gpu"] > torch.cuda.device_count():
             raise UsageError(f"resources_per_trial asks for {spec.resources_per_trial['gpu']:g} GPU but local Ray sees "
                              f"{torch.cuda.device_count()}: set gpu: 0 here, or pass --address of a GPU cluster")
-    temp_dir = init_ray(address)
-    if temp_dir:
-        _LOCAL_TEMP["dir"] = temp_dir
+    data = load_dataset(spec.scenario.dataset, spec.scenario.data_root)  # bad data dirs fail here too
+    cache_dir = str(Path(spec.cache_dir).resolve() if spec.cache_dir else default_cache_dir())
+    return _Plan(exp_dir, tracking_uri, data, cache_dir)
+
+
+def run_search(spec: SearchSpec, address: str | None = None, tracking_uri: str | None = None,
+               resume: bool = False, out=sys.stdout) -> dict:
+    """Run (or resume) a search. Returns {parent_run_id, experiment_id, review, export_path},
+    or with `interrupted` / `failed` set when it did not finish."""
+    import ray
+
+    plan = _plan(spec, address, tracking_uri, resume)
+    # The SVC MIA (and so mia_*, avg_gap) may be computed only at the last epoch; Optuna reads
+    # only the last report, so Tune must not insist every report holds every objective.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # num_to_keep=1 forces a (cheap, small) experiment snapshot per checkpoint; Tune warns about
+    # every one of them on short trials, which buries the progress view.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started = ray.is_initialized()
+    temp_dir = None if started else init_ray(address)
+    try:
+        return _execute(spec, plan, resume, out)
+    finally:
+        if not started:
+            ray.shutdown()
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _execute(spec: SearchSpec, plan: _Plan, resume: bool, out) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from coun_tune.search.trainable import ensure_base_models_task, unlearn_trial
+    from coun_tune.tracking.mlflow_store import ROLE, client_for, ensure_experiment, log_params
+    from coun_tune.tracking.review import export_config, review_pareto
+    from coun_tune.tracking.trial_logger import MLflowTrialLogger
+
+    exp_dir, tracking_uri, cache_dir = plan.exp_dir, plan.tracking_uri, plan.cache_dir
+    state_file = exp_dir / SEARCH_STATE
     t0 = time.time()
     res = spec.resources_per_trial
-    data_ref = ray.put(data)
+    data_ref = ray.put(plan.data)
     try:
         base = ray.get(ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"])(ensure_base_models_task).remote(
             spec.scenario.to_dict(), cache_dir, data_ref, int(max(1, res["cpu"]))))
@@ -183,7 +195,7 @@ def _run_search(spec: SearchSpec, address: str | None, tracking_uri: str | None,
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent_trials),
-            run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(storage), callbacks=[logger],
+            run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent), callbacks=[logger],
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=1,
                                       # resume and the MLflow model artifact need only the latest
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
