@@ -44,6 +44,44 @@ def non_dominated_mask(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:
     return mask if n else np.zeros(0, dtype=bool)
 
 
+def non_dominated_ranks(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:
+    """(n,) int: 0 for the Pareto front, 1 for the front of what is left once it is removed,
+    and so on (NSGA-II's non-dominated sorting, by repeated peeling). Rows with NaN get -1:
+    they belong to no front. values: (n, m) raw metric values; modes: m of "min" | "max"."""
+    v = np.asarray(values, dtype=float).reshape(len(values), -1) if len(values) else np.zeros((0, len(modes)))
+    ranks = np.full(len(v), -1, dtype=int)
+    left = np.flatnonzero(~np.isnan(v).any(axis=1))
+    rank = 0
+    while len(left):
+        front = non_dominated_mask(v[left], modes)
+        ranks[left[front]] = rank
+        left = left[~front]
+        rank += 1
+    return ranks
+
+
+def crowding_distance(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:
+    """(n,) float: NSGA-II's crowding distance of each point within the given set (pass one
+    front): per objective, the gap between its two neighbours in sorted order divided by the
+    objective's range over the set, summed over objectives. The two extremes of any objective
+    get +inf (always kept). An interior point's value is at most m (each term is <= 1).
+    Direction does not matter (a distance), `modes` only fixes the column count and order.
+    An objective with zero range contributes 0."""
+    v = to_minimisation(values, modes) if len(values) else np.zeros((0, len(modes)))
+    n, m = v.shape
+    dist = np.zeros(n)
+    if n <= 2:
+        return np.full(n, np.inf)
+    for j in range(m):
+        order = np.argsort(v[:, j], kind="stable")
+        col = v[order, j]
+        span = col[-1] - col[0]
+        dist[order[0]] = dist[order[-1]] = np.inf
+        if span > 0:
+            dist[order[1:-1]] += (col[2:] - col[:-2]) / span
+    return dist
+
+
 def reference_point(metrics: Sequence[str], modes: Sequence[str], values: np.ndarray) -> np.ndarray:
     """A reference point in the minimised space that every sensible point dominates: the
     percent scale's worst end for percent metrics, else 1.1 x the worst value seen."""
@@ -75,6 +113,21 @@ def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
         if width > 0:
             volume += width * hypervolume(p[: i + 1, 1:], ref[1:])
     return float(volume)
+
+
+def ideal_point(metrics: Sequence[str], modes: Sequence[str], values: np.ndarray) -> np.ndarray:
+    """The best corner in the minimised space: the percent scale's best end for percent
+    metrics (0 for a gap, -100 for an accuracy to maximise), else the best value seen."""
+    v = to_minimisation(values, modes)
+    return np.array([(0.0 if mode == "min" else -100.0) if m in PERCENT_METRICS
+                     else (np.nanmin(v[:, j]) if len(v) else 0.0) for j, (m, mode) in enumerate(zip(metrics, modes))])
+
+
+def normalised_hypervolume(points: np.ndarray, ref: np.ndarray, ideal: np.ndarray) -> float:
+    """Hypervolume as a fraction of the box between `ideal` and `ref` (0..1; 1 = the ideal
+    point itself was reached). Comparable across searches of one scenario's objectives."""
+    box = float(np.prod(np.asarray(ref, dtype=float) - np.asarray(ideal, dtype=float)))
+    return hypervolume(points, ref) / box if box > 0 else 0.0
 
 
 def knee_index(values: np.ndarray, modes: Sequence[str]) -> int:

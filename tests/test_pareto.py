@@ -90,3 +90,32 @@ def test_best_of_a_metric_without_direction_is_refused():
     rows = [{"forget_gap": 0.0, "retain_acc": 80.0, "forget_acc": 90.0}]
     with pytest.raises(UsageError, match="no better direction"):
         pareto.pick_index(rows, {"forget_gap": "min", "retain_acc": "max"}, "best:forget_acc")
+
+
+def test_non_dominated_ranks_hand_computed():
+    # front {0, 1, 3}; [3, 94] is dominated only by [2, 95] -> rank 1; [4, 70] by [3, 94] too -> rank 2
+    v = np.array([[1.0, 90.0], [2.0, 95.0], [3.0, 94.0], [0.5, 80.0], [4.0, 70.0], [np.nan, 99.0]])
+    assert pareto.non_dominated_ranks(v, MODES).tolist() == [0, 0, 1, 0, 2, -1]
+    # the same points with retain_acc to minimise instead: the order of the fronts turns round
+    assert pareto.non_dominated_ranks(v[:5], ["min", "min"]).tolist() == [1, 2, 2, 0, 0]
+
+
+def test_crowding_distance_hand_computed():
+    # a front given out of order: (1, 90), (6, 100), (0, 80), (3, 95); ranges 6 and 20
+    # (1, 90): (3 - 0) / 6 + (95 - 80) / 20 = 0.5 + 0.75;  (3, 95): (6 - 1) / 6 + (100 - 90) / 20
+    v = np.array([[1.0, 90.0], [6.0, 100.0], [0.0, 80.0], [3.0, 95.0]])
+    d = pareto.crowding_distance(v, MODES)
+    assert d[0] == pytest.approx(1.25) and d[3] == pytest.approx(5 / 6 + 0.5)
+    assert np.isinf(d[1]) and np.isinf(d[2])
+    assert np.isinf(pareto.crowding_distance(v[:2], MODES)).all()
+
+
+def test_normalised_hypervolume_hand_computed():
+    # 2-D, 3 points: (forget_gap, retain_acc) = (1, 90), (2, 95), (0.5, 80); reference (100, 0) in the
+    # minimised space, ideal (0, -100): HV = 0.5*80 + 1*90 + 98*95 = 9440 of a 100 x 100 box
+    v = np.array([[1, 90], [2, 95], [0.5, 80]], dtype=float)
+    names = ["forget_gap", "retain_acc"]
+    ref = pareto.reference_point(names, MODES, v)
+    ideal = pareto.ideal_point(names, MODES, v)
+    assert ref.tolist() == [100.0, 0.0] and ideal.tolist() == [0.0, -100.0]
+    assert pareto.normalised_hypervolume(pareto.to_minimisation(v, MODES), ref, ideal) == pytest.approx(0.944)
