@@ -26,7 +26,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 import torch
@@ -154,6 +154,7 @@ def run_unlearning(
     on_epoch: Callable[[int, dict[str, float], Callable[[], dict]], None] | None = None,
     resume: dict | None = None,
     mia_every: int = 0,
+    mia_epochs: Collection[int] = (),
 ) -> dict[str, float]:
     """Unlearn in place: `model` starts as theta_o (or from `resume`) and ends as theta_u.
 
@@ -161,6 +162,7 @@ def run_unlearning(
     on_epoch(epoch, metrics, make_checkpoint) is called after every epoch (1-based);
     make_checkpoint() returns a dict of tensors/ints that `resume=` accepts.
     mia_every: compute the (costly) SVC MIA every k epochs; 0 = only after the last epoch.
+    mia_epochs: epochs (1-based) that compute it too (a search's early-stopping rungs).
     Returns the final epoch's metrics (with gaps if oracle_metrics is given).
     """
     hp = resolve_hparams(method_name, hparams)
@@ -216,7 +218,7 @@ def run_unlearning(
         wall += time.perf_counter() - t0  # training time only: evaluation is not unlearning cost
 
         last = epoch + 1 == epochs
-        with_mia = last or (mia_every > 0 and (epoch + 1) % mia_every == 0)
+        with_mia = last or (mia_every > 0 and (epoch + 1) % mia_every == 0) or epoch + 1 in mia_epochs
         metrics = evaluate_scenario(model, scenario, seed, oracle_metrics, with_mia)
         metrics["epoch"] = epoch + 1
         metrics["wall_seconds"] = wall
