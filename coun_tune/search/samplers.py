@@ -1,8 +1,12 @@
-"""Optuna samplers of our own (module level, so Tune can pickle the searcher that holds them)."""
+"""Optuna samplers and the Tune searcher of our own (module level, so Tune can pickle them)."""
 
 from __future__ import annotations
 
 import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from coun_tune.tracking.trial_logger import pruned_at_epoch
 
 
 class NoRepeatNSGAII(optuna.samplers.NSGAIISampler):
@@ -21,3 +25,24 @@ class NoRepeatNSGAII(optuna.samplers.NSGAIISampler):
                           for t in study.get_trials(deepcopy=False) if t.number != trial.number):
             return {}
         return params
+
+
+class PruningOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about early-stopped trials.
+
+    Ray's OptunaSearch tells every trial that ended without error as COMPLETE with its last
+    values; a trial the scheduler stopped at a rung would then teach the sampler a truncated
+    result as if it were final. Here such a trial (its last result short of its planned
+    epochs, see `pruned_at_epoch`) is told as PRUNED, without values (Optuna keeps values for
+    COMPLETE trials only); the epoch and the values at the rung go into its user attrs."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        epoch = None if error or not result else pruned_at_epoch(result)
+        if epoch is None or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr("pruned_at_epoch", epoch)
+        names = self.metric if isinstance(self.metric, list) else [self.metric]
+        ot_trial.set_user_attr("values_at_pruning", {m: result.get(m) for m in names})
+        self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)

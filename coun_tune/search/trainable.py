@@ -18,8 +18,10 @@ import yaml
 from ray import tune
 
 from coun_tune.core.datasets import DatasetArrays
+from coun_tune.core.engine import resolve_hparams
 from coun_tune.core.pipeline import prepare, unlearn
 from coun_tune.core.recipes import Scenario
+from coun_tune.tracking.trial_logger import EPOCHS_PLANNED
 
 STATE_FILE = "state.pt"
 
@@ -35,7 +37,9 @@ def trial_config(run_info: dict, hparams: dict[str, Any]) -> dict:
 
 def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
     """config: the sampled hyperparameters. run_info: scenario, method, fixed hyperparameters,
-    batch size, unlearning seed, cache dir, MIA cadence and this trial's CPU share."""
+    batch size, unlearning seed, cache dir, MIA cadence (mia_every, and mia_epochs: the early-
+    stopping rungs when an objective needs the MIA) and this trial's CPU share.
+    Every report carries `epochs_planned`, so a result short of it marks an early stop."""
     torch.set_num_threads(max(1, int(run_info.get("cpus", 1))))
     scenario = Scenario(**run_info["scenario"])
     prep = prepare(scenario, run_info["cache_dir"], log=lambda s: None, data=data, train_missing=False)
@@ -46,6 +50,7 @@ def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
         with checkpoint.as_directory() as d:
             resume = torch.load(Path(d) / STATE_FILE, map_location=prep.scen_data.retain.x.device, weights_only=True)
     exported = trial_config(run_info, {k: (v.item() if hasattr(v, "item") else v) for k, v in hparams.items()})
+    planned = int(resolve_hparams(run_info["method"], hparams)["epochs"])
 
     def on_epoch(epoch: int, metrics: dict, make_checkpoint) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -54,10 +59,11 @@ def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
             torch.save({k: v.detach().cpu() for k, v in state["model"].items()}, Path(d) / "model.pt")
             (Path(d) / "config.yaml").write_text(yaml.safe_dump(exported, sort_keys=False))
             (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**metrics, EPOCHS_PLANNED: planned}, checkpoint=tune.Checkpoint.from_directory(d))
 
     unlearn(prep, run_info["method"], hparams, batch_size=run_info.get("batch_size"), seed=run_info["seed"],
-            on_epoch=on_epoch, resume=resume, mia_every=run_info.get("mia_every", 0))
+            on_epoch=on_epoch, resume=resume, mia_every=run_info.get("mia_every", 0),
+            mia_epochs=run_info.get("mia_epochs", ()))
 
 
 def ensure_base_models_task(scenario: dict, cache_dir: str, data: DatasetArrays, cpus: int) -> dict:

@@ -20,6 +20,18 @@ from coun_tune.tracking.mlflow_store import PARENT, ROLE, TRIAL_ID, client_for, 
 
 # What a trial reports that is worth a metric series in MLflow (Ray adds bookkeeping keys).
 METRIC_KEYS = tuple(METRICS) + tuple(d for d in DIAGNOSTICS if d != "epoch")
+# Every report also carries the trial's planned number of epochs, so anyone holding its last
+# result (the searcher, this logger) can tell a trial stopped early by the scheduler.
+EPOCHS_PLANNED = "epochs_planned"
+
+
+def pruned_at_epoch(result: dict) -> int | None:
+    """The epoch a trial was stopped at, if its last result falls short of its planned epochs
+    (only a scheduler stops a trial early without an error); None for a trial that ran its budget."""
+    epoch, planned = result.get("epoch"), result.get(EPOCHS_PLANNED)
+    if epoch is None or planned is None or int(epoch) >= int(planned):
+        return None
+    return int(epoch)
 
 
 class MLflowTrialLogger(Callback):
@@ -89,6 +101,13 @@ class MLflowTrialLogger(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.runs.get(trial.trial_id)
         if run_id is None:
+            return
+        epoch = pruned_at_epoch(trial.last_result or {})
+        if epoch is not None:  # stopped at a rung: not a result to review or export
+            self.client.log_metric(run_id, "pruned_at_epoch", epoch, step=epoch)
+            self.client.set_tag(run_id, "status", "pruned")
+            self.client.set_tag(run_id, "pruned_at_epoch", str(epoch))
+            self.client.set_terminated(run_id, status="KILLED")
             return
         ckpt = trial.checkpoint
         if ckpt is not None:
