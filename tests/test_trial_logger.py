@@ -118,10 +118,17 @@ def test_an_orphaned_run_of_a_dead_driver_is_adopted_not_duplicated(search):
     assert history(client, stranger) == []
 
 
-def test_a_pruned_trial_ends_killed_with_its_epoch(search):
+def test_a_pruned_trial_ends_killed_with_its_epoch(search, tmp_path):
+    from ray.tune import Checkpoint
+
+    from coun_tune.tracking.review import trial_rows
+
     uri, client, exp, parent = search
     logger = MLflowTrialLogger(uri, exp, parent, {"method": "coun"})
     pruned, full = fake_trial("p", planned=9), fake_trial("f", planned=3)
+    (tmp_path / "config.yaml").write_text("method: coun\n")
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    pruned.checkpoint = Checkpoint.from_directory(str(tmp_path))
     for t, epochs, planned in ((pruned, [1, 2, 3], 9), (full, [1, 2, 3], 3)):
         logger.on_trial_start(0, [t], t)
         feed(logger, t, epochs, planned)
@@ -131,9 +138,15 @@ def test_a_pruned_trial_ends_killed_with_its_epoch(search):
     assert p.info.status == "KILLED"
     assert p.data.metrics["pruned_at_epoch"] == 3 and p.data.tags["pruned_at_epoch"] == "3"
     assert p.data.tags["status"] == "pruned"
+    # its config (to re-run at full budget), not its truncated model
+    assert [a.path for a in client.list_artifacts(p.info.run_id, "model")] == ["model/config.yaml"]
     f = client.get_run(logger.runs["f"])
     assert f.info.status == "FINISHED" and "pruned_at_epoch" not in f.data.metrics
     assert f.data.tags["status"] == "completed"
+    # the review and export read only what ran its budget, unless asked
+    parent_run = client.get_run(parent)
+    assert [r["trial_id"] for r in trial_rows(client, parent_run)] == ["f"]
+    assert [r["trial_id"] for r in trial_rows(client, parent_run, include_pruned=True)] == ["f", "p"]
 
 
 def test_a_failed_trial_ends_failed_with_its_reason(search, tmp_path):

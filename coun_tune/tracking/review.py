@@ -33,11 +33,14 @@ def objectives_of(parent) -> dict[str, str]:
     return json.loads(raw) if raw else {"forget_gap": "min", "retain_acc": "max"}
 
 
-def trial_rows(client, parent) -> list[dict]:
-    """One dict per completed child run: run_id, trial_id, params (the config) and final metrics."""
+def trial_rows(client, parent, include_pruned: bool = False) -> list[dict]:
+    """One dict per completed child run: run_id, trial_id, params (the config) and final metrics.
+    Trials the early-stopping scheduler pruned (KILLED, `pruned_at_epoch`) hold truncated
+    metrics: left out unless include_pruned."""
     rows = []
     for run in child_runs(client, parent):
-        if run.info.status != "FINISHED":
+        pruned = run.info.status == "KILLED" and "pruned_at_epoch" in run.data.metrics
+        if run.info.status != "FINISHED" and not (include_pruned and pruned):
             continue
         rows.append({"run_id": run.info.run_id, "trial_id": run.data.tags.get(TRIAL_ID, ""),
                      **{f"param.{k}": v for k, v in run.data.params.items()}, **run.data.metrics})
@@ -81,14 +84,15 @@ def _html(svg: str, headers: list[str], rows: list[list], title: str) -> str:
             f"<body><h2>{html.escape(title)}</h2>{svg[svg.find('<svg'):]}<table><tr>{head}</tr>{body}</table></body></html>")
 
 
-def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None = None, out=sys.stdout) -> dict:
+def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None = None, out=sys.stdout,
+                  include_pruned: bool = False) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     parent = client.get_run(parent_run_id)
     objectives = objectives or objectives_of(parent)
     names, modes = list(objectives), list(objectives.values())
-    rows = [r for r in trial_rows(client, parent) if all(k in r for k in names)]
+    rows = [r for r in trial_rows(client, parent, include_pruned) if all(k in r for k in names)]
     if not rows:
         raise UsageError(f"search {parent_run_id} has no completed trial with {', '.join(names)}")
     values = np.array([[r[k] for k in names] for r in rows], dtype=float)
@@ -129,12 +133,12 @@ def _short(v):
         return v
 
 
-def export_config(client, parent_run_id: str, pick: str, output: str | Path) -> Path:
+def export_config(client, parent_run_id: str, pick: str, output: str | Path, include_pruned: bool = False) -> Path:
     """Write the picked trial's unlearn config (its `model/config.yaml` artifact) to `output`,
     with a header naming the search, the trial and its metrics."""
     parent = client.get_run(parent_run_id)
     objectives = objectives_of(parent)
-    rows = [r for r in trial_rows(client, parent) if all(k in r for k in objectives)]
+    rows = [r for r in trial_rows(client, parent, include_pruned) if all(k in r for k in objectives)]
     if not rows:
         raise UsageError(f"search {parent_run_id} has no completed trial to export")
     row = rows[pareto.pick_index(rows, objectives, pick)]

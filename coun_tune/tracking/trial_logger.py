@@ -103,8 +103,13 @@ class MLflowTrialLogger(Callback):
         if run_id is None:
             return
         epoch = pruned_at_epoch(trial.last_result or {})
-        if epoch is not None:  # stopped at a rung: not a result to review or export
+        if epoch is not None:  # stopped at a rung: not a result to review or export by default
             self.client.log_metric(run_id, "pruned_at_epoch", epoch, step=epoch)
+            if trial.checkpoint is not None:  # its config, to re-run at full budget if the user asks
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = Path(trial.checkpoint.to_directory(tmp)) / "config.yaml"
+                    if local.is_file():
+                        self.client.log_artifact(run_id, str(local), artifact_path="model")
             self.client.set_tag(run_id, "status", "pruned")
             self.client.set_tag(run_id, "pruned_at_epoch", str(epoch))
             self.client.set_terminated(run_id, status="KILLED")
