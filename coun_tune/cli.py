@@ -4,6 +4,7 @@
   coun-tune search   SPEC.yaml [--address A] [--tracking-uri URI] [--resume]
   coun-tune pareto   EXPERIMENT_OR_RUN_ID [--tracking-uri URI]
   coun-tune export   EXPERIMENT_OR_RUN_ID --pick knee|best:METRIC|METRIC>=X --output FILE
+  coun-tune transfer EXPERIMENT_OR_RUN_ID [--split-seeds 1,2,3]
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from coun_tune.cli_checks import check_device, check_output_dir
 from coun_tune.errors import UsageError
+
+__all__ = ["main", "build_parser", "check_device", "check_output_dir"]
 
 
 def _all_hparams() -> dict:
@@ -53,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         u.add_argument("--" + name.replace("_", "-"), dest="hp_" + name, type=int if h.kind == "int" else float,
                        help=f"{h.help} (default {h.default})")
     u.add_argument("--output", default="out", help="output directory (default: out)")
+    u.add_argument("--overwrite", action="store_true", help="write into --output even if it holds files")
     u.add_argument("--cache-dir", help="base-model cache (default: $COUN_TUNE_CACHE or ~/.cache/coun-tune)")
     u.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     u.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
@@ -78,7 +83,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         overrides["forget"] = args.forget[0]
     cfg = build_unlearn_config(doc, overrides)
     out = Path(args.output)
-    check_output_dir(out)
+    check_output_dir(out, args.overwrite)
     check_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
@@ -86,34 +91,6 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         raise UsageError(f"--oracle-seeds must be >= 1, got {args.oracle_seeds}")
     run_unlearn(cfg, out, args.cache_dir, args.device, args.download, args.threads, args.oracle_seeds)
     return 0
-
-
-def check_output_dir(out: Path) -> None:
-    """Fail before any work if the results could not be written."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {str(out)!r} exists and is not a directory")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output {str(out)!r} is not writable")
-
-
-def check_device(device: str | None) -> None:
-    if device is None:
-        return
-    import torch
-
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise UsageError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if d.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
 
 
 def write_outputs(out: Path, result: dict, model, cfg) -> None:
@@ -199,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"coun-tune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside Tune's loop (which handles its own)
+        print("coun-tune: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -33,19 +33,23 @@ def add_commands(sub) -> None:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    from coun_tune.config.search_spec import check_tracking_uri_form
+
     if args.command == "search":
         from coun_tune.config.search_spec import load_search_spec
         from coun_tune.search.runner import run_search
 
         spec = load_search_spec(args.spec)
-        result = run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
-        return 130 if result.get("interrupted") else 1 if result.get("failed") else 0
+        if args.tracking_uri is not None:
+            check_tracking_uri_form(args.tracking_uri, "--tracking-uri")
+        outcome = run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
+        return outcome.exit_code
+    from coun_tune.errors import UsageError
+    from coun_tune.pareto import parse_pick
     from coun_tune.tracking.mlflow_store import check_tracking_uri, client_for, find_parent_run
     from coun_tune.tracking.review import export_config, review_pareto
-    from coun_tune.pareto import parse_pick
 
-    from coun_tune.errors import UsageError
-
+    check_tracking_uri_form(args.tracking_uri, "--tracking-uri")
     check_tracking_uri(args.tracking_uri, must_exist=True)
     if args.command == "transfer":
         try:
@@ -54,7 +58,7 @@ def dispatch(args: argparse.Namespace) -> int:
             raise UsageError(f"--split-seeds must be comma-separated integers, got {args.split_seeds!r}") from None
         if not seeds or min(seeds) < 0:
             raise UsageError("--split-seeds needs at least one non-negative integer")
-        from coun_tune.cli import check_device
+        from coun_tune.cli_checks import check_device
 
         check_device(args.device)
     if args.command == "export":

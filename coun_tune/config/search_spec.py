@@ -16,9 +16,11 @@ is validated here, before Ray starts: one line naming the problem, exit code 2, 
     max_concurrent_trials: 2
     resources_per_trial: {cpu: 1, gpu: 0}   # fractional GPUs allowed, e.g. 0.25
     seed: 0                               # sampler seed
-    storage_path: ./coun_tune_results     # Ray Tune's experiment storage (shared on a cluster)
+    storage_path: ./coun_tune_results     # Tune's experiments: a path (NFS on a cluster) or s3://bucket/prefix
+    storage_endpoint: null                # S3-compatible server, e.g. http://10.0.0.5:9000 (else $AWS_ENDPOINT_URL)
     tracking_uri: sqlite:///mlflow.db     # MLflow; an http://host:port server works the same
-    cache_dir: null                       # base-model cache (default $COUN_TUNE_CACHE or ~/.cache/coun-tune)
+    cache_dir: null                       # base-model cache, path or s3:// (default $COUN_TUNE_CACHE or ~/.cache/coun-tune)
+    scheduler: null                       # or {type: mo_asha, grace_epochs: 1, reduction_factor: 3}
     batch_size: null                      # default: the dataset's
     mia_every: 0                          # SVC MIA cadence in epochs; 0 = final epoch only
 """
@@ -42,7 +44,9 @@ DOMAIN_KINDS = ("log", "uniform", "int", "choice")
 LOGGED_METRICS = tuple(METRICS)
 KEYS = {"name", "scenario", "method", "objectives", "space", "sampler", "num_samples", "max_concurrent_trials",
         "resources_per_trial", "seed", "storage_path", "tracking_uri", "cache_dir", "batch_size", "mia_every",
-        "description"}
+        "description", "storage_endpoint", "scheduler"}
+SCHEDULERS = {"mo_asha": {"grace_epochs": 1, "reduction_factor": 2}}  # type -> {key: lowest allowed}
+TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")
 
 
 @dataclass
@@ -76,6 +80,8 @@ class SearchSpec:
     cache_dir: str | None = None
     batch_size: int | None = None
     mia_every: int = 0
+    storage_endpoint: str | None = None
+    scheduler: dict | None = None  # {type: mo_asha, grace_epochs: int, reduction_factor: int}
     source: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -117,6 +123,51 @@ def _domain(name: str, value: Any, kind_of: str) -> Domain | Any:
     return Domain(kind, low, high)
 
 
+def check_tracking_uri_form(uri: Any, where: str = "tracking_uri") -> str:
+    """The same rule for the spec's tracking_uri and every --tracking-uri flag."""
+    if not isinstance(uri, str) or not uri.startswith(TRACKING_SCHEMES):
+        raise UsageError(f"{where} {uri!r}: use sqlite:///FILE or an MLflow server URL (http://host:port)")
+    return uri
+
+
+def _storage_uri(value: Any, key: str) -> str:
+    text = str(value)
+    if "://" in text and not text.startswith("s3://"):
+        raise UsageError(f"{key} {text!r}: use a path (NFS on a cluster) or s3://bucket/prefix")
+    if text.startswith("s3://") and not text[5:].split("/", 1)[0]:
+        raise UsageError(f"{key} {text!r}: an s3:// URI needs a bucket (s3://bucket/prefix)")
+    return text
+
+
+def _endpoint(value: Any) -> str | None:
+    if value is None:
+        return None
+    from urllib.parse import urlparse
+
+    u = urlparse(str(value))
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise UsageError(f"storage_endpoint {value!r}: use http://host:port or https://host")
+    return str(value)
+
+
+def _scheduler(value: Any) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in SCHEDULERS:
+        raise UsageError(f"scheduler must be {{type: {' | '.join(SCHEDULERS)}, ...}}, got {value!r}")
+    lows = SCHEDULERS[value["type"]]
+    extra = sorted(set(value) - {"type", *lows})
+    if extra:
+        raise UsageError(f"unknown key {extra[0]!r} in scheduler; allowed: type, {', '.join(lows)}")
+    out = {"type": value["type"]}
+    for k, low in lows.items():
+        v = value.get(k, low)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise UsageError(f"scheduler.{k} must be an integer >= {low}, got {v!r}")
+        out[k] = v
+    return out
+
+
 def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     extra = sorted(set(doc) - KEYS)
     if extra:
@@ -154,6 +205,11 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     # each domain's ends (or choices) now, not in trials after Ray and MLflow have started.
     from coun_tune.core.engine import resolve_hparams
 
+    for hp, v in fixed.items():  # a bad fixed value is named by its own key
+        try:
+            resolve_hparams(method, {hp: v})
+        except UsageError as e:
+            raise UsageError(f"space.{hp}: {e}") from None
     for hp, d in space.items():
         for v in d.choices if d.kind == "choice" else (d.low, d.high):
             try:
@@ -178,16 +234,14 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     batch_size = doc.get("batch_size")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 2):
         raise UsageError(f"batch_size must be an integer >= 2, got {batch_size!r}")
-    storage_path = str(doc.get("storage_path", "./coun_tune_results"))
-    if "://" in storage_path:
-        raise UsageError(f"storage_path {storage_path!r}: use a path (on a cluster, a shared filesystem mounted on every node)")
-    tracking_uri = str(doc.get("tracking_uri", "sqlite:///mlflow.db"))
-    if not tracking_uri.startswith(("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")):
-        raise UsageError(f"tracking_uri {tracking_uri!r}: use sqlite:///FILE or an MLflow server URL (http://host:port)")
+    storage_path = _storage_uri(doc.get("storage_path", "./coun_tune_results"), "storage_path")
+    cache_dir = None if doc.get("cache_dir") is None else _storage_uri(doc["cache_dir"], "cache_dir")
+    tracking_uri = check_tracking_uri_form(str(doc.get("tracking_uri", "sqlite:///mlflow.db")))
     return SearchSpec(name=name.strip(), scenario=scenario, method=method, objectives=dict(objectives),
                       space=space, fixed=fixed, sampler=sampler, resources_per_trial={"cpu": cpu, "gpu": gpu},
-                      storage_path=storage_path, tracking_uri=tracking_uri,
-                      cache_dir=doc.get("cache_dir"), batch_size=batch_size, source=dict(doc), **ints)
+                      storage_path=storage_path, tracking_uri=tracking_uri, cache_dir=cache_dir,
+                      batch_size=batch_size, storage_endpoint=_endpoint(doc.get("storage_endpoint")),
+                      scheduler=_scheduler(doc.get("scheduler")), source=dict(doc), **ints)
 
 
 def load_search_spec(path: str | Path) -> SearchSpec:

@@ -49,12 +49,39 @@ class UnlearnConfig:
         return out
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key, line: int):
+        super().__init__(f"key {key!r} appears twice (line {line})")
+        self.key, self.line = key, line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (plain YAML keeps the last one
+    silently: an objective or a domain listed twice would be merged without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges; a key written here may override a merged one
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping)
+
+
 def read_yaml(path: str | Path, what: str = "config") -> dict:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{what} file {str(p)!r} does not exist")
     try:
-        doc = yaml.safe_load(p.read_text())
+        doc = yaml.load(p.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except DuplicateKeyError as e:
+        raise UsageError(f"{what} file {str(p)!r}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -1,26 +1,72 @@
-"""`coun-tune search SPEC`: validate -> Ray -> base models (Ray task) -> Tuner with
-OptunaSearch (multi-objective) -> MLflow child runs -> Pareto review -> exported config."""
+"""`coun-tune search SPEC`, as named steps:
+
+    make_plan          validate everything, claim the search directory      (plan.py; no Ray yet)
+    RaySession         local Ray of our own, or a cluster; cleaned up after  (ray_session.py)
+    train_base_models  original + oracle in the cache, by a Ray task
+    open_parent_run    the MLflow parent run and the search state
+    build_tuner        Tuner (OptunaSearch, multi-objective) or Tuner.restore on --resume
+    fit_trials         run; read from the trials' ends whether the search finished
+    conclude           interrupted -> resumable; failed; finished -> Pareto review + export
+
+Every step takes the plan and returns what the next needs; the result is an `Outcome`.
+"""
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from coun_tune.config.search_spec import Domain, SearchSpec
-from coun_tune.core.base_models import default_cache_dir
-from coun_tune.core.datasets import load_dataset
+from coun_tune.core import storage
 from coun_tune.errors import UsageError
-from coun_tune.tracking.mlflow_store import check_tracking_uri
+from coun_tune.search.plan import SearchPlan, SearchState, make_plan
 
-SEARCH_STATE = "coun_tune_search.json"  # parent run id etc., beside Tune's experiment state
+FINISHED, INTERRUPTED, FAILED, ALREADY_FINISHED = "finished", "interrupted", "failed", "already_finished"
+EXPORT_NAME = "exported_knee.yaml"
 
+
+@dataclass
+class RunInfo:
+    """What every trial needs besides its sampled config (passed to the trainable as a dict)."""
+
+    scenario: dict
+    method: str
+    fixed: dict
+    batch_size: int | None
+    seed: int
+    cache_dir: str
+    mia_every: int
+    cpus: float
+
+    @classmethod
+    def of(cls, plan: SearchPlan) -> "RunInfo":
+        s = plan.spec
+        return cls(scenario=s.scenario.to_dict(), method=s.method, fixed=dict(s.fixed), batch_size=s.batch_size,
+                   seed=s.scenario.seed, cache_dir=plan.cache_dir, mia_every=s.mia_every,
+                   cpus=s.resources_per_trial["cpu"])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Outcome:
+    status: str  # finished | interrupted | failed | already_finished
+    parent_run_id: str
+    experiment_id: str
+    review: dict | None = None
+    export_path: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return {INTERRUPTED: 130, FAILED: 1}.get(self.status, 0)
+
+
+# --- Optuna / Tune configuration (one place to change the searcher or add a scheduler) --------
 
 def optuna_space(space: dict[str, Domain]) -> dict:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -52,105 +98,69 @@ def make_sampler(spec: SearchSpec):
     return optuna.samplers.RandomSampler(seed=spec.seed)
 
 
-def run_info_for(spec: SearchSpec, cache_dir: str) -> dict:
-    return {"scenario": {k: v for k, v in spec.scenario.to_dict().items()}, "method": spec.method,
-            "fixed": dict(spec.fixed), "batch_size": spec.batch_size, "seed": spec.scenario.seed,
-            "cache_dir": cache_dir, "mia_every": spec.mia_every, "cpus": spec.resources_per_trial["cpu"]}
+def make_searcher(spec: SearchSpec):
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(space=optuna_space(spec.space), metric=list(spec.objectives),
+                        mode=list(spec.objectives.values()), sampler=make_sampler(spec), seed=spec.seed)
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> str | None:
-    """Connect to a cluster, or start local Ray in a temp dir of our own (the default /tmp/ray
-    is shared by every Ray user of the machine). Returns the temp dir to remove afterwards."""
-    import ray
+def tune_config(spec: SearchSpec, searcher):
+    from ray import tune
 
-    if ray.is_initialized():
-        return None
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return None
-    temp_dir = tempfile.mkdtemp(prefix="ctune-ray-")  # short: Ray's socket paths must fit 107 bytes
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
-    return temp_dir
+    return tune.TuneConfig(search_alg=searcher, num_samples=spec.num_samples,
+                           max_concurrent_trials=spec.max_concurrent_trials)
 
 
-@dataclass
-class _Plan:
-    """Everything decided before Ray starts (so a bad input fails with nothing started)."""
-
-    exp_dir: Path
-    tracking_uri: str
-    data: object
-    cache_dir: str
-
-
-def _plan(spec: SearchSpec, address: str | None, tracking_uri: str | None, resume: bool) -> _Plan:
-    storage = Path(spec.storage_path).resolve()
-    # Each run of a spec is a new search (a new Tune experiment dir and MLflow parent run, in the
-    # one experiment named by the spec); --resume continues the latest of them.
-    if resume:
-        states = sorted(storage.glob(f"{glob.escape(spec.name)}_*/{SEARCH_STATE}"))
-        if not states:
-            raise UsageError(f"--resume: no search named {spec.name!r} under {storage} to resume")
-        exp_dir = states[-1].parent
-    else:
-        exp_dir = storage / f"{spec.name}_{time.strftime('%Y%m%d-%H%M%S')}"
-        if exp_dir.exists():
-            raise UsageError(f"a search {exp_dir.name!r} was started this second under {storage}; try again")
-    tracking_uri = tracking_uri or spec.tracking_uri
-    check_tracking_uri(tracking_uri, must_exist=resume)
-    if address is None and spec.resources_per_trial["gpu"] > 0:
-        import torch  # local Ray sees the GPUs torch sees; without one, trials would wait forever
-
-        if spec.resources_per_trial["gpu"] > torch.cuda.device_count():
-            raise UsageError(f"resources_per_trial asks for {spec.resources_per_trial['gpu']:g} GPU but local Ray sees "
-                             f"{torch.cuda.device_count()}: set gpu: 0 here, or pass --address of a GPU cluster")
-    data = load_dataset(spec.scenario.dataset, spec.scenario.data_root)  # bad data dirs fail here too
-    cache_dir = str(Path(spec.cache_dir).resolve() if spec.cache_dir else default_cache_dir())
-    return _Plan(exp_dir, tracking_uri, data, cache_dir)
-
+# --- the steps --------------------------------------------------------------------------------
 
 def run_search(spec: SearchSpec, address: str | None = None, tracking_uri: str | None = None,
-               resume: bool = False, out=sys.stdout) -> dict:
-    """Run (or resume) a search. Returns {parent_run_id, experiment_id, review, export_path},
-    or with `interrupted` / `failed` set when it did not finish."""
-    import ray
+               resume: bool = False, out=sys.stdout) -> Outcome:
+    """Run (or resume) a search; see the module docstring for the steps."""
+    from coun_tune.search.ray_session import RaySession
 
-    plan = _plan(spec, address, tracking_uri, resume)
+    plan = make_plan(spec, address, tracking_uri, resume)
+    if plan.state is not None and plan.state.status == FINISHED:
+        print(f"search {plan.name} already finished (MLflow parent run {plan.state.parent_run_id}); "
+              "nothing to resume. Run the spec without --resume to start a new search.", file=out)
+        return Outcome(ALREADY_FINISHED, plan.state.parent_run_id, plan.state.experiment_id)
     # The SVC MIA (and so mia_*, avg_gap) may be computed only at the last epoch; Optuna reads
     # only the last report, so Tune must not insist every report holds every objective.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # num_to_keep=1 forces a (cheap, small) experiment snapshot per checkpoint; Tune warns about
     # every one of them on short trials, which buries the progress view.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started = ray.is_initialized()
-    temp_dir = None if started else init_ray(address)
+    # Tune's classic output engine at verbose=0 prints nothing; the new one still prints a
+    # config box and paths into the (removed) Ray temp dir. TrialProgress is the view.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    state_written = resume
     try:
-        return _execute(spec, plan, resume, out)
+        with RaySession(address, log=lambda s: print(s, file=out, flush=True)):
+            import ray
+
+            data_ref = ray.put(plan.data)
+            base = train_base_models(plan, data_ref, out)
+            client, state = open_parent_run(plan, base)
+            state_written = True
+            tuner = build_tuner(plan, state, data_ref)
+            status, rows, wall = fit_trials(plan, tuner)
+            return conclude(plan, client, state, status, rows, wall, out)
     finally:
-        if not started:
-            ray.shutdown()
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
+        if not state_written:  # nothing was started for this search: leave no empty directory
+            storage.remove_tree(plan.exp_uri)
 
 
-def _execute(spec: SearchSpec, plan: _Plan, resume: bool, out) -> dict:
+def train_base_models(plan: SearchPlan, data_ref, out) -> dict:
+    """The original and the oracle, trained once into the cache by a Ray task (on a cluster: on
+    a node with the trial's resources) unless the cache has them."""
     import ray
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
-    from coun_tune.search.trainable import ensure_base_models_task, unlearn_trial
-    from coun_tune.tracking.mlflow_store import ROLE, client_for, ensure_experiment, log_params
-    from coun_tune.tracking.review import export_config, review_pareto
-    from coun_tune.tracking.trial_logger import MLflowTrialLogger
+    from coun_tune.search.trainable import ensure_base_models_task
 
-    exp_dir, tracking_uri, cache_dir = plan.exp_dir, plan.tracking_uri, plan.cache_dir
-    state_file = exp_dir / SEARCH_STATE
-    t0 = time.time()
-    res = spec.resources_per_trial
-    data_ref = ray.put(plan.data)
+    res = plan.spec.resources_per_trial
     try:
         base = ray.get(ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"])(ensure_base_models_task).remote(
-            spec.scenario.to_dict(), cache_dir, data_ref, int(max(1, res["cpu"]))))
+            plan.spec.scenario.to_dict(), plan.cache_dir, data_ref, int(max(1, res["cpu"]))))
     except ray.exceptions.RayTaskError as e:  # a bad input found on the worker: its one line, not a traceback
         if isinstance(e.cause, UsageError):
             raise e.cause from None
@@ -159,69 +169,141 @@ def _execute(spec: SearchSpec, plan: _Plan, resume: bool, out) -> dict:
         how = "from the cache" if base["from_cache"][role] else "trained now (Ray task)"
         print(f"{role}: {how}; retain_acc {base[role]['retain_acc']:.2f}, forget_acc {base[role]['forget_acc']:.2f}, "
               f"test_acc {base[role]['test_acc']:.2f}", file=out)
+    return base
 
-    client = client_for(tracking_uri)
-    experiment_id = ensure_experiment(client, tracking_uri, spec.name)
-    if resume:
-        state = json.loads(state_file.read_text())
-        parent_id = state["parent_run_id"]
-        client.update_run(parent_id, status="RUNNING")
-    else:
-        parent = client.create_run(experiment_id, run_name=exp_dir.name,
-                                   tags={ROLE: "search", "coun_tune.method": spec.method,
-                                         "coun_tune.objectives": json.dumps(spec.objectives)})
-        parent_id = parent.info.run_id
-        log_params(client, parent_id, {"sampler": spec.sampler, "num_samples": spec.num_samples,
-                                       "max_concurrent_trials": spec.max_concurrent_trials,
-                                       "method": spec.method, **{f"scenario.{k}": v for k, v in spec.scenario.to_dict().items()},
-                                       "split_hash": base["split_hash"]})
-        client.log_dict(parent_id, spec.to_dict(), "spec.yaml")
-        client.log_dict(parent_id, {"original": base["original"], "oracle": base["oracle"]}, "base_models.json")
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"parent_run_id": parent_id, "experiment_id": experiment_id,
-                                          "tracking_uri": tracking_uri}))
 
-    run_info = run_info_for(spec, cache_dir)
-    trainable = tune.with_resources(tune.with_parameters(unlearn_trial, data=data_ref, run_info=run_info),
-                                    {"cpu": res["cpu"], "gpu": res["gpu"]})
-    if resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+def open_parent_run(plan: SearchPlan, base: dict):
+    """The MLflow parent run: created (with the spec and base-model metrics) for a new search,
+    reopened on --resume. Returns (client, search state), the state saved beside Tune's."""
+    import json
+
+    from coun_tune.tracking.mlflow_store import ROLE, client_for, ensure_experiment, ensure_store, log_params
+
+    spec = plan.spec
+    ensure_store(plan.tracking_uri)
+    client = client_for(plan.tracking_uri)
+    if plan.state is not None:
+        state = plan.state
+        client.update_run(state.parent_run_id, status="RUNNING")
+        client.set_tag(state.parent_run_id, "status", "running")
     else:
-        searcher = OptunaSearch(space=optuna_space(spec.space), metric=list(spec.objectives),
-                                mode=list(spec.objectives.values()), sampler=make_sampler(spec), seed=spec.seed)
-        logger = MLflowTrialLogger(tracking_uri, experiment_id, parent_id,
-                                   {"method": spec.method, **spec.fixed})
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=spec.num_samples,
-                                        max_concurrent_trials=spec.max_concurrent_trials),
-            run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent), callbacks=[logger],
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1,
-                                      # resume and the MLflow model artifact need only the latest
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
-        )
-    grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < spec.num_samples:
-        # Tune caught SIGINT/SIGTERM and saved its state: leave the parent run open for --resume
+        experiment_id = ensure_experiment(client, plan.tracking_uri, spec.name)
+        parent = client.create_run(experiment_id, run_name=plan.name,
+                                   tags={ROLE: "search", "coun_tune.method": spec.method, "status": "running",
+                                         "coun_tune.objectives": json.dumps(spec.objectives),
+                                         "coun_tune.search_dir": plan.exp_uri})
+        log_params(client, parent.info.run_id, {
+            "sampler": spec.sampler, "num_samples": spec.num_samples, "method": spec.method,
+            "max_concurrent_trials": spec.max_concurrent_trials, "split_hash": base["split_hash"],
+            **{f"scenario.{k}": v for k, v in spec.scenario.to_dict().items()}})
+        client.log_dict(parent.info.run_id, spec.to_dict(), "spec.yaml")
+        client.log_dict(parent.info.run_id, {"original": base["original"], "oracle": base["oracle"]},
+                        "base_models.json")
+        state = SearchState(parent.info.run_id, experiment_id, plan.tracking_uri, plan.spec_hash)
+    state.status = "running"
+    state.save(plan.exp_uri)
+    return client, state
+
+
+def _tune_storage(exp_uri: str):
+    """(storage_filesystem or None, the experiment's path inside it). Local paths go to Tune
+    as plain paths (as they always did); s3:// through pyarrow's S3 filesystem."""
+    fs, path = storage.filesystem(exp_uri)
+    return (fs if storage.is_remote(exp_uri) else None), path
+
+
+def build_tuner(plan: SearchPlan, state: SearchState, data_ref):
+    from ray import tune
+
+    from coun_tune.core.engine import resolve_hparams
+    from coun_tune.search.progress import TrialProgress
+    from coun_tune.search.trainable import unlearn_trial
+    from coun_tune.tracking.trial_logger import MLflowTrialLogger
+
+    spec, res = plan.spec, plan.spec.resources_per_trial
+    trainable = tune.with_resources(
+        tune.with_parameters(unlearn_trial, data=data_ref, run_info=RunInfo.of(plan).to_dict()),
+        {"cpu": res["cpu"], "gpu": res["gpu"]})
+    fs, path = _tune_storage(plan.exp_uri)
+    if plan.resume:  # callbacks (and their saved state) come back with the experiment
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs)
+    logger = MLflowTrialLogger(plan.tracking_uri, state.experiment_id, state.parent_run_id,
+                               {"method": spec.method, **spec.fixed})
+    epochs = None if "epochs" in spec.space else resolve_hparams(spec.method, dict(spec.fixed))["epochs"]
+    progress = TrialProgress(plan.name, list(spec.objectives), list(spec.space), spec.num_samples, epochs)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune_config(spec, make_searcher(spec)),
+        run_config=tune.RunConfig(
+            name=plan.name, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs,
+            callbacks=[logger, progress], failure_config=tune.FailureConfig(max_failures=1),
+            verbose=0,  # our TrialProgress prints one line per trial event instead
+            # resume and the MLflow model artifact need only the latest
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+
+
+def fit_trials(plan: SearchPlan, tuner) -> tuple[str, dict, float]:
+    """Run the trials. Returns (finished | interrupted | failed, trial rows, wall seconds).
+
+    Interrupted is read from how each trial ended, not from counts: on Ctrl-C Tune saves its
+    state, then marks the trials it stops TERMINATED like finished ones, so a Ctrl-C after the
+    sampler created its last trial looked like a finished search."""
+    from coun_tune.search.progress import COMPLETED, FAILED as TRIAL_FAILED, trial_rows
+
+    t0 = time.time()
+    tuner.fit()
+    rows = trial_rows(plan.name)
+    ends = [r["status"] for r in rows.values()]
+    if len(ends) < plan.spec.num_samples or any(e not in (COMPLETED, TRIAL_FAILED) for e in ends):
+        return INTERRUPTED, rows, time.time() - t0
+    return (FINISHED if COMPLETED in ends else FAILED), rows, time.time() - t0
+
+
+def conclude(plan: SearchPlan, client, state: SearchState, status: str, rows: dict, wall: float, out) -> Outcome:
+    from coun_tune.search.progress import summary
+    from coun_tune.tracking.mlflow_store import child_runs
+    from coun_tune.tracking.review import export_config, review_pareto
+
+    spec, parent_id = plan.spec, state.parent_run_id
+    print("\n" + summary(rows, list(spec.objectives), list(spec.space), spec.num_samples, wall), file=out)
+    outcome = Outcome(status, parent_id, state.experiment_id)
+    if status == INTERRUPTED:
+        # Tune saved its state: leave the search resumable; no run claims to be running
+        for run in child_runs(client, client.get_run(parent_id)):
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, "status", "interrupted")
+                client.set_terminated(run.info.run_id, status="KILLED")
         client.set_tag(parent_id, "status", "interrupted")
-        print(f"\nsearch interrupted after {grid.num_terminated} of {spec.num_samples} trials; continue it with:\n"
-              f"  coun-tune search <spec> --resume", file=out)
-        return {"parent_run_id": parent_id, "experiment_id": experiment_id, "interrupted": True}
-    if grid.num_terminated == 0:
+        client.set_terminated(parent_id, status="KILLED")
+        state.status = INTERRUPTED
+        state.save(plan.exp_uri)
+        print("\nsearch interrupted; continue it with:\n  coun-tune search <spec> --resume", file=out)
+        return outcome
+    if status == FAILED:
         client.set_tag(parent_id, "status", "failed")
         client.set_terminated(parent_id, status="FAILED")
-        print(f"\nno trial completed ({grid.num_errors} failed; their reasons are the `error` tags of the "
-              f"child runs in MLflow experiment {spec.name!r})", file=out)
-        return {"parent_run_id": parent_id, "experiment_id": experiment_id, "failed": True}
+        state.status = FAILED
+        state.save(plan.exp_uri)
+        print(f"\nno trial completed (their reasons are the `error` tags of the child runs in MLflow "
+              f"experiment {spec.name!r})", file=out)
+        return outcome
     client.set_tag(parent_id, "status", "completed")
-    client.log_metric(parent_id, "search_wall_seconds", time.time() - t0)
-    review = review_pareto(client, parent_id, spec.objectives, out=out)
-    export_path = Path(os.path.relpath(exp_dir / "exported_knee.yaml"))
-    export_config(client, parent_id, "knee", export_path)
+    client.log_metric(parent_id, "search_wall_seconds", wall)
+    outcome.review = review_pareto(client, parent_id, spec.objectives, out=out)
+    export_uri = storage.join(plan.exp_uri, EXPORT_NAME)
+    with tempfile.TemporaryDirectory() as d:
+        export_config(client, parent_id, "knee", Path(d) / EXPORT_NAME)
+        storage.write_bytes(export_uri, (Path(d) / EXPORT_NAME).read_bytes())
+    outcome.export_path = export_uri if storage.is_remote(export_uri) else os.path.relpath(export_uri)
     client.set_terminated(parent_id, status="FINISHED")
-    print(f"\nexported the knee config to {export_path}", file=out)
-    print(f"  apply it: coun-tune unlearn --config {export_path} --output out/", file=out)
-    ui = f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000" \
-        if tracking_uri.startswith("sqlite") else f"open {tracking_uri}"
+    state.status = FINISHED
+    state.save(plan.exp_uri)
+    print(f"\nexported the knee config to {outcome.export_path}", file=out)
+    if not storage.is_remote(export_uri):
+        print(f"  apply it: coun-tune unlearn --config {outcome.export_path} --output out/", file=out)
+    ui = f"mlflow ui --backend-store-uri {plan.tracking_uri} --host 127.0.0.1 --port 5000" \
+        if plan.tracking_uri.startswith("sqlite") else f"open {plan.tracking_uri}"
     print(f"review in MLflow: {ui}  (experiment {spec.name!r}, parent run {parent_id})", file=out)
-    return {"parent_run_id": parent_id, "experiment_id": experiment_id, "review": review, "export_path": str(export_path)}
+    return outcome

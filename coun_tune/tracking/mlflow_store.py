@@ -52,6 +52,24 @@ def check_tracking_uri(tracking_uri: str, must_exist: bool) -> None:
             raise UsageError(f"MLflow server {tracking_uri} does not answer ({getattr(e, 'reason', e)})") from None
 
 
+def ensure_store(tracking_uri: str) -> None:
+    """Create a fresh SQLite store's tables once, under an exclusive file lock beside the
+    database: two searches starting at once on a new store would both try to create them, and
+    one fails with `table ... already exists`. Servers create their own store."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return
+    import fcntl
+
+    lock = db.parent / f".{db.name}.lock"
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            client_for(tracking_uri).search_experiments(max_results=1)  # creates (or migrates) the tables
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def artifact_root_for(tracking_uri: str, name: str) -> str | None:
     """With a SQLite store, artifacts go beside the database file (absolute), not to ./mlruns
     of whichever process happens to create the experiment. A server decides for itself."""

@@ -39,6 +39,10 @@ def transfer_check(client, parent_run_id: str, split_seeds: list[int], cache_dir
     objectives = objectives_of(parent)
     names = list(objectives)
     rows = [r for r in trial_rows(client, parent) if all(k in r for k in names)]
+    if not rows:
+        from coun_tune.errors import UsageError
+
+        raise UsageError(f"search {parent_run_id} has no completed trial to re-run on held-out forget sets")
     values = np.array([[r[k] for k in names] for r in rows], dtype=float)
     front = [rows[i] for i in np.flatnonzero(pareto.non_dominated_mask(values, list(objectives.values())))]
     records, datasets = [], {}

@@ -1,0 +1,215 @@
+"""The Ray this run of coun-tune uses: connect to a cluster, or start a local Ray of our own,
+and leave nothing behind, even when the driver is killed.
+
+Local Ray gets a temp dir of its own (the default /tmp/ray is shared by every Ray user of the
+machine). Right after it starts, a run record is written to `<runs dir>/<driver pid>.json`:
+the driver's PID and start time, the temp dir, and the PID + start time of every Ray process
+whose command line names that temp dir. A clean exit removes Ray, the temp dir and the record.
+A SIGKILLed driver cannot; the next `coun-tune search` (or --resume) finds records whose driver
+is dead and stops what they name (PIDs only if the start time still matches, so a reused PID is
+never hit; plus any process still naming the record's unique temp dir), then removes the temp
+dir and the record. A live driver's record is left alone.
+
+The runs dir is local to the machine (PIDs are): $COUN_TUNE_CACHE/runs, else
+~/.cache/coun-tune/runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from coun_tune.errors import UsageError
+
+CONNECT_TIMEOUT_S = 45  # whole ray.init(address=...) (Ray itself retries for ever)
+
+
+def runs_dir() -> Path:
+    root = os.environ.get("COUN_TUNE_CACHE") or str(Path.home() / ".cache" / "coun-tune")
+    if "://" in root:  # a remote cache holds no PIDs: those are per machine
+        root = str(Path.home() / ".cache" / "coun-tune")
+    return Path(root) / "runs"
+
+
+# --- processes ------------------------------------------------------------------------------
+
+def start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot, /proc/PID/stat field 22); None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def pids_naming(fragment: str) -> list[int]:
+    """Live processes (not this one) whose command line contains `fragment`."""
+    out = []
+    for e in os.listdir("/proc"):
+        if e.isdigit() and int(e) != os.getpid() and fragment in _cmdline(int(e)) and start_time(int(e)):
+            out.append(int(e))
+    return sorted(out)
+
+
+def _stop(procs: list[tuple[int, int]], grace: float = 5.0) -> None:
+    """SIGTERM (pid, start time) pairs that still match, wait, SIGKILL the rest."""
+    def live():
+        return [p for p, t in procs if start_time(p) == t]
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in live():
+            try:
+                os.kill(p, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while live() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+# --- run records ----------------------------------------------------------------------------
+
+def write_record(temp_dir: str) -> Path:
+    pid = os.getpid()
+    procs = [(p, start_time(p)) for p in pids_naming(temp_dir)]
+    record = {"driver_pid": pid, "driver_start": start_time(pid), "temp_dir": temp_dir,
+              "processes": [[p, t] for p, t in procs if t is not None]}
+    path = runs_dir() / f"{pid}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+    return path
+
+
+def clean_dead_runs(log=lambda s: None) -> list[dict]:
+    """Stop and remove what earlier coun-tune runs whose driver is dead left behind. Returns
+    the records cleaned."""
+    cleaned = []
+    d = runs_dir()
+    for path in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            rec = json.loads(path.read_text())
+            pid, started, temp_dir = int(rec["driver_pid"]), rec["driver_start"], str(rec["temp_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours to judge; a half-written record has a .tmp name anyway
+        if start_time(pid) == started and started is not None:
+            continue  # that run is alive
+        procs = [(int(p), int(t)) for p, t in rec.get("processes", [])]
+        if temp_dir.startswith(tempfile.gettempdir()) and Path(temp_dir).name.startswith("ctune-ray-"):
+            # also anything Ray started later (workers, agents): they name the unique temp dir
+            procs += [(p, start_time(p)) for p in pids_naming(temp_dir)]
+            _stop([(p, t) for p, t in procs if t is not None])
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        else:
+            _stop(procs)
+        path.unlink(missing_ok=True)
+        log(f"cleaned up after an earlier coun-tune run (driver {pid}, gone): "
+            f"{len(procs)} Ray process(es), {temp_dir}")
+        cleaned.append(rec)
+    return cleaned
+
+
+# --- connecting -----------------------------------------------------------------------------
+
+def check_address(address: str) -> None:
+    """A cluster address must answer before Ray is asked to connect: Ray retries for ever."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address!r}: use host:port (e.g. 127.0.0.1:6379) or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10):
+            pass
+    except OSError as e:
+        raise UsageError(f"--address {address}: nothing answers there ({e.strerror or e}); "
+                         "is the Ray head running?") from None
+
+
+def _with_timeout(fn, timeout: float, what: str):
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise UsageError(f"{what}: no answer within {timeout:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def env_vars_for_workers() -> dict[str, str]:
+    """What trials on every node must see as the driver does (an S3-compatible endpoint)."""
+    return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if os.environ.get(k)}
+
+
+class RaySession:
+    """`with RaySession(address, num_cpus) as s:` Ray is up inside; torn down (if we started it)
+    after, with its temp dir and run record."""
+
+    def __init__(self, address: str | None, num_cpus: int | None = None, log=lambda s: None):
+        self.address, self.num_cpus, self.log = address, num_cpus, log
+        self.temp_dir: str | None = None
+        self.record: Path | None = None
+        self.started = False
+
+    def __enter__(self) -> "RaySession":
+        import ray
+
+        if ray.is_initialized():
+            return self
+        clean_dead_runs(self.log)
+        runtime_env = {"env_vars": env_vars_for_workers()} if env_vars_for_workers() else None
+        if self.address:
+            _with_timeout(lambda: ray.init(address=self.address, log_to_driver=False, runtime_env=runtime_env),
+                          CONNECT_TIMEOUT_S, f"--address {self.address}")
+            self.started = True
+            return self
+        # short: Ray's socket paths must fit 107 bytes
+        self.temp_dir = tempfile.mkdtemp(prefix="ctune-ray-")
+        self.started = True
+        try:
+            ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     _temp_dir=self.temp_dir, runtime_env=runtime_env,
+                     # the dashboard (off) and Ray Client would bind here; GCS/raylet ports do not
+                     # honour it in Ray 2.60 (they listen on all interfaces, token-authenticated)
+                     _node_ip_address="127.0.0.1")
+        finally:
+            self.record = write_record(self.temp_dir)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        if not self.started:
+            return
+        ray.shutdown()
+        if self.temp_dir:
+            leftovers = [(p, start_time(p)) for p in pids_naming(self.temp_dir)]
+            _stop([(p, t) for p, t in leftovers if t is not None])
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self.record:
+            self.record.unlink(missing_ok=True)
