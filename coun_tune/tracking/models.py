@@ -1,0 +1,256 @@
+"""MLflow models of coun-tune's unlearned networks: logging, registering, loading back.
+
+A trial's (or an applied request's) final network is logged as an MLflow PyTorch model named
+`model` on its run (MLflow 3 "logged model": it shows in the run's and the experiment's Models
+tab and can be registered). Beside the flavor's own files the model directory holds
+
+    model.pt         plain state dict: torch.load(..., weights_only=True), never a pickle of code
+    config.yaml      the `coun-tune unlearn --config` document that made it (hparams resolved)
+    model_info.json  arch, dataset, num_classes, image_shape (C, H, W), method, hparams
+    metrics.json     its final metrics (when known)
+
+so `load_model_uri` rebuilds the network from data alone. The flavor is saved in the pt2
+format (torch.export: serving needs torch only) with a pickle fallback when export fails;
+requirements are pinned explicitly (inferring them costs seconds per model).
+
+Everything goes through an explicit `MlflowClient`: a Ray driver, a test and a CLI command
+may each point at their own store, so the global tracking URI of fluent mlflow is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from coun_tune.errors import UsageError
+
+MODEL_NAME = "model"  # the logged model's name within its run: runs:/RUN_ID/model
+FILES = ("model.pt", "config.yaml", "model_info.json", "metrics.json")
+# Flavor formats tried in turn. pt2 (torch.export) serves with torch alone but costs 2-20 s per
+# model on a CPU driver (the first export of a process imports the compiler stack); pickle
+# costs ~0.2 s and needs coun-tune importable where it is served. Trials log with the first.
+SERIALIZATIONS = tuple(os.environ.get("COUN_TUNE_MODEL_FORMAT", "pickle,pt2").split(","))
+
+
+def _requirements(serialization: str) -> list[str]:
+    import torch
+
+    import coun_tune
+
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+    if serialization == "pickle":  # a pickled module references coun_tune's classes by import path
+        reqs.append(f"coun-tune=={coun_tune.__version__}")
+    return reqs
+
+
+def model_info(config: dict, state: dict) -> dict:
+    """arch, dataset, num_classes, image_shape of a coun-tune architecture's state dict, read
+    from the state dict itself (classifier rows, the in_channels that fit) and core's registries
+    (image size per dataset or per fixed-size architecture)."""
+    from coun_tune.core.datasets import IMAGE_SIZES
+    from coun_tune.core.engine import resolve_hparams
+    from coun_tune.core.models import ARCH_INPUT_SIZE, build_model
+
+    scenario = config.get("scenario", {})
+    arch, dataset = scenario.get("arch"), scenario.get("dataset")
+    num_classes = int(state["fc.weight"].shape[0])
+    size = ARCH_INPUT_SIZE.get(arch) or IMAGE_SIZES.get(dataset)
+    channels = None
+    for c in (1, 3, 4, 2):  # the channel count whose freshly built model has exactly these shapes
+        ref = build_model(arch, c, num_classes).state_dict()
+        if ref.keys() == state.keys() and all(ref[k].shape == state[k].shape for k in ref):
+            channels = c
+            break
+    if channels is None or size is None:
+        raise UsageError(f"cannot tell the input shape of a {arch} model on dataset {dataset!r}")
+    return {"arch": arch, "dataset": dataset, "num_classes": num_classes, "image_shape": [channels, size, size],
+            "method": config.get("method"), "hparams": resolve_hparams(config["method"], config.get("hparams", {}))}
+
+
+def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dict | None = None,
+              step: int = 0) -> str:
+    """Log `model` (an eval-able torch module on any device) as the run's MLflow PyTorch model.
+    info: model_info(...) (image_shape gives the signature: float32 (N, C, H, W), the
+    dataset's normalisation applied; output (N, num_classes) logits). Returns the model id."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model, infer_signature
+
+    run = client.get_run(run_id)
+    params = {k: str(v) for k, v in info.get("hparams", {}).items()}
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                        params=params, model_type="pytorch",
+                                        tags={"coun_tune.arch": str(info["arch"]), "coun_tune.method": str(info["method"])})
+    model = model.to("cpu").eval()
+    # a batch of 2, not 1: torch.export specialises a dimension whose example size is 1
+    example = np.random.default_rng(0).standard_normal((2, *info["image_shape"])).astype(np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, out)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MODEL_NAME
+        for fmt in SERIALIZATIONS:
+            mlflow_model = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
+                                 model_id=logged.model_id,
+                                 metadata={"input": "float32 (N, C, H, W), uint8 / 255 normalised as config.yaml's dataset",
+                                           "output": "(N, num_classes) logits", "serialization": fmt})
+            try:
+                mlflow.pytorch.save_model(model, str(path), mlflow_model=mlflow_model, signature=signature,
+                                          input_example=example, pip_requirements=_requirements(fmt),
+                                          serialization_format=fmt)
+                break
+            except Exception:  # torch.export cannot trace every module; pickle always works
+                shutil.rmtree(path, ignore_errors=True)
+                if fmt == "pickle":
+                    raise
+        torch.save(state, path / "model.pt")
+        (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (path / "model_info.json").write_text(json.dumps(info, indent=2))
+        if metrics is not None:
+            (path / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        client.log_model_artifacts(logged.model_id, str(path))
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return logged.model_id
+
+
+def log_model_from_files(client, run_id: str, directory: Path, step: int = 0) -> str:
+    """Log the MLflow model of a trial from its checkpoint files (model.pt, config.yaml and, if
+    there, metrics.json): the network is rebuilt from the state dict, no pickle involved."""
+    import torch
+
+    from coun_tune.core.models import build_model
+
+    directory = Path(directory)
+    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    info = model_info(config, state)
+    config = {**config, "hparams": info["hparams"]}  # every hyperparameter, defaults included
+    model = build_model(info["arch"], info["image_shape"][0], info["num_classes"])
+    model.load_state_dict(state)
+    metrics = json.loads((directory / "metrics.json").read_text()) if (directory / "metrics.json").is_file() else None
+    return log_model(client, run_id, model, config, info, metrics, step)
+
+
+def logged_model_of(client, run_id: str):
+    """The run's `model` logged model (the latest READY one), or None."""
+    from mlflow.entities import LoggedModelStatus
+
+    run = client.get_run(run_id)
+    found, token = [], None
+    while True:
+        page = client.search_logged_models([run.info.experiment_id], filter_string=f"name = '{MODEL_NAME}'",
+                                           page_token=token)
+        found += [m for m in page if m.source_run_id == run_id and m.status == LoggedModelStatus.READY]
+        token = page.token
+        if not token:
+            break
+    return max(found, key=lambda m: m.creation_timestamp) if found else None
+
+
+def register_model(client, run_id: str, name: str, alias: str) -> str:
+    """Register the run's MLflow model under `name` (created if new) and point `alias` at it.
+    Registering the same logged model again reuses its version. Returns the version's URI,
+    `models:/NAME/VERSION` (immutable; `models:/NAME@ALIAS` follows the alias)."""
+    from mlflow.exceptions import MlflowException
+
+    logged = logged_model_of(client, run_id)
+    if logged is None:
+        raise UsageError(f"run {run_id} has no MLflow model to register (was it logged by an older coun-tune?)")
+    try:
+        client.create_registered_model(name, description="Unlearned models exported by coun-tune.")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    same = [v for v in client.search_model_versions(f"name = '{name}'") if getattr(v, "model_id", None) == logged.model_id]
+    # source: the storage location itself. A `models:/ID` source makes MLflow's SQL registry look
+    # the model up through the process-global tracking URI, not this client's (an MLflow TODO).
+    version = same[0] if same else client.create_model_version(
+        name, source=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+        tags={"coun_tune.run_id": run_id})
+    client.set_registered_model_alias(name, alias, str(version.version))
+    return f"models:/{name}/{version.version}"
+
+
+def _artifact_location(client, uri: str) -> str:
+    """The storage location of a model URI's files, resolved through this client (MLflow's own
+    `models:/` resolution reads the process-global tracking/registry URI instead)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if uri.startswith("runs:/"):
+            run_id, _, path = uri[len("runs:/"):].partition("/")
+            logged = logged_model_of(client, run_id) if path.strip("/") in ("", MODEL_NAME) else None
+            # a run without a logged model: its plain `model/` artifacts (older coun-tune)
+            return logged.artifact_location if logged else client.get_run(run_id).info.artifact_uri + "/" + path.strip("/")
+        rest = uri[len("models:/"):].strip("/")
+        if rest.startswith("m-") and "/" not in rest and "@" not in rest:
+            return client.get_logged_model(rest).artifact_location
+        if "@" in rest:
+            version = client.get_model_version_by_alias(*rest.split("@", 1))
+        elif "/" in rest:
+            version = client.get_model_version(*rest.rsplit("/", 1))
+        else:
+            raise UsageError(f"model URI {uri!r}: give a version or an alias, models:/NAME/VERSION or models:/NAME@ALIAS")
+        model_id = getattr(version, "model_id", None)
+        return client.get_logged_model(model_id).artifact_location if model_id else version.source
+    except MlflowException as e:
+        raise UsageError(f"model URI {uri!r} not found: {str(e).splitlines()[0][:200]}") from None
+
+
+def _download(location: str, tracking_uri: str, name: str, dst: str) -> Path | None:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        return Path(get_artifact_repository(location, tracking_uri=tracking_uri).download_artifacts(name, dst))
+    except Exception:  # absent file: the caller says what is missing
+        return None
+
+
+def load_model_uri(uri: str, tracking_uri: str) -> tuple[dict, dict]:
+    """(state dict, config) of the model at `models:/NAME@ALIAS`, `models:/NAME/VERSION`,
+    `models:/MODEL_ID` or `runs:/RUN_ID/model`. The state dict is read with
+    torch.load(weights_only=True) on the CPU; the config is the model's config.yaml with
+    model_info.json's keys on top: arch, dataset, num_classes, image_shape, method, hparams."""
+    import torch
+
+    if not uri.startswith(("models:/", "runs:/")) or uri.rstrip("/") in ("models:", "runs:"):
+        raise UsageError(f"model URI {uri!r}: use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")
+    from coun_tune.tracking.mlflow_store import client_for
+
+    location = _artifact_location(client_for(tracking_uri), uri)
+    with tempfile.TemporaryDirectory() as d:
+        weights, config_file, info_file = (_download(location, tracking_uri, f, d)
+                                           for f in ("model.pt", "config.yaml", "model_info.json"))
+        if weights is None or config_file is None:
+            raise UsageError(f"model URI {uri!r} has no model.pt/config.yaml (not a coun-tune model)")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"model URI {uri!r}: model.pt is not a readable state dict ({type(e).__name__})") from None
+        config = yaml.safe_load(config_file.read_text()) or {}
+        info = json.loads(info_file.read_text()) if info_file is not None else model_info(config, state)
+    if not isinstance(state, dict):
+        raise UsageError(f"model URI {uri!r}: model.pt holds a {type(state).__name__}, not a state dict")
+    return state, {**config, **info}
+
+
+def model_uri_details(client, uri: str) -> dict[str, Any]:
+    """Where a registered model URI points: name, version, run id, model id (for provenance)."""
+    rest = uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        v = client.get_model_version_by_alias(name, alias)
+    else:
+        name, version = rest.rsplit("/", 1)
+        v = client.get_model_version(name, version)
+    return {"name": name, "version": str(v.version), "run_id": v.run_id, "model_id": getattr(v, "model_id", None)}
