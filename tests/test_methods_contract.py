@@ -5,8 +5,9 @@ retain set cut to 384 samples so that each run is a few optimiser steps:
 - a 2-epoch run ends with finite metrics and weights that moved away from theta_o;
 - interrupted after epoch 1 and resumed from the (deep-copied) epoch checkpoint, it ends with
   bit-identical weights, buffers and metrics (CPU, fixed seed);
-- the plug-in adds exactly cl_weight * contrastive_loss(z1, z2, tau), recomputed here from
-  the very views the engine drew (`engine.step_loss` is the loop's own step);
+- the plug-in adds exactly cl_weight * contrastive_loss(z1_r, z2, tau) over the retain rows of
+  a batch from the method's own epoch plan, recomputed here from the very views the engine
+  drew (`engine.step_loss` is the loop's own step);
 - methods that must not read D_u run behind the ForgetGuard; the others raise behind it;
 - SalUn leaves the weights outside its mask bit-identical to theta_o.
 """
@@ -105,7 +106,7 @@ def _context(small, method, hparams):
         model=copy.deepcopy(original).train().requires_grad_(True), original=copy.deepcopy(original).eval().requires_grad_(False),
         retain=scen.retain, forget=scen.forget if m.reads_forget else ForgetGuard(m.name),
         augmenter=_Recorder(scen.augmenter), num_classes=scen.num_classes, batch_size=BATCH, epochs=2,
-        steps_per_epoch=N_RETAIN // BATCH, generator=torch.Generator().manual_seed(SEED),
+        generator=torch.Generator().manual_seed(SEED),
         hparams=resolve_hparams(method, hparams))
     m.prepare(ctx)
     return m, ctx
@@ -116,19 +117,23 @@ def test_plugin_adds_exactly_the_contrastive_term(small, method):
     cl = 1.0 if method == "coun" else 0.5
     m, ctx = _context(small, method, {"cl_weight": cl})
     tau = ctx.hparams["temperature"]
-    x, y = ctx.retain.x[:BATCH], ctx.retain.y[:BATCH]
+    # the first batch of the method's own plan with retain rows (SCRUB's max steps have none)
+    batch = next(b for b in m.epoch_batches(ctx, 0) if b.forget is None or int((~b.forget).sum()) >= 2)
+    retain_rows = slice(None) if batch.forget is None else ~batch.forget
     state = ctx.generator.get_state()
-    loss_off = step_loss(m, ctx, x, y, 0, 0, 0.0, tau)
+    ctx.augmenter.views.clear()
+    loss_off = step_loss(m, ctx, batch, 0, 0, 0.0, tau)
     views_off = list(ctx.augmenter.views)
     ctx.generator.set_state(state)
     ctx.augmenter.views.clear()
-    loss_on = step_loss(m, ctx, x, y, 0, 0, cl, tau)
+    loss_on = step_loss(m, ctx, batch, 0, 0, cl, tau)
     views_on = ctx.augmenter.views
-    # the same draws up to view 2, which is one extra draw at the end
+    # the same draws up to view 2, which is one extra draw at the end, of the retain rows only
     assert len(views_on) == len(views_off) + 1
     assert all(torch.equal(a, b) for a, b in zip(views_off, views_on))
+    assert views_on[-1].shape[0] == batch.x[retain_rows].shape[0]
     with torch.no_grad():
-        term = contrastive_loss(ctx.model.features(views_on[0]), ctx.model.features(views_on[-1]), tau)
+        term = contrastive_loss(ctx.model.features(views_on[0])[retain_rows], ctx.model.features(views_on[-1]), tau)
     assert torch.equal(loss_on.detach(), loss_off.detach() + cl * term), (loss_on - loss_off, cl * term)
 
 

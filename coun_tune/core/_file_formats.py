@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coun_tune.core.datasets import AugmentPolicy, DatasetArrays
+from coun_tune.core.dataset_arrays import AugmentPolicy, DatasetArrays
 from coun_tune.errors import UsageError
 
 # --------------------------------------------------------------------------------------------

@@ -72,11 +72,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Bump when train_from_scratch (or anything it calls: augmentation, batching, init) changes
+# what a given recipe produces: every cached original and oracle is then retrained.
+TRAINING_CODE_VERSION = 2
+
+
 def cache_key(data: DatasetArrays, split: Split, scenario: Scenario, role: str) -> tuple[str, dict]:
-    """Hash of everything that determines a base model's weights. The original depends on the
-    dataset, not on what will be forgotten (it trains on all of D), so every forget spec and
+    """Hash of everything that determines a base model's weights (and of the code that trains
+    it, TRAINING_CODE_VERSION). The original depends on the dataset and its augmentation
+    policy, not on what will be forgotten (it trains on all of D), so every forget spec and
     every sequential request share one; the oracle depends on the split (its D_r)."""
-    inputs = {"format": CACHE_FORMAT, "role": role, "dataset": data.name, "arch": scenario.arch_name,
+    from dataclasses import asdict
+
+    inputs = {"format": CACHE_FORMAT, "training_code": TRAINING_CODE_VERSION, "role": role, "dataset": data.name,
+              "augment": asdict(data.augment), "arch": scenario.arch_name,
               "recipe": scenario.train_recipe.to_dict(), "seed": scenario.seed}
     inputs["data" if role == "original" else "split_hash"] = data.fingerprint() if role == "original" else split.split_hash
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
@@ -154,7 +163,7 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
         by_split = meta.setdefault("metrics_by_split", {})
         if split.split_hash not in by_split:
             model.eval()
-            m = evaluate_scenario(model, scen_data, scenario.seed)
+            m = evaluate_scenario(model, scen_data)  # MIA members drawn from the split
             m["wall_seconds"] = meta.get("wall_seconds", 0.0)
             by_split[split.split_hash] = m
             tmp = entry / f"meta.json.{os.getpid()}.tmp"

@@ -4,6 +4,14 @@ Names used everywhere (JSON, MLflow, YAML):
   retain_acc, forget_acc, unlearn_acc (= 100 - forget_acc), test_acc, mia_efficacy,
   retain_gap, forget_gap (= |UA - UA*|), test_gap, mia_gap, avg_gap (mean of the four),
   wall_seconds, flops.
+Cost (`flops_from_work`): FLOPs = 2 x MACs of the Conv2d/Linear layers, in the paper's
+  convention: a sample trained on (forward + backward) counts 2 forwards, a forward alone
+  (a teacher's) 1. The paper's CoUn figure on CIFAR-10 fixes it: 8.02 PFLOPs for 45k retain
+  images at 0.557 GMACs per forward (ResNet-18) over 40 epochs is 8.02e15 / (45e3 * 40 *
+  2 * 0.557e9) = 4.0 forwards per retain sample and epoch, i.e. two views x (forward +
+  backward) at 2 forwards each. FT (one view) is then 2 forwards per retain sample: 4.01
+  PFLOPs at 40 epochs, exactly half CoUn's at equal epochs. `flops_true` (a diagnostic) counts
+  the backward as 2 forwards (a training pass = 3 forwards): FT 3, CoUn 6 per retain sample.
 Diagnostics of the MIA (it is bistable on near-perfect models, METHOD.md section 4):
   mia_member_saturated, mia_nonmember_saturated: % of members (retain sample) / non-members
       (test) with true-label confidence above 0.999;
@@ -13,6 +21,8 @@ Diagnostics of the MIA (it is bistable on near-perfect models, METHOD.md section
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -32,7 +42,7 @@ METRICS: dict[str, tuple[str | None, bool]] = {
     "retain_gap": ("min", True), "forget_gap": ("min", True), "test_gap": ("min", True), "mia_gap": ("min", True),
     "avg_gap": ("min", True), "wall_seconds": ("min", False), "flops": ("min", False),
 }
-DIAGNOSTICS = ("mia_efficacy_resample_min", "mia_efficacy_resample_max", "mia_member_saturated",
+DIAGNOSTICS = ("flops_true", "mia_efficacy_resample_min", "mia_efficacy_resample_max", "mia_member_saturated",
                "mia_nonmember_saturated", "loss", "epoch")
 SATURATED = 0.999
 MIA_RESAMPLES = 5
@@ -103,9 +113,26 @@ def mia_metrics(retain_conf: np.ndarray, test_conf: np.ndarray, forget_conf: np.
     }
 
 
+def member_seed(split_hash: str) -> int:
+    """The seed of a split's MIA member sample (and of the loss attack's test subset), derived
+    from its hash alone: every model scored on one split meets the same members."""
+    return int(hashlib.sha256(f"mia-members:{split_hash}".encode()).hexdigest()[:16], 16)
+
+
+def flops_from_work(work: dict[str, int], forward_macs: int) -> dict[str, float]:
+    """`flops` (the paper's convention, see the module docstring) and `flops_true` from a run's
+    sample counts: work["trained"] samples went forward + backward, work["forward_only"]
+    forward alone; forward_macs = MACs of one forward of one sample."""
+    fwd = 2 * forward_macs  # FLOPs = 2 x MACs
+    return {"flops": float(fwd * (2 * work["trained"] + work["forward_only"])),
+            "flops_true": float(fwd * (3 * work["trained"] + work["forward_only"]))}
+
+
 def evaluate(model: torch.nn.Module, retain: DeviceSplit, forget: DeviceSplit, test: DeviceSplit,
              augmenter: Augmenter, seed: int, with_mia: bool = True) -> dict[str, float]:
-    """Accuracies (and, if asked, the MIA metrics) of a model on one scenario's three splits."""
+    """Accuracies (and, if asked, the MIA metrics) of a model on one scenario's three splits,
+    in eval mode with the test-time transform (normalisation only). `seed` draws the MIA's
+    members: pass member_seed(split_hash), so it is a property of the split, not of a run."""
     r_ok, r_conf, _ = predict(model, retain, augmenter)
     f_ok, f_conf, f_loss = predict(model, forget, augmenter)
     t_ok, t_conf, t_loss = predict(model, test, augmenter)

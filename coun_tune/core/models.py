@@ -13,20 +13,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from coun_tune.core import models_extra
+from coun_tune.core.model_base import FeatureClassifier
+from coun_tune.errors import UsageError
 
-class FeatureClassifier(nn.Module):
-    """Base: forward(x) = classifier(features(x))."""
-
-    feature_dim: int
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, D)
-        raise NotImplementedError
-
-    def classifier(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, K) logits
-        return self.fc(z)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+__all__ = ["FeatureClassifier", "SmallCNN", "ResNet18", "ARCHITECTURES", "ARCH_INPUT_SIZE", "build_model",
+           "count_forward_macs"]
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -91,12 +83,9 @@ class ResNet18(FeatureClassifier):
         return self.pool(self.layers(self.stem(x)))
 
 
-from coun_tune.core import models_extra  # noqa: E402  (its classes subclass FeatureClassifier above)
-
 ARCHITECTURES: dict[str, Callable[[int, int], FeatureClassifier]] = {
     "small_cnn": SmallCNN,
     "resnet18": ResNet18,
-    # models_extra.* is looked up at call time, so importing either module first works
     "vgg16_bn": lambda c, k: models_extra.VGG16BN(c, k),
     "vit_small": lambda c, k: models_extra.ViTSmall(c, k, image_size=32),  # CIFAR (32x32)
     "vit_small_64": lambda c, k: models_extra.ViTSmall(c, k, image_size=64),  # TinyImageNet (64x64)
@@ -108,8 +97,6 @@ ARCH_INPUT_SIZE = {"vit_small": 32, "vit_small_64": 64}
 
 
 def build_model(arch: str, in_channels: int, num_classes: int) -> FeatureClassifier:
-    from coun_tune.errors import UsageError
-
     if arch not in ARCHITECTURES:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[arch](in_channels, num_classes)

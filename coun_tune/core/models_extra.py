@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coun_tune.core.models import FeatureClassifier
+from coun_tune.core.model_base import FeatureClassifier
 
 # VGG-16 ("configuration D"): channel counts of the 3x3 convs, "M" = 2x2 max-pool.
 VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from coun_tune.core.methods.ascent import GA, NegGradPlus
 from coun_tune.core.methods.base import (
-    COMMON_HPARAMS, ForgetDataAccessError, ForgetGuard, HParam, Method, MethodContext, RetainStep,
+    COMMON_HPARAMS, Batch, ForgetDataAccessError, ForgetGuard, HParam, Method, MethodContext, Step,
 )
 from coun_tune.core.methods.distill import SCRUB, BadTeacher
 from coun_tune.core.methods.ft import FT, CoUn
@@ -24,7 +24,8 @@ def get_method(name: str) -> Method:
 
 
 def method_hparams(name: str) -> dict[str, HParam]:
-    """Every hyperparameter a method accepts (common ones first), by name."""
+    """Every hyperparameter a method accepts (common ones first), by name. A method's own
+    declaration of a common name (GA's lr) replaces the common range."""
     cls = type(get_method(name))  # UsageError, not KeyError, for an unknown name
     out = {h.name: h for h in COMMON_HPARAMS}
     out["cl_weight"] = HParam("cl_weight", cls.default_cl_weight, 0.1, 6.0, log=True, help=out["cl_weight"].help)
@@ -32,5 +33,5 @@ def method_hparams(name: str) -> dict[str, HParam]:
     return out
 
 
-__all__ = ["METHODS", "get_method", "method_hparams", "Method", "MethodContext", "RetainStep", "HParam",
+__all__ = ["METHODS", "get_method", "method_hparams", "Method", "MethodContext", "Batch", "Step", "HParam",
            "ForgetGuard", "ForgetDataAccessError", "COMMON_HPARAMS"]

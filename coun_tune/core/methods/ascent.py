@@ -1,41 +1,58 @@
 """Gradient-ascent baselines: GA and NegGrad+ (METHOD.md section 3).
 
 - GA ("gradient ascent"; Thudi et al. 2022, Graves et al. 2021; the SalUn / l1-sparse
-  harness, OPTML-Group/Unlearn-Saliency `unlearn/GA.py`): minimise -CE on D_u.
+  harness, OPTML-Group/Unlearn-Saliency `unlearn/GA.py`): minimise -CE on D_u, one shuffled
+  pass over D_u per epoch (|D_u| / batch steps), as GA.py loops over the forget loader. Its
+  authors use small learning rates (about 1e-5 to 1e-3: ascent without a retain term
+  collapses the model at the shared 0.01-0.1), so GA declares its own lr range, and the
+  cosine floor follows the lr down (engine.cosine_floor).
+  With the CL plug-in on, each GA step also carries a random retain batch (batch_size rows,
+  drawn with ctx.generator) that only the contrastive term uses; without it GA never touches
+  D_r, so batch norm sees only what GA trains on.
 - NegGrad+ (Kurmanji et al., "Towards Unbounded Machine Unlearning", NeurIPS 2023, the SCRUB
-  paper's strengthened NegGrad): beta * CE(D_r batch) - (1 - beta) * CE(D_u batch).
-
-Both run inside the engine's retain loop, so one epoch = one pass over D_r and every step
-draws one random forget batch (`ctx.forget_batch()`, ctx.generator, the run's augmentation).
-For NegGrad+ this is what the SCRUB code does (it cycles the forget loader alongside the
-retain loader). For GA it means an "epoch" holds |D_r| / batch_size forget steps rather than
-the original code's |D_u| / batch_size: the same loss, on a different clock; lr and epochs
-are searched anyway. GA's loss does not use the retain batch, so the engine skips its retain
-forward (`uses_retain_step = False`) unless the CL plug-in is on, which adds L_CL on the
-retain views.
+  paper's strengthened NegGrad): beta * CE(D_r batch) - (1 - beta) * CE(D_u batch). One pass
+  over D_r per epoch; every step draws one random forget batch (`ctx.forget_batch()`), as the
+  SCRUB code cycles the forget loader alongside the retain loader, with its own forward.
 """
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
-from coun_tune.core.methods.base import HParam, Method, MethodContext, RetainStep
+from coun_tune.core.batching import steps_per_epoch
+from coun_tune.core.methods.base import Batch, HParam, Method, MethodContext, Step, forget_epoch
 
 
 class GA(Method):
-    """loss = -CE(f(x_u), y_u) on a random forget batch x_u (n, C, H, W), y_u (n,)."""
+    """loss = -CE(f(x_u), y_u) over the forget rows of the batch (logits (N, K) of view 1)."""
 
     name = "ga"
     reads_forget = True
-    uses_retain_step = False
+    hparams = (
+        HParam("lr", 1e-4, 1e-5, 1e-3, log=True, help="GA: initial SGD learning rate (its authors: ~1e-5..1e-3)",
+               valid=(0.0, float("inf"))),
+    )
 
-    def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:
-        xf, yf = ctx.forget_batch()
-        return -F.cross_entropy(ctx.model(xf), yf)
+    def epoch_batches(self, ctx: MethodContext, epoch: int) -> Iterator[Batch]:
+        with_retain = ctx.hparams["cl_weight"] > 0  # rows for the plug-in only
+        for b in forget_epoch(ctx):
+            if not with_retain:
+                yield b
+                continue
+            r = ctx.retain
+            idx = torch.randperm(len(r), generator=ctx.generator, device=ctx.generator.device)[:ctx.batch_size]
+            idx = idx.to(r.x.device)
+            yield Batch(torch.cat([b.x, r.x[idx]]), torch.cat([b.y, r.y[idx]]),
+                        torch.cat([b.forget, torch.zeros(len(idx), dtype=torch.bool, device=b.forget.device)]))
 
-    def extra_forwards(self, ctx: MethodContext, epoch: int) -> int:
-        return 3 * ctx.forget_batch_size() * ctx.steps_per_epoch  # forward + backward per forget sample
+    def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
+        return steps_per_epoch(len(ctx.forget), ctx.forget_batch_size())
+
+    def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
+        return -F.cross_entropy(step.logits[step.forget], step.y[step.forget])
 
 
 class NegGradPlus(Method):
@@ -52,10 +69,8 @@ class NegGradPlus(Method):
                valid=(0.0, 1.0)),
     )
 
-    def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:
+    def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         beta = ctx.hparams["neggrad_beta"]
         xf, yf = ctx.forget_batch()
+        ctx.count(trained=len(yf))
         return beta * F.cross_entropy(step.logits, step.y) - (1.0 - beta) * F.cross_entropy(ctx.model(xf), yf)
-
-    def extra_forwards(self, ctx: MethodContext, epoch: int) -> int:
-        return 3 * ctx.forget_batch_size() * ctx.steps_per_epoch

@@ -1,10 +1,12 @@
 """What an unlearning method is, to the engine.
 
-A method supplies the loss of one optimisation step on a retain batch (and, if it declares
-`reads_forget`, whatever it draws from the forget set). The engine owns everything else: the
-optimiser recipe shared by all methods (SGD, momentum 0.9, weight decay 5e-4, cosine to 1e-4),
-augmentation, the CL plug-in (`cl_weight` > 0 adds `cl_weight * contrastive_loss` on a second
-view of the same retain batch, for *any* method), evaluation and checkpoints.
+A method says what one epoch iterates over (`epoch_batches`: retain batches by default; GA:
+forget batches; RL and Bad Teacher: one shuffled loader mixing D_u with D_r) and the loss of
+one optimiser step on such a batch. The engine owns everything else: the optimiser recipe
+shared by all methods (SGD, momentum 0.9, weight decay 5e-4, cosine schedule over all the
+steps of the run), augmentation, the CL plug-in (`cl_weight` > 0 adds `cl_weight *
+contrastive_loss` on a second view of the batch's *retain* rows, for any method), evaluation,
+the work count behind `flops`, and checkpoints.
 
 A method that does not declare `reads_forget` receives a `ForgetGuard` instead of the forget
 data: touching it raises, so "FT and CoUn never read D_u" is enforced, not assumed.
@@ -18,7 +20,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from coun_tune.core.batching import Augmenter, DeviceSplit, shuffled_batches
+from coun_tune.core.batching import Augmenter, DeviceSplit, shuffled_batches, steps_per_epoch
 from coun_tune.core.models import FeatureClassifier
 
 
@@ -38,9 +40,10 @@ class HParam:
     valid: tuple[float, float] = (float("-inf"), float("inf"))
 
 
-# Hyperparameters every method has (the shared recipe and the CL plug-in).
+# Hyperparameters every method has (the shared recipe and the CL plug-in). A method may
+# redeclare one of them with its own range (GA's lr: its authors use ~1e-5..1e-3).
 COMMON_HPARAMS: tuple[HParam, ...] = (
-    HParam("lr", 0.05, 0.01, 0.1, log=True, help="initial SGD learning rate (cosine to 1e-4)"),
+    HParam("lr", 0.05, 0.01, 0.1, log=True, help="initial SGD learning rate (cosine to min(1e-4, lr/100))"),
     HParam("epochs", 10, 1, 50, kind="int", help="unlearning epochs"),
     HParam("temperature", 0.1, 0.01, 0.3, log=True, help="contrastive temperature tau (> 0)"),
     HParam("cl_weight", 0.0, 0.1, 6.0, log=True, help="weight lambda of the contrastive term; 0 = off"),
@@ -65,9 +68,46 @@ class ForgetGuard:
 
 
 @dataclass
+class Batch:
+    """The rows one optimiser step trains on, before augmentation.
+
+    x (N, C, H, W) uint8; y (N,) int64, the labels the method trains with (RL: random labels
+    on the forget rows); forget (N,) bool, True for rows from D_u, or None when every row is
+    a retain row. `phase` names the kind of step where a method has several (SCRUB: "max"
+    on D_u, "min" on D_r)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    forget: torch.Tensor | None = None
+    phase: str = ""
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class Step:
+    """One batch as the engine prepared it: view 1 x1 (N, C, H, W) float32 of every row,
+    labels y (N,), forget (N,) bool or None (see Batch), features z1 (N, D) and logits (N, K)
+    of view 1. The engine computes view 2 (of the retain rows) only when the CL plug-in is on."""
+
+    x1: torch.Tensor
+    y: torch.Tensor
+    z1: torch.Tensor
+    logits: torch.Tensor
+    epoch: int
+    step: int
+    forget: torch.Tensor | None = None
+    phase: str = ""
+
+
+@dataclass
 class MethodContext:
     """What a method may use. `forget` is a ForgetGuard unless the method reads_forget.
-    `original` is a frozen copy of theta_o (for teachers, masks); `generator` the run's RNG."""
+    `original` is a frozen copy of theta_o (for teachers, masks); `generator` the run's RNG.
+    `work` counts samples for the FLOPs metrics: "trained" (forward + backward) and
+    "forward_only" (e.g. a teacher's forward); the engine counts its own passes, a method
+    adds what it runs besides (`count`)."""
 
     model: FeatureClassifier
     original: FeatureClassifier
@@ -77,15 +117,18 @@ class MethodContext:
     num_classes: int
     batch_size: int
     epochs: int
-    steps_per_epoch: int
     generator: torch.Generator
     hparams: dict[str, Any]
     state: dict[str, Any] = field(default_factory=dict)
-    # The engine's optimiser (the shared SGD recipe), for methods that take optimiser steps
-    # of their own outside the retain loop (SCRUB's max-steps); None outside a run.
+    # The engine's optimiser (the shared SGD recipe); None outside a run.
     optimizer: torch.optim.Optimizer | None = None
+    work: dict[str, int] = field(default_factory=lambda: {"trained": 0, "forward_only": 0})
 
-    # Forget data. Both helpers go through `self.forget`, so a method that declares
+    def count(self, trained: int = 0, forward_only: int = 0) -> None:
+        self.work["trained"] += int(trained)
+        self.work["forward_only"] += int(forward_only)
+
+    # Forget data. These helpers go through `self.forget`, so a method that declares
     # reads_forget=False and calls them hits the ForgetGuard and raises.
 
     def forget_batch_size(self) -> int:
@@ -102,12 +145,37 @@ class MethodContext:
         idx = idx.to(forget.x.device)
         return self.augmenter(forget.x[idx], self.generator), forget.y[idx]
 
-    def forget_epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One shuffled pass over D_u in batches of forget_batch_size() (the permutation and
-        the augmentation drawn with `generator`): yields (x (n, C, H, W) float32, y (n,))."""
-        forget = self.forget
-        for idx in shuffled_batches(len(forget), self.forget_batch_size(), self.generator, forget.x.device):
-            yield self.augmenter(forget.x[idx], self.generator), forget.y[idx]
+
+def retain_epoch(ctx: MethodContext, phase: str = "") -> Iterator[Batch]:
+    """One shuffled pass over D_r in batches of ctx.batch_size (the permutation drawn with
+    ctx.generator): steps_per_epoch(|D_r|, batch_size) batches."""
+    r = ctx.retain
+    for idx in shuffled_batches(len(r), ctx.batch_size, ctx.generator, r.x.device):
+        yield Batch(r.x[idx], r.y[idx], None, phase)
+
+
+def forget_epoch(ctx: MethodContext, phase: str = "") -> Iterator[Batch]:
+    """One shuffled pass over D_u in batches of forget_batch_size(), every row marked forget."""
+    f = ctx.forget
+    for idx in shuffled_batches(len(f), ctx.forget_batch_size(), ctx.generator, f.x.device):
+        yield Batch(f.x[idx], f.y[idx], torch.ones(len(idx), dtype=torch.bool, device=idx.device), phase)
+
+
+def mixed_epoch(ctx: MethodContext, forget_y: torch.Tensor, retain_idx: torch.Tensor | None = None) -> Iterator[Batch]:
+    """One shuffled loader over D_u + D_r (as torch's ConcatDataset([forget, retain]) with
+    shuffle=True): rows 0..|D_u|-1 are D_u with labels `forget_y` (|D_u|,), the rest are D_r
+    (or its rows `retain_idx`) with their labels, in batches of ctx.batch_size. So D_u weighs
+    |D_u| / (|D_u| + |D_r|) of every epoch's rows."""
+    f, r = ctx.forget, ctx.retain
+    rx, ry = (r.x, r.y) if retain_idx is None else (r.x[retain_idx], r.y[retain_idx])
+    n_f = len(f)
+    for idx in shuffled_batches(n_f + len(ry), ctx.batch_size, ctx.generator, r.x.device):
+        is_f = idx < n_f
+        x = torch.empty((len(idx), *rx.shape[1:]), dtype=rx.dtype, device=rx.device)
+        y = torch.empty(len(idx), dtype=ry.dtype, device=ry.device)
+        x[is_f], y[is_f] = f.x[idx[is_f]], forget_y[idx[is_f]]
+        x[~is_f], y[~is_f] = rx[idx[~is_f] - n_f], ry[idx[~is_f] - n_f]
+        yield Batch(x, y, is_f)
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -121,28 +189,13 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
                     reduction="batchmean", log_target=True)
 
 
-@dataclass
-class RetainStep:
-    """One retain batch as the engine prepared it: view 1 (N, C, H, W) float, labels (N,),
-    features z1 (N, D) and logits (N, K) of view 1. The engine computes view 2 only when the
-    CL plug-in is on."""
-
-    x1: torch.Tensor
-    y: torch.Tensor
-    z1: torch.Tensor
-    logits: torch.Tensor
-    epoch: int
-    step: int
-
-
 class Method:
-    """Base class. Subclasses set `name`, `reads_forget`, `hparams` and implement `loss`."""
+    """Base class. Subclasses set `name`, `reads_forget`, `hparams` and implement `loss`;
+    a method that does not train on retain batches overrides `epoch_batches` and
+    `steps_in_epoch` together."""
 
     name: str = ""
     reads_forget: bool = False
-    # False for a method whose loss ignores the retain batch (GA): the engine then skips the
-    # retain forward unless the CL plug-in needs it, so batch norm sees only what GA trains on.
-    uses_retain_step: bool = True
     hparams: tuple[HParam, ...] = ()
     default_cl_weight: float = 0.0
 
@@ -152,11 +205,17 @@ class Method:
         `ctx.generator`: whatever prepare draws from it is therefore the same in a resumed
         run as in an uninterrupted one."""
 
-    def before_epoch(self, ctx: MethodContext, epoch: int) -> None:
-        """Called at the start of every epoch (0-based), inside the timed training block
-        (e.g. SCRUB's max-steps pass over D_u with `ctx.optimizer`)."""
+    def epoch_batches(self, ctx: MethodContext, epoch: int) -> Iterator[Batch]:
+        """The batches of epoch `epoch` (0-based), one optimiser step each. Default: one
+        shuffled pass over D_r."""
+        return retain_epoch(ctx)
 
-    def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:
+    def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
+        """len(list(epoch_batches(ctx, epoch))), without drawing anything: the cosine
+        schedule's length is the sum over all epochs (the engine checks the two agree)."""
+        return steps_per_epoch(len(ctx.retain), ctx.batch_size)
+
+    def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         raise NotImplementedError
 
     def before_step(self, ctx: MethodContext) -> None:
@@ -164,12 +223,6 @@ class Method:
 
     def after_step(self, ctx: MethodContext) -> None:
         """Called after each optimiser step (e.g. hold masked weights at theta_o)."""
-
-    def extra_forwards(self, ctx: MethodContext, epoch: int) -> int:
-        """Work this method does in `epoch` beyond the engine's retain passes, in
-        sample-forward equivalents (a forward = 1, a forward + backward = 3), for the FLOPs
-        count. Must be a pure function of (ctx, epoch) so a resumed run counts the same."""
-        return 0
 
     def state_dict(self) -> dict[str, Any]:
         """Extra state a checkpoint must hold to resume exactly."""

@@ -3,77 +3,76 @@
 
 - SCRUB (Kurmanji, Triantafillou, Hayes, Triantafillou, "Towards Unbounded Machine
   Unlearning", NeurIPS 2023; github.com/meghdadk/SCRUB): the student (the model, starting at
-  theta_o) and the frozen teacher theta_o. In each of the first `scrub_max_steps` epochs a
-  *max pass* over D_u comes first: one optimiser step per forget batch on -KL(teacher ||
-  student), pushing the student away from the teacher on D_u. Then every epoch's retain
-  loop takes *min steps*: alpha * KL(teacher || student) + gamma * CE on D_r.
-  Choice: the max pass is a separate pass through the `before_epoch` hook with the engine's
-  own optimiser (SCRUB alternates passes this way, `train_distill(..., "maximize")` then
-  `"minimize"`), not an extra term in the retain step. Its steps use the current learning
-  rate and do not advance the cosine schedule (the schedule is per retain step; SCRUB's
-  own lr schedule is per epoch). SCRUB's code runs the max pass while `epoch <= msteps`
-  (msteps + 1 passes); here `scrub_max_steps` is the number of passes.
+  theta_o) and the frozen teacher theta_o. An epoch is a *max pass* over D_u (one step per
+  forget batch on -KL(teacher || student), pushing the student away from the teacher on D_u)
+  followed by a *min pass* over D_r (alpha * KL(teacher || student) + gamma * CE), the max
+  pass only in the first `scrub_max_steps` epochs. Counting: the released notebooks loop
+  `for epoch in range(1, sgda_epochs + 1): if epoch <= msteps: maximize...; minimize...`,
+  i.e. 1-based epochs, so msteps = 2 gives max passes in epochs 1 and 2: msteps passes, not
+  msteps + 1. Here epochs are 0-based and the max pass runs while `epoch < scrub_max_steps`,
+  the same count (at most `epochs` passes). Both passes are steps of the epoch plan, so they
+  advance the one cosine schedule (SCRUB's own lr schedule is a per-epoch step decay).
+  Ranges are CoUn's appendix (temperature 1, max-steps in [1, 10], gamma and alpha in
+  [0.1, 3]); SCRUB's own CIFAR-10 notebook uses alpha 0.001, gamma 0.99, KD temperature 4,
+  msteps 2 and 3 epochs (sgda_epochs): reproduce those with scrub_alpha=0.001,
+  scrub_gamma=0.99, scrub_max_steps=2, epochs=3 (its T = 4 is not offered: CoUn uses T = 1).
 - Bad Teacher (Chundawat, Tarun, Mandal, Kankanhalli, "Can Bad Teaching Induce Forgetting?
-  Unlearning in Deep Networks Using an Incompetent Teacher", AAAI 2023): KL to theta_o
-  ("competent teacher") on retain batches and KL to a randomly initialised network of the
-  same architecture ("incompetent teacher") on forget batches. The paper mixes forget and
-  (30% of the) retain samples in one batch and averages; here each step sums a
-  batch-averaged retain term and a batch-averaged forget term.
+  Unlearning in Deep Networks Using an Incompetent Teacher", AAAI 2023): one shuffled loader
+  mixing D_u with a 30% random sample of D_r (drawn once, as the original's
+  `random.sample(retain, int(0.3 * len(retain)))`); on every row the student is distilled
+  towards theta_o ("competent teacher") on retain rows and towards a randomly initialised
+  network of the same architecture ("incompetent teacher") on forget rows, KL averaged over
+  the mixed batch. (The original's `F.kl_div(..., reduction="mean")` also divides by the K
+  classes: a constant factor that the learning rate absorbs.)
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from coun_tune.core.methods.base import HParam, Method, MethodContext, RetainStep, kl_to_teacher
+from coun_tune.core.batching import steps_per_epoch
+from coun_tune.core.methods.base import (
+    Batch, HParam, Method, MethodContext, Step, forget_epoch, kl_to_teacher, mixed_epoch, retain_epoch,
+)
 
 
 class SCRUB(Method):
-    """Min step (retain loop): alpha * KL(t(x1) || s(x1)) + gamma * CE(s(x1), y), on the
-    engine's view 1 x1 (N, C, H, W) and its student logits (N, K).
-    Max pass (before_epoch, epochs < scrub_max_steps): per forget batch x_u (n, C, H, W),
-    one SGD step on -KL(t(x_u) || s(x_u))."""
+    """Max step (phase "max", a forget batch x_u (n, C, H, W)): -KL(t(x_u) || s(x_u)).
+    Min step (phase "min", a retain batch x1 (N, C, H, W)): alpha * KL(t(x1) || s(x1))
+    + gamma * CE(s(x1), y). Student logits are the engine's view-1 logits (N, K)."""
 
     name = "scrub"
     reads_forget = True
     hparams = (
-        HParam("scrub_max_steps", 2, 1, 10, kind="int", help="SCRUB: epochs that start with a max pass over D_u",
+        HParam("scrub_max_steps", 2, 1, 10, kind="int", help="SCRUB: epochs that start with a max pass over D_u (msteps)",
                valid=(0, float("inf"))),
-        HParam("scrub_alpha", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of KL to the teacher on D_r",
+        HParam("scrub_alpha", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of KL to the teacher on D_r (own: 0.001)",
                valid=(0.0, float("inf"))),
-        HParam("scrub_gamma", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of CE on D_r", valid=(0.0, float("inf"))),
+        HParam("scrub_gamma", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of CE on D_r (own: 0.99)",
+               valid=(0.0, float("inf"))),
     )
 
-    def before_epoch(self, ctx: MethodContext, epoch: int) -> None:
-        if epoch >= ctx.hparams["scrub_max_steps"]:
-            return
-        if ctx.optimizer is None:
-            raise RuntimeError("SCRUB's max pass needs ctx.optimizer (the engine sets it)")
-        from coun_tune.core.engine import DivergedError  # lazy: the engine imports this package
+    def epoch_batches(self, ctx: MethodContext, epoch: int) -> Iterator[Batch]:
+        if epoch < ctx.hparams["scrub_max_steps"]:
+            yield from forget_epoch(ctx, phase="max")
+        yield from retain_epoch(ctx, phase="min")
 
-        for xf, _ in ctx.forget_epoch():
-            with torch.no_grad():
-                teacher = ctx.original(xf)
-            loss = -kl_to_teacher(ctx.model(xf), teacher)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"SCRUB max-step loss is {loss.item()} at epoch {epoch + 1}")
-            ctx.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            ctx.optimizer.step()
+    def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
+        max_steps = steps_per_epoch(len(ctx.forget), ctx.forget_batch_size()) if epoch < ctx.hparams["scrub_max_steps"] else 0
+        return max_steps + steps_per_epoch(len(ctx.retain), ctx.batch_size)
 
-    def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:
+    def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         with torch.no_grad():
             teacher = ctx.original(step.x1)
-        return (ctx.hparams["scrub_alpha"] * kl_to_teacher(step.logits, teacher)
-                + ctx.hparams["scrub_gamma"] * F.cross_entropy(step.logits, step.y))
-
-    def extra_forwards(self, ctx: MethodContext, epoch: int) -> int:
-        teacher_on_retain = len(ctx.retain)  # one teacher forward per retain sample
-        max_pass = 4 * len(ctx.forget) if epoch < ctx.hparams["scrub_max_steps"] else 0  # teacher 1 + student 3
-        return teacher_on_retain + max_pass
+        ctx.count(forward_only=len(step.y))
+        kl = kl_to_teacher(step.logits, teacher)
+        if step.phase == "max":
+            return -kl
+        return ctx.hparams["scrub_alpha"] * kl + ctx.hparams["scrub_gamma"] * F.cross_entropy(step.logits, step.y)
 
 
 def random_teacher(original: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
@@ -93,24 +92,33 @@ def random_teacher(original: torch.nn.Module, generator: torch.Generator) -> tor
 
 
 class BadTeacher(Method):
-    """loss = KL(theta_o(x1) || s(x1)) on the retain view x1 (N, C, H, W)
-            + KL(bad(x_u) || s(x_u)) on a random forget batch x_u (n, C, H, W)."""
+    """loss = mean over the rows of a mixed batch (view 1 x1 (N, C, H, W)) of
+    KL(T_i || s(x1_i)), T_i = bad(x1_i) on forget rows and theta_o(x1_i) on retain rows."""
 
     name = "bad_teacher"
     reads_forget = True
+    RETAIN_FRACTION = 0.3  # the original's share of D_r in its unlearning loader
 
     def __init__(self) -> None:
         self.bad: torch.nn.Module | None = None
+        self.retain_idx: torch.Tensor | None = None
 
     def prepare(self, ctx: MethodContext) -> None:
-        self.bad = random_teacher(ctx.original, ctx.generator)
+        g = ctx.generator
+        self.bad = random_teacher(ctx.original, g)
+        n_r = len(ctx.retain)
+        perm = torch.randperm(n_r, generator=g, device=g.device)
+        self.retain_idx = perm[:int(self.RETAIN_FRACTION * n_r)].to(ctx.retain.x.device)
 
-    def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:
-        xf, _ = ctx.forget_batch()
+    def epoch_batches(self, ctx: MethodContext, epoch: int) -> Iterator[Batch]:
+        return mixed_epoch(ctx, ctx.forget.y, self.retain_idx)
+
+    def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
+        return steps_per_epoch(len(ctx.forget) + int(self.RETAIN_FRACTION * len(ctx.retain)), ctx.batch_size)
+
+    def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         with torch.no_grad():
-            good, bad = ctx.original(step.x1), self.bad(xf)
-        return kl_to_teacher(step.logits, good) + kl_to_teacher(ctx.model(xf), bad)
-
-    def extra_forwards(self, ctx: MethodContext, epoch: int) -> int:
-        # competent teacher on every retain sample; forget batch: bad teacher 1 + student 3
-        return len(ctx.retain) + 4 * ctx.forget_batch_size() * ctx.steps_per_epoch
+            good, bad = ctx.original(step.x1), self.bad(step.x1)
+        ctx.count(forward_only=2 * len(step.y))
+        teacher = torch.where(step.forget[:, None], bad, good)  # (N, K): each row's teacher logits
+        return kl_to_teacher(step.logits, teacher)

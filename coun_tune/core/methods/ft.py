@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from coun_tune.core.methods.base import Method, MethodContext, RetainStep
+from coun_tune.core.methods.base import Method, MethodContext, Step
 
 
 class FT(Method):
     name = "ft"
     reads_forget = False
 
-    def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:
+    def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         return F.cross_entropy(step.logits, step.y)
 
 

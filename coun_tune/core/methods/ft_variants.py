@@ -6,8 +6,18 @@
   after: the released code's per-epoch linear decay (`current_alpha = args.alpha * (1 - epoch
   / (unlearn_epochs - no_l1_epochs))`), with `l1_epochs` the number of epochs it is applied
   for (the paper's first 4 epochs).
-- NoT (Khalil, Setayesh, Li, "NoT: Federated Unlearning via Weight Negation", CVPR 2025, the
-  CoUn authors' own baseline): negate the first layer's parameters of theta_o, then FT.
+- NoT (Khalil et al., "NoT: Federated Unlearning via Weight Negation", CVPR 2025, the CoUn
+  authors' own baseline): negate the first layer's parameters of theta_o, then FT. For CNNs
+  that is the stem conv (weight, and bias where it has one). For the ViT, CoUn's appendix
+  negates "the positional embedding and the second patch-embedding layer (indices 0 and 4)".
+  Those indices are positions in `list(model.parameters())` of lucidrains' `vit_pytorch` ViT,
+  whose patch embedding is Sequential(Rearrange, LayerNorm(patch_dim), Linear(patch_dim, dim),
+  LayerNorm(dim)) and whose own parameters come first: [0] pos_embedding, [1] cls_token,
+  [2] / [3] the first LayerNorm's weight / bias, [4] the Linear's weight, [5] its bias. So
+  index 4 is the Linear's *weight* (the second layer of the patch embedding), not its bias
+  and not a LayerNorm. Our ViTSmall's patch embedding is (LayerNorm, Linear, LayerNorm):
+  NoT negates `pos_embedding` and `patch_embed.1.weight` (tests/test_method_semantics.py
+  rebuilds lucidrains' parameter order and checks indices 0 and 4 name these two).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coun_tune.core.methods.base import HParam, MethodContext, RetainStep
+from coun_tune.core.methods.base import HParam, MethodContext, Step
 from coun_tune.core.methods.ft import FT
 
 
@@ -36,12 +46,15 @@ class L1Sparse(FT):
     def alpha(alpha0: float, l1_epochs: int, epoch: int) -> float:
         return alpha0 * (1.0 - epoch / l1_epochs) if epoch < l1_epochs else 0.0
 
-    def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:
+    def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         loss = F.cross_entropy(step.logits, step.y)
         a = self.alpha(ctx.hparams["l1_alpha"], ctx.hparams["l1_epochs"], step.epoch)
         if a > 0:  # past the l1 epochs this is plain FT: skip the norm altogether
             loss = loss + a * torch.cat([p.flatten() for p in ctx.model.parameters()]).abs().sum()
         return loss
+
+
+VIT_NOT_PARAMS = ("pos_embedding", "patch_embed.1.weight")
 
 
 def first_layer(model: nn.Module) -> nn.Module:
@@ -53,8 +66,19 @@ def first_layer(model: nn.Module) -> nn.Module:
     raise ValueError("model has no Conv2d or Linear layer to negate")
 
 
+def not_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters NoT negates: the ViT's positional embedding and patch-embedding
+    Linear weight (CoUn's indices 0 and 4), else the first layer's weight (and bias)."""
+    names = dict(model.named_parameters())
+    if "pos_embedding" in names:
+        return list(VIT_NOT_PARAMS)
+    layer = first_layer(model)
+    prefix = next(n for n, m in model.named_modules() if m is layer)
+    return [f"{prefix}.{n}" for n, _ in layer.named_parameters()]
+
+
 class NoT(FT):
-    """prepare(): first layer's weight (and bias, if any) := -(theta_o's); then FT."""
+    """prepare(): every parameter in not_parameters(model) := -(theta_o's); then FT."""
 
     name = "not"
     reads_forget = False
@@ -63,6 +87,6 @@ class NoT(FT):
     def prepare(self, ctx: MethodContext) -> None:
         # Copied from ctx.original (not negated in place) so the result is -theta_o's layer
         # whatever state the model arrives in; a resume then loads its own weights on top.
-        src = dict(first_layer(ctx.original).named_parameters())
-        for name, p in first_layer(ctx.model).named_parameters():
-            p.copy_(-src[name])
+        src, dst = dict(ctx.original.named_parameters()), dict(ctx.model.named_parameters())
+        for name in not_parameters(ctx.model):
+            dst[name].copy_(-src[name])

@@ -1,51 +1,54 @@
 """Random-label baselines: RL and SalUn (METHOD.md section 3).
 
 - RL (random labels; Golatkar et al. 2020, as run in the SalUn harness
-  OPTML-Group/Unlearn-Saliency `unlearn/RL.py`): CE on a forget batch whose labels are drawn
-  uniformly from *all* K classes, the true one included ("SalUn's variant": fresh labels on
-  every draw, `torch.randint(0, num_classes, target.shape)` per batch, as its CIFAR-10 path
-  does), plus CE on the retain batch. SalUn alternates a forget pass and a retain pass per
-  epoch; here both terms are summed in one step of the engine's retain loop, so every step
-  sees one retain batch and one random forget batch.
+  OPTML-Group/Unlearn-Saliency `unlearn/RL.py`): CE on D_u with labels drawn uniformly from
+  *all* K classes, the true one included ("SalUn's variant", `np.random.randint(0,
+  num_classes, ...)`), plus CE on D_r. The forget term's share is RL.py's: per epoch one
+  shuffled loader over D_u (random labels, fresh every epoch) + D_r, as its CIFAR-100 /
+  TinyImageNet path builds (`ConcatDataset([forget, retain])`, shuffle=True), one CE over
+  each mixed batch. So D_u weighs |D_u| / (|D_u| + |D_r|) of the updates (10% at a 10%
+  forget set), not a full forget term added to every retain step. (Its CIFAR-10 path takes
+  a pass over D_u then one over D_r: the same share, in blocks.)
 - SalUn (Fan et al., "SalUn: Empowering Machine Unlearning via Gradient-based Weight
   Saliency in Both Image Classification and Generation", ICLR 2024): RL restricted to the
   salient weights. Saliency = |gradient of -CE on D_u| at theta_o; the mask keeps the top
-  `salun_threshold` fraction over all parameters together (one global ranking, as
-  `generate_mask.py`). Gradients of the other weights are zeroed before each step, and after
-  each step those weights are copied back from theta_o, so weight decay and momentum cannot
-  move them either (SalUn's released code only masks the gradients, which lets weight decay
-  shrink them; METHOD.md asks for them to stay exactly at theta_o).
+  `salun_threshold` fraction (the *largest* |grad|) over all parameters together (one global
+  ranking, as `generate_mask.py`). Gradients of the other weights are zeroed before each step,
+  and after each step those weights are copied back from theta_o, so weight decay and momentum
+  cannot move them either (SalUn's released code only masks the gradients, which lets weight
+  decay shrink them; METHOD.md asks for them to stay exactly at theta_o).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from coun_tune.core.batching import ordered_batches
-from coun_tune.core.methods.base import HParam, Method, MethodContext, RetainStep
+from coun_tune.core.batching import ordered_batches, steps_per_epoch
+from coun_tune.core.methods.base import Batch, HParam, Method, MethodContext, Step, mixed_epoch
 
 
 class RL(Method):
-    """loss = CE(logits_r, y_r) + CE(f(x_u), y_rand), y_rand ~ U{0..K-1} per sample and draw.
-
-    logits_r (N, K): the engine's view-1 logits of the retain batch; x_u (n, C, H, W): a
-    random forget batch; y_rand (n,) drawn with ctx.generator (so a resume is exact)."""
+    """loss = CE(logits, y) over a mixed batch: retain rows with their labels, forget rows
+    with y_rand ~ U{0..K-1} (drawn with ctx.generator once per epoch for all of D_u, before
+    the epoch's permutation, so a resume is exact). logits (N, K) of view 1."""
 
     name = "rl"
     reads_forget = True
 
-    def loss(self, ctx: MethodContext, step: RetainStep) -> torch.Tensor:
-        xf, _ = ctx.forget_batch()
-        y_rand = torch.randint(0, ctx.num_classes, (xf.shape[0],), generator=ctx.generator,
-                               device=ctx.generator.device).to(xf.device)
-        return F.cross_entropy(step.logits, step.y) + F.cross_entropy(ctx.model(xf), y_rand)
+    def epoch_batches(self, ctx: MethodContext, epoch: int) -> Iterator[Batch]:
+        g = ctx.generator
+        y_rand = torch.randint(0, ctx.num_classes, (len(ctx.forget),), generator=g, device=g.device)
+        return mixed_epoch(ctx, y_rand.to(ctx.forget.y.device))
 
-    def extra_forwards(self, ctx: MethodContext, epoch: int) -> int:
-        return 3 * ctx.forget_batch_size() * ctx.steps_per_epoch
+    def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
+        return steps_per_epoch(len(ctx.forget) + len(ctx.retain), ctx.batch_size)
+
+    def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
+        return F.cross_entropy(step.logits, step.y)
 
 
 def saliency_mask(original: torch.nn.Module, ctx: MethodContext, threshold: float) -> dict[str, torch.Tensor]:
@@ -89,6 +92,7 @@ class SalUn(RL):
 
     def prepare(self, ctx: MethodContext) -> None:
         self.mask = saliency_mask(ctx.original, ctx, ctx.hparams["salun_threshold"])
+        ctx.count(trained=len(ctx.forget))  # one forward + backward over D_u
 
     def before_step(self, ctx: MethodContext) -> None:
         for name, p in ctx.model.named_parameters():
@@ -102,10 +106,6 @@ class SalUn(RL):
         original = dict(ctx.original.named_parameters())
         for name, p in ctx.model.named_parameters():
             p.copy_(torch.where(self.mask[name], p, original[name]))
-
-    def extra_forwards(self, ctx: MethodContext, epoch: int) -> int:
-        mask_cost = 3 * len(ctx.forget) if epoch == 0 else 0  # one forward + backward over D_u
-        return super().extra_forwards(ctx, epoch) + mask_cost
 
     # The mask goes into checkpoints: recomputing it on resume would be exact on CPU, but a
     # GPU's gradient sums may differ in the last bit and flip a weight at the cut.
