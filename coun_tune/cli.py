@@ -5,6 +5,7 @@
   coun-tune pareto   EXPERIMENT_OR_RUN_ID [--tracking-uri URI]
   coun-tune export   EXPERIMENT_OR_RUN_ID --pick knee|best:METRIC|METRIC>=X --output FILE
   coun-tune transfer EXPERIMENT_OR_RUN_ID [--split-seeds 1,2,3]
+  coun-tune apply    --config picked.yaml --model PATH|models:/NAME@ALIAS --forget ids:FILE.parquet --data DIR|FILE
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     from coun_tune import cli_search
 
     cli_search.add_commands(sub)
+    from coun_tune import cli_apply
+
+    cli_apply.add_command(sub)
     return p
 
 
@@ -170,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "unlearn":
             return cmd_unlearn(args)
+        if args.command == "apply":
+            from coun_tune import cli_apply
+
+            return cli_apply.cmd_apply(args)
         from coun_tune import cli_search
 
         return cli_search.dispatch(args)

@@ -1,0 +1,334 @@
+"""`coun-tune apply`: run an exported config on the user's own model and a real deletion request.
+
+  coun-tune apply --config picked.yaml --model model.pt|models:/NAME@ALIAS|runs:/ID/model
+                  --forget ids:request.parquet --data DIR|FILE.npz|FILE.parquet
+                  --crop-padding N --flip|--no-flip [--layout nhwc|nchw] [--mean M,.. --std S,..]
+                  [--arch NAME|package.module:factory] [--output DIR] [--tracking-uri URI] [--register NAME]
+
+No oracle exists for a real request, so no gap can be measured. What is reported: retain, test
+and forget accuracy and the MIA on the request against the test set, before and after, and
+beside them what the search measured for this config (its calibration trial, and the transfer
+check on held-out forget sets when it was run). Everything is read and checked first (config,
+model, data, request, tracking store); any problem is one line and exit 2 with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coun_tune.errors import UsageError
+
+# Keys of an exported config that are provenance or data declarations, not unlearning settings.
+DATA_KEYS = {"crop_padding", "flip", "mean", "std", "layout", "num_classes"}
+HEADER = re.compile(r"# exported by coun-tune from search run (\S+), trial (\S+) \(MLflow run (\w+)\)")
+REPORTED = ("retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy", "mia_efficacy_resample_min",
+            "mia_efficacy_resample_max", "mia_loss_attack_acc")
+
+
+def add_command(sub) -> None:
+    a = sub.add_parser("apply", help="apply an exported config to your own model and deletion request (no oracle)")
+    a.add_argument("--config", required=True, help="YAML written by `coun-tune export`")
+    a.add_argument("--model", required=True, help="state dict file, or models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model")
+    a.add_argument("--forget", required=True, help="ids:FILE.parquet: integer column `index` into the training data")
+    a.add_argument("--data", required=True, help="image folder (train/<class>/, test/<class>/), FILE.npz or FILE.parquet")
+    a.add_argument("--arch", help="coun-tune architecture or package.module:factory (default: the config's)")
+    a.add_argument("--layout", choices=("nhwc", "nchw"), help="layout of 4-D image arrays (NPZ, Parquet tensors)")
+    a.add_argument("--crop-padding", type=int, help="zero padding of the random crop the model was trained with (0: none)")
+    a.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether the model was trained with random horizontal flips")
+    a.add_argument("--mean", help="per-channel normalisation mean, comma-separated (default: the config dataset's)")
+    a.add_argument("--std", help="per-channel normalisation std, comma-separated")
+    a.add_argument("--num-classes", type=int, help="the model's outputs (default: from the labels)")
+    a.add_argument("--batch-size", type=int, help="unlearning batch size (default: the config's)")
+    a.add_argument("--output", default="out", help="output directory (default: out)")
+    a.add_argument("--overwrite", action="store_true", help="write into --output even if it holds files")
+    a.add_argument("--tracking-uri", help="MLflow store: log the run, the MLflow model and a registry version there")
+    a.add_argument("--experiment", help="MLflow experiment (default: the search's, else coun-tune-apply)")
+    a.add_argument("--register", help="registered model name (default: the one the exported config names)")
+    a.add_argument("--alias", default="unlearned", help="alias set on the new model version (default: unlearned)")
+    a.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    a.add_argument("--threads", type=int, help="CPU threads for torch")
+
+
+@dataclass
+class Plan:
+    """Everything `apply` will do, checked before anything is written."""
+
+    cfg: Any  # UnlearnConfig
+    provenance: dict[str, Any]
+    data: Any  # UserData
+    data_path: str
+    forget_idx: Any  # (n,) int64, sorted
+    request_sha256: str
+    request_path: str
+    model: Any  # nn.Module with features()/classifier(), weights loaded
+    arch: str
+    model_source: str
+    batch_size: int
+    seed: int
+    out: Path
+    device: Any
+    tracking_uri: str | None
+    experiment: str | None
+    register: str | None
+    alias: str
+    transfer: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, float] = field(default_factory=dict)
+
+
+def request_hash(ids) -> str:
+    """sha256 of the sorted ids as little-endian int64: the request's identity (its order and
+    file name do not matter)."""
+    import numpy as np
+
+    return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).astype("<i8").tobytes()).hexdigest()
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+def _split_config(path: str) -> tuple[dict, dict, dict]:
+    """(unlearn config document, data declaration, provenance) of an exported YAML."""
+    from coun_tune.config.unlearn_config import TOP_KEYS, read_yaml
+
+    doc = read_yaml(path)
+    text = Path(path).read_text()
+    data = doc.pop("data", None) or {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config {path!r}: data must be a mapping with keys {', '.join(sorted(DATA_KEYS))}")
+    unknown = sorted(set(data) - DATA_KEYS)
+    if unknown:
+        raise UsageError(f"unknown key {unknown[0]!r} in config data; allowed: {', '.join(sorted(DATA_KEYS))}")
+    prov = {k: doc.pop(k) for k in list(doc) if k not in TOP_KEYS}  # what export records beside the config
+    m = HEADER.search(text)
+    if m:
+        prov.setdefault("search_run_id", m.group(1))
+        prov.setdefault("trial_id", m.group(2))
+        prov.setdefault("trial_run_id", m.group(3))
+    scen = dict(doc.get("scenario") or {})
+    scen.pop("data_root", None)  # the calibration data's location on the search machine: not used here
+    doc["scenario"] = scen
+    return doc, data, prov
+
+
+def _flatten_prov(prov: dict) -> dict[str, Any]:
+    """Provenance keys as flat strings (export may nest them, e.g. source: {search_run_id: ...})."""
+    out = {}
+    for k, v in prov.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}" if kk in out else kk: vv for kk, vv in v.items() if not isinstance(vv, dict)})
+        else:
+            out[k] = v
+    return out
+
+
+def _registered_name(prov: dict) -> str | None:
+    """The registered model name an exported config names: a `registered_model`/`model_name`
+    key, else the NAME of a models:/NAME/... or models:/NAME@... URI it records."""
+    for key in ("registered_model", "registered_name", "model_name"):
+        if isinstance(prov.get(key), str) and prov[key]:
+            return prov[key]
+    for v in prov.values():
+        if isinstance(v, str) and v.startswith("models:/") and not v.startswith("models:/m-"):
+            return re.split(r"[/@]", v[len("models:/"):], maxsplit=1)[0] or None
+    return None
+
+
+def _model_uri_arg(model: str) -> bool:
+    return model.startswith(("models:/", "runs:/"))
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    import numpy as np
+    import torch
+
+    from coun_tune.cli_checks import check_device, check_output_dir
+    from coun_tune.config.unlearn_config import build_unlearn_config
+    from coun_tune.core.engine import resolve_hparams
+    from coun_tune.core.pipeline import pick_device
+    from coun_tune.core.splits import ForgetSpec, compute_forget_indices
+    from coun_tune.core.user_data import DataDeclaration, load_user_data
+    from coun_tune.core.user_model import build_user_model, check_model, load_state_dict_file, load_weights
+
+    doc, data_cfg, prov = _split_config(args.config)
+    cfg = build_unlearn_config(doc, {})
+    resolve_hparams(cfg.method, cfg.hparams)
+    prov = _flatten_prov(prov)
+    out = Path(args.output)
+    check_output_dir(out, args.overwrite)
+    check_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if not args.forget.startswith("ids:") or len(args.forget) == 4:
+        raise UsageError(f"--forget {args.forget!r}: a real request is ids:FILE.parquet (integer column `index`)")
+
+    tracking_uri = args.tracking_uri
+    if tracking_uri is None and _model_uri_arg(args.model):
+        raise UsageError(f"--model {args.model}: an MLflow model URI needs --tracking-uri")
+    if tracking_uri is not None:
+        from coun_tune.tracking.mlflow_store import check_tracking_uri
+
+        check_tracking_uri(tracking_uri, must_exist=_model_uri_arg(args.model))
+    register = args.register or _registered_name(prov)
+    if args.register and tracking_uri is None:
+        raise UsageError("--register needs --tracking-uri (the registry lives in an MLflow store)")
+
+    decl = DataDeclaration(
+        crop_padding=args.crop_padding if args.crop_padding is not None else data_cfg.get("crop_padding"),
+        flip=args.flip if args.flip is not None else data_cfg.get("flip"),
+        mean=_floats(args.mean, "--mean") or _floats_cfg(data_cfg.get("mean"), "data.mean"),
+        std=_floats(args.std, "--std") or _floats_cfg(data_cfg.get("std"), "data.std"),
+        layout=args.layout or data_cfg.get("layout"),
+        num_classes=args.num_classes if args.num_classes is not None else data_cfg.get("num_classes"),
+    )
+    if decl.crop_padding is not None and (isinstance(decl.crop_padding, bool) or not isinstance(decl.crop_padding, int)):
+        raise UsageError(f"crop padding must be an integer, got {decl.crop_padding!r}")
+    if decl.flip is not None and not isinstance(decl.flip, bool):
+        raise UsageError(f"data.flip must be true or false, got {decl.flip!r}")
+    data = load_user_data(args.data, decl, cfg.scenario.dataset)
+    arrays = data.arrays
+    forget_idx, _ = compute_forget_indices(arrays, ForgetSpec("ids", path=args.forget[4:]), seed=0)
+
+    # the model: its weights, then the architecture (flag, else what the model records, else the config)
+    model_cfg: dict = {}
+    if _model_uri_arg(args.model):
+        from coun_tune.tracking.models import load_model_uri
+
+        from coun_tune.tracking.mlflow_store import client_for
+        from coun_tune.tracking.models import model_uri_details
+
+        state_dict, model_cfg = load_model_uri(args.model, tracking_uri)
+        model_cfg = model_cfg or {}
+        if args.model.startswith("models:/") and not args.model.startswith("models:/m-"):
+            src = model_uri_details(client_for(tracking_uri), args.model)
+            prov.update({"input_model_name": src["name"], "input_model_version": src["version"],
+                         "input_model_run_id": src["run_id"]})
+            register = register or src["name"]  # a new version of the model it came from
+    else:
+        state_dict = load_state_dict_file(args.model)
+    arch = args.arch or model_cfg.get("arch") or (model_cfg.get("scenario") or {}).get("arch") or cfg.scenario.arch_name
+    device = pick_device(args.device)
+    model = build_user_model(arch, arrays.image_shape[0], arrays.num_classes)
+    load_weights(model, state_dict, arch)
+    from coun_tune.core.batching import Augmenter
+
+    one = Augmenter(arrays.augment, "cpu").normalize(torch.from_numpy(arrays.train_x[:1]))
+    check_model(model, one, arrays.num_classes, arch)
+
+    batch_size = args.batch_size or cfg.batch_size or cfg.scenario.defaults.batch_size
+    if batch_size < 2:
+        raise UsageError(f"--batch-size must be >= 2, got {batch_size}")
+    if len(arrays.train_y) - len(forget_idx) < 2:
+        raise UsageError("the request leaves fewer than 2 training samples to retain")
+    seed = cfg.seed if cfg.seed is not None else cfg.scenario.seed
+    plan = Plan(cfg=cfg, provenance=prov, data=data, data_path=str(args.data), forget_idx=np.asarray(forget_idx),
+                request_sha256=request_hash(forget_idx), request_path=args.forget[4:], model=model.to(device), arch=arch,
+                model_source=args.model, batch_size=int(batch_size), seed=int(seed), out=out, device=device,
+                tracking_uri=tracking_uri, experiment=args.experiment, register=register, alias=args.alias)
+    if tracking_uri is not None:
+        from coun_tune.tracking.apply_run import search_records
+
+        plan.calibration, plan.transfer = search_records(tracking_uri, prov)
+    for k, v in (prov.get("transfer") or {}).items() if isinstance(prov.get("transfer"), dict) else ():
+        plan.transfer.setdefault(k, v)
+    return plan
+
+
+def _floats_cfg(v, where: str) -> tuple[float, ...] | None:
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (float(v),)
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return tuple(float(x) for x in v)
+    raise UsageError(f"config {where} must be a number or a list of numbers, got {v!r}")
+
+
+def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Unlearn, measure, write the outputs, log and register. Returns the result document."""
+    import numpy as np
+    import torch
+    import yaml
+
+    from coun_tune.core.engine import ScenarioData, evaluate_scenario, run_unlearning
+    from coun_tune.core.splits import Split
+    from coun_tune.core.user_model import user_module
+    from coun_tune.report import table
+
+    arrays = plan.data.arrays
+    retain_idx = np.setdiff1d(np.arange(len(arrays.train_y), dtype=np.int64), plan.forget_idx)
+    split = Split("user", f"ids:{plan.request_path}", 0, plan.forget_idx, retain_idx,
+                  np.arange(len(arrays.test_y), dtype=np.int64), plan.request_sha256)
+    scen = ScenarioData.build(arrays, split, plan.device)
+    before = evaluate_scenario(plan.model, scen)
+    original = copy.deepcopy(plan.model)
+    model = plan.model.train().requires_grad_(True)
+    log(f"unlearning {len(plan.forget_idx)} of {len(arrays.train_y)} training samples with {plan.cfg.method} "
+        f"{json.dumps(plan.cfg.hparams)}")
+    after = run_unlearning(model, original, scen, plan.cfg.method, plan.cfg.hparams, plan.batch_size, plan.seed,
+                           oracle_metrics=None)
+    policy = arrays.augment
+    applied = {**plan.cfg.to_dict(), "data": {"crop_padding": policy.crop_padding, "flip": policy.flip,
+                                              "mean": list(policy.mean), "std": list(policy.std),
+                                              "num_classes": arrays.num_classes}}
+    applied["scenario"] = {**applied["scenario"], "arch": plan.arch}
+    result = {
+        "request": {"path": plan.request_path, "sha256": plan.request_sha256, "num_forget": int(len(plan.forget_idx)),
+                    "num_retain": int(len(retain_idx)), "num_test": int(len(arrays.test_y))},
+        "data": {"path": plan.data_path, "format": plan.data.source, "image_shape": list(arrays.image_shape),
+                 "classes": list(plan.data.classes) if plan.data.classes else None},
+        "model": {"source": plan.model_source, "arch": plan.arch},
+        "config": applied, "provenance": {k: v for k, v in plan.provenance.items() if not isinstance(v, dict)},
+        "before": before, "after": after, "calibration": plan.calibration, "transfer": plan.transfer,
+    }
+    plan.out.mkdir(parents=True, exist_ok=True)
+    exported = user_module(model)  # the user's own class and keys (a split-off Linear put back)
+    torch.save({k: v.detach().cpu() for k, v in exported.state_dict().items()}, plan.out / "model.pt")
+    (plan.out / "config.yaml").write_text(yaml.safe_dump(applied, sort_keys=False))
+    (plan.out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    if plan.tracking_uri is not None:
+        from coun_tune.tracking.apply_run import log_apply_run
+
+        result["mlflow"] = log_apply_run(plan, exported, result)
+        (plan.out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+
+    cols = {"before": before, "after": after}
+    if plan.calibration:
+        cols["search trial"] = plan.calibration
+    rows = [[m, *[c.get(m) for c in cols.values()]] for m in REPORTED]
+    print(table(["metric", *cols], rows))
+    gap_rows = [[k, v] for k, v in sorted(plan.transfer.items())]
+    if plan.calibration.get("forget_gap") is not None or gap_rows:
+        print("\nwhat the search measured for this config against an oracle (none exists for this request):")
+        extra = [[k, plan.calibration[k]] for k in ("forget_gap", "avg_gap") if k in plan.calibration]
+        print(table(["metric", "value"], [[f"calibration {k}", v] for k, v in extra] + gap_rows))
+    print(f"\nrequest {plan.request_sha256[:12]}: {len(plan.forget_idx)} samples; a forgotten random request "
+          "shows forget_acc near test_acc (not 0)")
+    print(f"wrote {plan.out / 'model.pt'} and {plan.out / 'metrics.json'}")
+    if result.get("mlflow"):
+        print(f"MLflow run {result['mlflow']['run_id']}" + (f", registered {result['mlflow']['registered_uri']}"
+                                                            if result["mlflow"].get("registered_uri") else ""))
+    return result
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    execute(build_plan(args))
+    return 0
