@@ -80,10 +80,11 @@ def _tail(text: str, n: int = 4000) -> str:
     return text if len(text) <= n else "..." + text[-n:]
 
 
-def run_cli(args: list[str], *, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`coun-tune ARGS` in its own session; fails the test (with the output's tail) on a
-    non-zero exit or a timeout. Whatever the command leaves running in its session (a local
-    Ray it started, say) is stopped afterwards."""
+def run_cli(args: list[str], *, cwd: Path, env: dict | None = None, timeout: float = 300,
+            expect_rc: int = 0) -> subprocess.CompletedProcess:
+    """`coun-tune ARGS` in its own session; fails the test (with the output's tail) on an exit
+    code other than `expect_rc` or a timeout. Whatever the command leaves running in its
+    session (a local Ray it started, say) is stopped afterwards."""
     proc = subprocess.Popen(cli_command() + list(args), cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -94,7 +95,7 @@ def run_cli(args: list[str], *, cwd: Path, env: dict | None = None, timeout: flo
         pytest.fail(f"`coun-tune {' '.join(args)}` ran over {timeout:.0f} s\n--- stdout\n{_tail(out)}\n--- stderr\n{_tail(err)}")
     finally:
         stop_session(proc.pid, grace=10)
-    if proc.returncode != 0:
+    if proc.returncode != expect_rc:
         pytest.fail(f"`coun-tune {' '.join(args)}` exited {proc.returncode}\n--- stdout\n{_tail(out)}\n--- stderr\n{_tail(err)}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

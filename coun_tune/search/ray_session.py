@@ -22,13 +22,14 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from coun_tune.errors import UsageError
 
-CONNECT_TIMEOUT_S = 45  # whole ray.init(address=...) (Ray itself retries for ever)
+# The whole ray.init(address=...), which Ray itself retries for ever. The variable exists for
+# tests (a listener that never answers); the default keeps a failed connect under a minute.
+CONNECT_TIMEOUT_ENV = "COUN_TUNE_RAY_CONNECT_TIMEOUT_S"
 
 
 def runs_dir() -> Path:
@@ -142,23 +143,21 @@ def check_address(address: str) -> None:
                          "is the Ray head running?") from None
 
 
-def _with_timeout(fn, timeout: float, what: str):
-    box: dict = {}
+def probe_connect(address: str, timeout: float) -> None:
+    """Connect once from a throw-away process, under a timeout: Ray's connect retries for ever
+    and cannot be cancelled from inside (a thread left in it aborts the interpreter at exit)."""
+    import subprocess
+    import sys
 
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise UsageError(f"{what}: no answer within {timeout:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    code = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); ray.shutdown()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=timeout,
+                              start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"--address {address}: no answer within {timeout:.0f} s (is it a Ray head's GCS port?)") from None
+    if proc.returncode != 0:
+        last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no reason given"]
+        raise UsageError(f"--address {address}: Ray could not connect ({last[0][:300]})")
 
 
 def env_vars_for_workers() -> dict[str, str]:
@@ -184,8 +183,8 @@ class RaySession:
         clean_dead_runs(self.log)
         runtime_env = {"env_vars": env_vars_for_workers()} if env_vars_for_workers() else None
         if self.address:
-            _with_timeout(lambda: ray.init(address=self.address, log_to_driver=False, runtime_env=runtime_env),
-                          CONNECT_TIMEOUT_S, f"--address {self.address}")
+            probe_connect(self.address, float(os.environ.get(CONNECT_TIMEOUT_ENV, 45)))
+            ray.init(address=self.address, log_to_driver=False, runtime_env=runtime_env)
             self.started = True
             return self
         # short: Ray's socket paths must fit 107 bytes

@@ -1,0 +1,328 @@
+"""Faults a new user runs into, each through the real CLI, real Ray, real MLflow (SQLite):
+
+- Ctrl-C after the sampler created its last trial ends like an early one (exit 130, resumable,
+  no review/export, no child run left RUNNING) and --resume completes it; a second --resume of
+  the finished search changes nothing; a changed spec is refused.
+- Two searches started at once on a fresh SQLite store both complete, each with its own record.
+- A SIGKILLed driver's Ray processes and temp dir are removed by the next search.
+- Inputs that used to end in a traceback or a hang: --address where nothing listens (or nothing
+  answers), a malformed --tracking-uri on every command, transfer of a search with no completed
+  trial, unlearn into a non-empty directory.
+
+The base models come from the session cache of conftest's `prepared` fixture (the same digits
+scenario, recipe "tiny"), so each search here trains trials only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from _search_helpers import SPACE, child_env, cli_command, run_cli, stop_session, stop_until_gone, write_spec
+from coun_tune.search.progress import TEST_SIGINT_ENV
+from coun_tune.search.ray_session import pids_naming
+
+SPACE2 = {**SPACE, "epochs": 2}
+
+
+def runs(uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    all_runs = client.search_runs([exp.experiment_id]) if exp else []
+    parents = [r for r in all_runs if r.data.tags.get("coun_tune.role") == "search"]
+    children = [r for r in all_runs if r.data.tags.get("coun_tune.role") == "trial"]
+    return client, parents, children
+
+
+def search_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "results").iterdir() if p.is_dir())
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`coun_tune.cli.main` in this process: exit code, stdout, stderr."""
+    from coun_tune.cli import main
+
+    def run(args, cwd):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        rc = main(args)
+        return subprocess.CompletedProcess(args, rc, *capsys.readouterr())
+
+    return run
+
+
+def one_line_error(proc, needle: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+# --- late Ctrl-C, resume, resume of a finished search ------------------------------------------
+
+@pytest.fixture(scope="module")
+def late_ctrl_c(tmp_path_factory, prepared, session_cache_dir):
+    """Search 2 trials one at a time; the driver gets SIGINT once the second (last) trial has
+    reported its first of 2 epochs. Then --resume, then --resume again. Returns what each saw."""
+    root = tmp_path_factory.mktemp("late_ctrl_c")
+    uri = f"sqlite:///{root}/mlflow.db"
+    write_spec(root / "spec.yaml", "late", cache_dir=session_cache_dir, storage_path=root / "results",
+               tracking_uri=uri, num_samples=2, max_concurrent_trials=1, sampler="random", space=SPACE2)
+    env = child_env(COUN_TUNE_CACHE=str(root / "cc"))
+    out = {"root": root, "uri": uri}
+    out["first"] = run_cli(["search", "spec.yaml"], cwd=root, env={**env, TEST_SIGINT_ENV: "1"}, expect_rc=130)
+    exp_dir = search_dirs(root)[0]
+    client, parents, children = runs(uri, "late")
+    out["after_interrupt"] = {"parents": parents, "children": children, "exp_dir": exp_dir,
+                              "state": json.loads((exp_dir / "coun_tune_search.json").read_text()),
+                              "exported": (exp_dir / "exported_knee.yaml").exists()}
+    out["resumed"] = run_cli(["search", "spec.yaml", "--resume"], cwd=root, env=env)
+    client, parents, children = runs(uri, "late")
+    export = exp_dir / "exported_knee.yaml"
+    out["after_resume"] = {"parents": parents, "children": children, "export_mtime": export.stat().st_mtime_ns,
+                           "artifacts": sorted(a.path for a in client.list_artifacts(parents[0].info.run_id)),
+                           "state": json.loads((exp_dir / "coun_tune_search.json").read_text())}
+    out["again"] = run_cli(["search", "spec.yaml", "--resume"], cwd=root, env=env)
+    client, parents, children = runs(uri, "late")
+    out["after_again"] = {"parents": parents, "children": children, "export_mtime": export.stat().st_mtime_ns,
+                          "artifacts": sorted(a.path for a in client.list_artifacts(parents[0].info.run_id))}
+    return out
+
+
+def test_late_ctrl_c_ends_like_an_early_one(late_ctrl_c):
+    seen = late_ctrl_c["after_interrupt"]
+    stdout = late_ctrl_c["first"].stdout
+    assert "search interrupted" in stdout and "Pareto front" not in stdout and "exported" not in stdout
+    assert "1 of 2 trials completed, 0 failed, 1 interrupted" in stdout
+    assert seen["state"]["status"] == "interrupted" and not seen["exported"]
+    (parent,) = seen["parents"]
+    assert parent.data.tags["status"] == "interrupted" and "pareto_size" not in parent.data.metrics
+    assert len(seen["children"]) == 2  # the sampler had created both trials
+    by_status = sorted((c.info.status, c.data.tags.get("status")) for c in seen["children"])
+    assert by_status == [("FINISHED", "completed"), ("KILLED", "interrupted")]
+    assert all("pareto" not in c.data.tags for c in seen["children"])  # no review ran
+
+
+def test_resume_completes_the_late_interrupted_search(late_ctrl_c):
+    seen = late_ctrl_c["after_resume"]
+    (parent,) = seen["parents"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["status"] == "completed"
+    assert seen["state"]["status"] == "finished"
+    assert len(seen["children"]) == 2
+    client, _, _ = runs(late_ctrl_c["uri"], "late")
+    for c in seen["children"]:
+        assert c.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "retain_acc")]
+        assert sorted(steps) == [1, 2]  # the interrupted trial went on from epoch 1: nothing twice
+        assert c.data.tags["pareto"] in ("true", "false")
+    assert "exported the knee config" in late_ctrl_c["resumed"].stdout
+
+
+def test_resume_of_a_finished_search_changes_nothing(late_ctrl_c):
+    before, after = late_ctrl_c["after_resume"], late_ctrl_c["after_again"]
+    assert "already finished" in late_ctrl_c["again"].stdout
+    assert "Pareto front" not in late_ctrl_c["again"].stdout
+    assert after["export_mtime"] == before["export_mtime"]
+    assert after["artifacts"] == before["artifacts"]
+    (p0,), (p1,) = before["parents"], after["parents"]
+    assert (p1.info.status, p1.info.end_time, p1.data.metrics) == (p0.info.status, p0.info.end_time, p0.data.metrics)
+    assert sorted((c.info.run_id, c.info.end_time) for c in after["children"]) == \
+        sorted((c.info.run_id, c.info.end_time) for c in before["children"])
+
+
+def test_trial_progress_is_a_compact_table(late_ctrl_c):
+    lines = late_ctrl_c["resumed"].stdout.splitlines() + late_ctrl_c["first"].stdout.splitlines()
+    header = next(line for line in lines if line.startswith("trial") and "forget_gap" in line)
+    assert header.split()[:5] == ["trial", "status", "epoch", "forget_gap", "retain_acc"]
+    assert {"temperature", "cl_weight", "lr"} <= set(header.split())
+    rows = [line.split() for line in lines if line.split()[1:2] in (["running"], ["done"])]
+    assert {r[2] for r in rows} == {"1/2", "2/2"}
+    assert not any("Trial status" in line or "Result for" in line for line in lines)  # not Tune's dump
+
+
+def test_resume_refuses_a_changed_spec(late_ctrl_c, cli):
+    root = late_ctrl_c["root"]
+    text = (root / "spec.yaml").read_text()
+    (root / "changed.yaml").write_text(text.replace("num_samples: 2", "num_samples: 3"))
+    before = sorted(p.name for p in search_dirs(root))
+    one_line_error(cli(["search", "changed.yaml", "--resume"], root), "the spec changed")
+    assert sorted(p.name for p in search_dirs(root)) == before
+
+
+# --- two searches at once ------------------------------------------------------------------
+
+def test_two_searches_started_at_once_on_a_fresh_store(tmp_path, prepared, session_cache_dir):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    write_spec(tmp_path / "spec.yaml", "twice", cache_dir=session_cache_dir, storage_path=tmp_path / "results",
+               tracking_uri=uri, num_samples=1, max_concurrent_trials=1, sampler="random")
+    results = {}
+
+    def go(k):
+        results[k] = run_cli(["search", "spec.yaml"], cwd=tmp_path, env=child_env(COUN_TUNE_CACHE=str(tmp_path / "cc")))
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [0, 1]  # both exited 0 (run_cli fails the test otherwise)
+    dirs = search_dirs(tmp_path)
+    assert len(dirs) == 2
+    states = [json.loads((d / "coun_tune_search.json").read_text()) for d in dirs]
+    _, parents, children = runs(uri, "twice")
+    assert sorted(s["parent_run_id"] for s in states) == sorted(p.info.run_id for p in parents)
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    assert sorted(c.data.tags["mlflow.parentRunId"] for c in children) == sorted(p.info.run_id for p in parents)
+
+
+# --- a SIGKILLed driver ---------------------------------------------------------------------
+
+def test_the_next_search_removes_what_a_sigkilled_driver_left(tmp_path, prepared, session_cache_dir):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    write_spec(tmp_path / "spec.yaml", "killed", cache_dir=session_cache_dir, storage_path=tmp_path / "results",
+               tracking_uri=uri, num_samples=1, max_concurrent_trials=1, sampler="random")
+    env = child_env(COUN_TUNE_CACHE=str(tmp_path / "cc"))
+    runs_dir = tmp_path / "cc" / "runs"
+    proc = subprocess.Popen(cli_command() + ["search", "spec.yaml"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    temp_dir = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # Ray up, base-model task done, parent run created
+            if list(runs_dir.glob("*.json")) and list((tmp_path / "results").glob("*/coun_tune_search.json")):
+                break
+            assert proc.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.5)
+        (record,) = runs_dir.glob("*.json")
+        rec = json.loads(record.read_text())
+        temp_dir = rec["temp_dir"]
+        assert rec["driver_pid"] == proc.pid and rec["processes"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        time.sleep(2)
+        left = pids_naming(temp_dir)
+        assert left and Path(temp_dir).is_dir()  # the fault: Ray outlives its driver
+
+        nxt = run_cli(["search", "spec.yaml"], cwd=tmp_path, env=env)
+        assert "cleaned up after an earlier coun-tune run" in nxt.stdout
+        assert pids_naming(temp_dir) == [] and not Path(temp_dir).exists()
+        assert not record.exists() and list(runs_dir.glob("*.json")) == []
+        _, parents, _ = runs(uri, "killed")
+        assert sorted(p.info.status for p in parents) == ["FINISHED", "RUNNING"]  # the killed one stays resumable
+    finally:
+        stop_session(proc.pid)
+        if temp_dir:
+            stop_until_gone(lambda: pids_naming(temp_dir))
+
+
+def test_cleanup_leaves_live_runs_and_reused_pids_alone(tmp_path, monkeypatch):
+    from coun_tune.search import ray_session
+
+    monkeypatch.setenv("COUN_TUNE_CACHE", str(tmp_path))
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    sleepers = [subprocess.Popen(["sleep", "300"]) for _ in range(3)]
+    try:
+        me = os.getpid()
+        live = {"driver_pid": me, "driver_start": ray_session.start_time(me), "temp_dir": str(tmp_path / "t1"),
+                "processes": [[sleepers[0].pid, ray_session.start_time(sleepers[0].pid)]]}
+        dead_driver = subprocess.Popen(["true"])
+        dead_driver.wait()
+        dead = {"driver_pid": dead_driver.pid, "driver_start": 1, "temp_dir": str(tmp_path / "t2"),
+                "processes": [[sleepers[1].pid, ray_session.start_time(sleepers[1].pid)],  # ours: stopped
+                              [sleepers[2].pid, 1]]}  # same PID, other start time: a reused PID, kept
+        (runs_dir / "live.json").write_text(json.dumps(live))
+        (runs_dir / "dead.json").write_text(json.dumps(dead))
+        cleaned = ray_session.clean_dead_runs()
+        assert [c["driver_pid"] for c in cleaned] == [dead_driver.pid]
+        time.sleep(0.2)
+        assert sleepers[0].poll() is None and sleepers[2].poll() is None
+        assert sleepers[1].wait(timeout=10) == -signal.SIGTERM
+        assert (runs_dir / "live.json").exists() and not (runs_dir / "dead.json").exists()
+    finally:
+        for s in sleepers:
+            s.kill()
+            s.wait()
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+def _spec(tmp_path: Path) -> Path:
+    return write_spec(tmp_path / "spec.yaml", "inputs", cache_dir=tmp_path / "cache", storage_path=tmp_path / "results",
+                      tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", num_samples=1)
+
+
+def test_address_where_nothing_listens_fails_fast(tmp_path, cli):
+    _spec(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    proc = cli(["search", "spec.yaml", "--address", f"127.0.0.1:{port}"], tmp_path)
+    assert time.monotonic() - t0 < 60
+    one_line_error(proc, "nothing answers there")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_address_that_never_answers_times_out_with_one_line(tmp_path):
+    """A listener that accepts and never speaks (a wrong port, a firewall): Ray would retry
+    for ever; the connect gives up after its timeout (45 s; 5 s here)."""
+    _spec(tmp_path)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    port = srv.getsockname()[1]
+    env = child_env(COUN_TUNE_RAY_CONNECT_TIMEOUT_S="5", COUN_TUNE_CACHE=str(tmp_path / "cc"))
+    try:
+        t0 = time.monotonic()
+        proc = run_cli(["search", "spec.yaml", "--address", f"127.0.0.1:{port}"], cwd=tmp_path, env=env,
+                       timeout=60, expect_rc=2)
+        assert time.monotonic() - t0 < 60
+    finally:
+        srv.close()
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("coun-tune: error")]
+    assert len(lines) == 1 and "no answer within 5 s" in lines[0], proc.stderr
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+@pytest.mark.parametrize("command", [["search", "spec.yaml"], ["pareto", "x"], ["export", "x", "--output", "o.yaml"],
+                                     ["transfer", "x"]])
+def test_tracking_uri_flag_is_checked_on_every_command(tmp_path, cli, command):
+    _spec(tmp_path)
+    one_line_error(cli([*command, "--tracking-uri", "./mlflow.db"], tmp_path), "--tracking-uri './mlflow.db'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_transfer_of_a_search_without_completed_trials(tmp_path, cli):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("empty", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"coun_tune.role": "search"})
+    child = client.create_run(exp, tags={"coun_tune.role": "trial", "mlflow.parentRunId": parent.info.run_id})
+    client.set_terminated(child.info.run_id, status="FAILED")
+    one_line_error(cli(["transfer", "empty", "--tracking-uri", uri], tmp_path), "no completed trial")
+
+
+def test_unlearn_into_a_non_empty_directory_needs_overwrite(tmp_path, cli, session_cache_dir, prepared):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["unlearn", "--dataset", "digits", "--recipe", "tiny", "--epochs", "1", "--output", "out",
+            "--cache-dir", str(session_cache_dir), "--threads", "1"]
+    one_line_error(cli(args, tmp_path), "is not empty; pass --overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    proc = cli([*args, "--overwrite"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {"metrics.json", "model.pt", "notes.txt"} <= {p.name for p in out.iterdir()}
