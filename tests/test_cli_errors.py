@@ -66,6 +66,17 @@ def assert_clean_failure(proc, cwd, needle):
     (lambda s: s.replace("{log: [0.03, 0.3]}", "{log: [0.0, 0.3]}"), "log domain needs low > 0"),
     (lambda s: s + "tracking_uri: ./mlflow.db\n", "tracking_uri"),
     (lambda s: "name: [unclosed\n", "not valid YAML"),
+    (lambda s: s.replace("sampler: nsga2", "sampler: nsga2\nsampler: tpe"), "key 'sampler' appears twice (line 9)"),
+    (lambda s: s + "objectives: {forget_gap: min, forget_gap: max}\n", "key 'forget_gap' appears twice (line 10)"),
+    (lambda s: s.replace("lr: {log: [0.01, 0.1]}", "lr: 0"), "space.lr: lr must be >"),
+    (lambda s: s.replace("epochs: 1", "epochs: 0"), "space.epochs: epochs must be >= 1"),
+    (lambda s: s + "storage_path: ftp://host/x\n", "storage_path 'ftp://host/x'"),
+    (lambda s: s + "cache_dir: s3:///nobucket\n", "needs a bucket"),
+    (lambda s: s + "storage_endpoint: 127.0.0.1:9000\n", "storage_endpoint"),
+    (lambda s: s + "scheduler: {type: hyperband}\n", "scheduler must be {type: mo_asha"),
+    (lambda s: s + "scheduler: {type: mo_asha, grace: 1}\n", "unknown key 'grace' in scheduler"),
+    (lambda s: s + "scheduler: {type: mo_asha, reduction_factor: 1}\n", "scheduler.reduction_factor must be an integer >= 2"),
+    (lambda s: s + "scheduler: {type: mo_asha, grace_epochs: 0}\n", "scheduler.grace_epochs must be an integer >= 1"),
 ])
 def test_bad_search_spec(tmp_path, cli, edit, needle):
     (tmp_path / "spec.yaml").write_text(edit(GOOD_SPEC))
@@ -110,6 +121,13 @@ def test_bad_unlearn_input(tmp_path, cli, args, needle):
 def test_bad_unlearn_input_in_a_fresh_process(tmp_path):
     proc = run_cli(["unlearn", "--temperature", "-0.1", "--output", "out"], tmp_path)
     assert_clean_failure(proc, tmp_path, "temperature must be > 0")
+
+
+def test_duplicate_key_in_an_unlearn_config(tmp_path, cli):
+    (tmp_path / "c.yaml").write_text("method: coun\nhparams: {lr: 0.05, epochs: 1, lr: 0.5}\n")
+    proc = cli(["unlearn", "--config", "c.yaml", "--output", "out"], tmp_path)
+    assert proc.returncode == 2 and "key 'lr' appears twice (line 2)" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
 def test_config_seed_is_read_and_flags_override_it():

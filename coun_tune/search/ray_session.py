@@ -191,11 +191,12 @@ class RaySession:
         self.temp_dir = tempfile.mkdtemp(prefix="ctune-ray-")
         self.started = True
         try:
+            # No dashboard (its headless process listens on 127.0.0.1 only). GCS, raylet, object
+            # manager and worker gRPC ports listen on all interfaces in Ray 2.60 whatever the node
+            # IP (a 127.0.0.1 node IP is rewritten to the machine's address): token auth, on by
+            # default, is what guards them; nothing here turns it off.
             ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     _temp_dir=self.temp_dir, runtime_env=runtime_env,
-                     # the dashboard (off) and Ray Client would bind here; GCS/raylet ports do not
-                     # honour it in Ray 2.60 (they listen on all interfaces, token-authenticated)
-                     _node_ip_address="127.0.0.1")
+                     _temp_dir=self.temp_dir, runtime_env=runtime_env)
         finally:
             self.record = write_record(self.temp_dir)
         return self
