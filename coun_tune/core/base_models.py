@@ -6,11 +6,17 @@ Cache layout: <cache_dir>/models/<key>/{model.pt, meta.json}; meta.json holds th
 model.pt (checked on every load), the key's inputs, the training wall time and the model's
 metrics on each split it has been evaluated on (keyed by split hash).
 A second run on the same scenario trains nothing and says so.
+
+cache_dir is a local/NFS path or s3://bucket/prefix (read and written through storage.py). On
+a cluster the base models are trained once (by a Ray task) and every trial, on any node, reads
+the same bytes: the weights are read straight into memory and checksummed there, with no local
+copy (a copy would need its own invalidation, and a trial reads each model once).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -21,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from coun_tune.core import storage
 from coun_tune.core.batching import shuffled_batches
 from coun_tune.core.datasets import DatasetArrays
 from coun_tune.core.engine import ScenarioData, evaluate_scenario
@@ -35,7 +42,8 @@ CACHE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
-    """$COUN_TUNE_CACHE, else ~/.cache/coun-tune. On a cluster point it at shared storage."""
+    """$COUN_TUNE_CACHE, else ~/.cache/coun-tune. On a cluster point it at shared storage
+    (cache_dir: s3://bucket/prefix in the spec, or a filesystem mounted on every node)."""
     return Path(os.environ.get("COUN_TUNE_CACHE") or Path.home() / ".cache" / "coun-tune")
 
 
@@ -44,7 +52,8 @@ def train_from_scratch(model: FeatureClassifier, x: torch.Tensor, y: torch.Tenso
     """Train `model` in place on x (N, C, H, W) uint8 / y (N,) with cross-entropy, CHN
     augmentation, SGD and step decay. Returns the wall seconds. The original gets the whole
     training split in its stored order (so it is the same model whatever is forgotten later);
-    the oracle gets D_r."""
+    the oracle gets D_r. `log` gets one line per epoch: role, epoch k/N, mean loss, train
+    accuracy (on the augmented batches, as trained), seconds per epoch and the time left."""
     device = x.device
     generator = torch.Generator(device=device).manual_seed(seed + (0 if role == "original" else 1))
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
@@ -53,23 +62,38 @@ def train_from_scratch(model: FeatureClassifier, x: torch.Tensor, y: torch.Tenso
     t0 = time.perf_counter()
     model.train()
     for epoch in range(recipe.epochs):
+        # summed on the device, read once per epoch: a .item() per batch would sync a GPU
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
         for idx in shuffled_batches(len(y), recipe.batch_size, generator, device):
-            loss = torch.nn.functional.cross_entropy(model(augmenter(x[idx], generator)), y[idx])
+            logits = model(augmenter(x[idx], generator))
+            loss = torch.nn.functional.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == y[idx]).sum()
         sched.step()
-        if (epoch + 1) % max(1, recipe.epochs // 5) == 0 or epoch + 1 == recipe.epochs:
-            log(f"  {role}: epoch {epoch + 1}/{recipe.epochs}, loss {loss.item():.4f}")
+        log(epoch_line(role, epoch + 1, recipe.epochs, loss_sum.item() / len(y), 100.0 * correct.item() / len(y),
+                       time.perf_counter() - t0))
     return time.perf_counter() - t0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def epoch_line(role: str, epoch: int, epochs: int, loss: float, train_acc: float, elapsed: float) -> str:
+    """One progress line: `original: epoch 3/30  loss 0.4123  train_acc 87.21%  12.3 s/epoch  ETA 5m32s`.
+    elapsed: wall seconds since training started; the ETA assumes the mean epoch so far."""
+    per_epoch = elapsed / epoch
+    return (f"{role}: epoch {epoch}/{epochs}  loss {loss:.4f}  train_acc {train_acc:.2f}%  "
+            f"{per_epoch:.1f} s/epoch  ETA {_duration(per_epoch * (epochs - epoch))}")
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
 
 
 # Bump when train_from_scratch (or anything it calls: augmentation, batching, init) changes
@@ -91,19 +115,26 @@ def cache_key(data: DatasetArrays, split: Split, scenario: Scenario, role: str) 
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
 
 
-def load_cached(entry: Path) -> tuple[dict, dict] | None:
+def load_cached(entry: str | Path) -> tuple[dict, dict] | None:
     """(state_dict, meta) if the entry exists and its checksum holds, else None. A checksum
-    mismatch is an error, not a silent retrain: the file was corrupted or tampered with."""
-    meta_path, model_path = entry / "meta.json", entry / "model.pt"
-    if not (meta_path.is_file() and model_path.is_file()):
+    mismatch is an error, not a silent retrain: the file was corrupted or tampered with.
+    `entry` is a local path or s3://...; the bytes checked are the bytes loaded."""
+    meta_path, model_path = storage.join(str(entry), "meta.json"), storage.join(str(entry), "model.pt")
+    try:
+        meta_bytes, blob = storage.read_bytes(meta_path), storage.read_bytes(model_path)
+    except FileNotFoundError:  # meta.json is written last: without it the entry is not complete
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+        meta = json.loads(meta_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"cache entry {str(entry)!r} has a corrupted meta.json: delete the folder to retrain") from None
-    if _sha256(model_path) != meta.get("sha256"):
-        raise UsageError(f"cached model {str(model_path)!r} fails its checksum: delete {str(entry)!r} to retrain")
-    return torch.load(model_path, map_location="cpu", weights_only=True), meta
+    if not isinstance(meta, dict) or _sha256(blob) != meta.get("sha256"):
+        raise UsageError(f"cached model {model_path!r} fails its checksum: delete {str(entry)!r} to retrain")
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), meta
+
+
+def _write_json(entry: str, meta: dict) -> None:
+    storage.write_bytes(storage.join(entry, "meta.json"), json.dumps(meta, indent=2).encode())
 
 
 @dataclass
@@ -113,7 +144,7 @@ class BaseModels:
     original_metrics: dict[str, float]
     oracle_metrics: dict[str, float]
     from_cache: dict[str, bool]
-    cache_entries: dict[str, Path]
+    cache_entries: dict[str, Path | str]  # a Path for a local cache, the s3:// URI otherwise
 
 
 def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, scen_data: ScenarioData,
@@ -128,8 +159,8 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
     models, metrics, from_cache, entries = {}, {}, {}, {}
     for role in roles:
         key, inputs = cache_key(data, split, scenario, role)
-        entry = Path(cache_dir) / "models" / key
-        entries[role] = entry
+        entry = storage.join(str(cache_dir), "models", key)
+        entries[role] = entry if storage.is_remote(entry) else Path(entry)
         model = build_model(scenario.arch_name, in_ch, data.num_classes).to(device)
         cached = load_cached(entry)
         if cached is not None:
@@ -139,7 +170,7 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
             log(f"{role}: loaded from cache {entry}")
         elif not train_missing:
             raise RuntimeError(f"{role} model missing from the cache at {entry}: on a cluster, cache_dir must be "
-                               "shared storage mounted at the same path on every node")
+                               "s3://bucket/prefix or shared storage mounted at the same path on every node")
         else:
             log(f"{role}: training {scenario.arch_name} with recipe {scenario.recipe_name!r} ({scenario.train_recipe.epochs} epochs)")
             if role == "original":
@@ -150,11 +181,13 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
             model = build_model(scenario.arch_name, in_ch, data.num_classes).to(device)
             seconds = train_from_scratch(model, x, y, scen_data.augmenter, scenario.train_recipe, scenario.seed, role, log)
             del x, y
-            entry.mkdir(parents=True, exist_ok=True)
-            tmp = entry / f"model.pt.{os.getpid()}.tmp"  # unique: concurrent runs may share a cache
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-            tmp.replace(entry / "model.pt")
-            meta = {"sha256": _sha256(entry / "model.pt"), "key_inputs": inputs, "wall_seconds": seconds,
+            buf = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+            blob = buf.getvalue()
+            # atomic writes (storage.write_bytes): concurrent runs may share a cache; model.pt
+            # first, meta.json (with its checksum) last, so an entry is complete once it has one
+            storage.write_bytes(storage.join(entry, "model.pt"), blob)
+            meta = {"sha256": _sha256(blob), "key_inputs": inputs, "wall_seconds": seconds,
                     "metrics_by_split": {}}
             from_cache[role] = False
             log(f"{role}: trained in {seconds:.1f}s, cached at {entry}")
@@ -166,9 +199,7 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
             m = evaluate_scenario(model, scen_data)  # MIA members drawn from the split
             m["wall_seconds"] = meta.get("wall_seconds", 0.0)
             by_split[split.split_hash] = m
-            tmp = entry / f"meta.json.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(meta, indent=2))
-            tmp.replace(entry / "meta.json")
+            _write_json(entry, meta)
         metrics[role] = by_split[split.split_hash]
         models[role] = model.eval()
     if "original" in metrics and "oracle" in metrics:

@@ -44,7 +44,7 @@ def prepare(scenario: Scenario, cache_dir: str | Path | None = None, device: tor
             train_missing: bool = True) -> Prepared:
     """Everything a run needs before unlearning starts. `data` may be passed in (a search puts
     it in the Ray object store once and hands it to every trial)."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = str(cache_dir) if cache_dir else str(default_cache_dir())  # a path or s3:// (never Path(): it eats //)
     device = pick_device(str(device) if device else None)
     if data is None:
         data = load_dataset(scenario.dataset, scenario.data_root)
@@ -78,7 +78,7 @@ def unlearn_sequential(scenario: Scenario, method: str, hparams: dict[str, Any],
     starting from the previous one's model, and measure after each request against the oracle
     of the data remaining at that point (trained, or read from the cache, per request).
     Returns (final model, one record per request: its split, the oracle's and the model's metrics)."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = str(cache_dir) if cache_dir else str(default_cache_dir())  # a path or s3:// (never Path(): it eats //)
     device = pick_device(str(device) if device else None)
     data = data if data is not None else load_dataset(scenario.dataset, scenario.data_root)
     splits = sequential_splits(data, list(scenario.forget), scenario.forget_seed, cache_dir)

@@ -7,8 +7,9 @@ A forget spec is a short string:
   ids:PATH        an explicit list: a Parquet file with an integer column `index`
 
 For (dataset, spec, seed) the indices are computed once and written as Parquet with a content
-hash (`split_hash`); the original model, the oracle and every unlearning run read the same
-file, so theta_o trains on exactly D_r + D_u and theta_r on exactly D_r (METHOD.md section 5).
+hash (`split_hash`) under <cache_dir>/splits/ (a local path or s3://..., see storage.py); the
+original model, the oracle and every unlearning run read the same file, so theta_o trains on
+exactly D_r + D_u and theta_r on exactly D_r (METHOD.md section 5).
 pyarrow is imported lazily: the rest of `core` runs with torch alone.
 """
 
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from coun_tune.core import storage
 from coun_tune.core.datasets import DatasetArrays
 from coun_tune.errors import UsageError
 
@@ -166,10 +167,10 @@ def _register(data: DatasetArrays, fingerprint: str, key_parts: list, spec_text:
     import pyarrow.parquet as pq
 
     key = hashlib.sha256(json.dumps([fingerprint, key_parts, seed]).encode()).hexdigest()[:20]
-    path = Path(cache_dir) / "splits" / data.name / f"{key}.parquet"
-    if path.is_file():
+    path = storage.join(str(cache_dir), "splits", data.name, f"{key}.parquet")  # local path or s3://
+    if storage.exists(path):
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(pa.BufferReader(storage.read_bytes(path)))
             meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
             role = np.asarray(table.column("role").to_pylist())
             index = table.column("index").to_numpy().astype(np.int64)
@@ -189,10 +190,9 @@ def _register(data: DatasetArrays, fingerprint: str, key_parts: list, spec_text:
             "split_hash": split_hash, "dataset": data.name, "dataset_fingerprint": fingerprint,
             "spec": spec_text, "seed": str(seed),
         })
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)  # atomic: concurrent trials never read a half-written split
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        storage.write_bytes(path, buf.getvalue().to_pybytes())  # atomic: no trial reads a half-written split
     retain = np.setdiff1d(np.arange(len(data.train_y), dtype=np.int64), forget)
     return Split(data.name, spec_text, seed, forget, retain, test_idx, split_hash)
 

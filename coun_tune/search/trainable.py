@@ -9,9 +9,12 @@ scheduler, method and RNG state); a retried or restored trial resumes from it ex
 from __future__ import annotations
 
 import json
+import queue
+import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -21,6 +24,7 @@ from coun_tune.core.datasets import DatasetArrays
 from coun_tune.core.engine import resolve_hparams
 from coun_tune.core.pipeline import prepare, unlearn
 from coun_tune.core.recipes import Scenario
+from coun_tune.errors import UsageError
 from coun_tune.tracking.trial_logger import EPOCHS_PLANNED
 
 STATE_FILE = "state.pt"
@@ -66,12 +70,70 @@ def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
             mia_epochs=run_info.get("mia_epochs", ()))
 
 
-def ensure_base_models_task(scenario: dict, cache_dir: str, data: DatasetArrays, cpus: int) -> dict:
+def ensure_base_models_task(scenario: dict, cache_dir: str, data: DatasetArrays, cpus: int,
+                            log: Callable[[str], None] | None = None) -> dict:
     """Run as a Ray task before the tuner starts: train theta_o / theta_r if the cache lacks
-    them. Returns what the driver prints: metrics and whether each came from the cache."""
+    them. Returns what the driver prints: metrics and whether each came from the cache.
+    `log` gets each progress line as it happens (one per training epoch)."""
     torch.set_num_threads(max(1, cpus))
     lines: list[str] = []
-    prep = prepare(Scenario(**scenario), cache_dir, log=lines.append, data=data)
+
+    def record(line: str) -> None:
+        lines.append(line)
+        if log is not None:
+            log(line)
+
+    prep = prepare(Scenario(**scenario), cache_dir, log=record, data=data)
     return {"original": prep.base.original_metrics, "oracle": prep.base.oracle_metrics,
             "from_cache": prep.base.from_cache, "log": lines, "split_hash": prep.split.split_hash,
             "num_forget": int(len(prep.split.forget_idx)), "num_retain": int(len(prep.split.retain_idx))}
+
+
+_DONE = object()
+
+
+def _base_models_stream(scenario: dict, cache_dir: str, data: DatasetArrays, cpus: int):
+    """A Ray streaming-generator task: yields each progress line (str) as training produces it,
+    then the result dict of ensure_base_models_task. Training runs in a thread of the task and
+    hands lines over a queue, because the core training loop reports through a callback."""
+    lines: queue.Queue = queue.Queue()
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["result"] = ensure_base_models_task(scenario, cache_dir, data, cpus, log=lines.put)
+        except BaseException as e:  # re-raised in the task below, so Ray reports it as the task's error
+            box["error"] = e
+        finally:
+            lines.put(_DONE)
+
+    worker = threading.Thread(target=work, name="base-models", daemon=True)
+    worker.start()
+    while (line := lines.get()) is not _DONE:
+        yield line
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    yield box["result"]
+
+
+def ensure_base_models_streaming(scenario: dict, cache_dir: str, data_ref, resources: dict, out=sys.stdout) -> dict:
+    """Make sure theta_o and theta_r are in the cache (training them in a Ray task on whichever
+    node has the resources) and print the task's progress lines to `out` as they arrive: the
+    driver's init_ray sets log_to_driver=False, so a task's stdout would never reach it.
+    resources: {"cpu": ..., "gpu": ...}. Returns ensure_base_models_task's dict; a UsageError
+    raised on the worker (a corrupted cache file, say) is raised here as itself."""
+    import ray
+
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], num_returns="streaming")(_base_models_stream)
+    try:
+        for ref in task.remote(scenario, cache_dir, data_ref, int(max(1, resources["cpu"]))):
+            item = ray.get(ref)
+            if isinstance(item, dict):
+                return item
+            print(item, file=out, flush=True)
+    except ray.exceptions.RayTaskError as e:  # bad input found on the worker: its one line, not a traceback
+        if isinstance(e.cause, UsageError):
+            raise e.cause from None
+        raise
+    raise RuntimeError("the base-model task ended without a result")
