@@ -87,3 +87,27 @@ def test_broken_cluster_yaml_is_rejected(offline, mutate, message):
     with pytest.raises(jsonschema.ValidationError) as err:
         validate(cfg)
     assert message in str(err.value)
+
+
+def test_cluster_yaml_gives_workers_s3_and_keeps_the_dashboard_on_loopback(offline):
+    from ray.autoscaler._private.aws.config import DEFAULT_RAY_INSTANCE_PROFILE
+
+    prepared = validate(load())
+    head = prepared["head_node_type"]
+    # S3 is the shared storage: `ray up` gives the head Ray's default instance profile (it
+    # carries S3 access); every worker type must get an instance profile too, or trials on it
+    # cannot read the base models or write checkpoints to s3://
+    assert "IamInstanceProfile" not in prepared["available_node_types"][head]["node_config"]  # Ray's default
+    for name, v in prepared["available_node_types"].items():
+        if name != head:
+            assert v["node_config"]["IamInstanceProfile"] == {"Name": DEFAULT_RAY_INSTANCE_PROFILE}, name
+    commands = [c for k in ("head_start_ray_commands", "worker_start_ray_commands", "setup_commands",
+                            "head_setup_commands", "worker_setup_commands") for c in prepared[k]]
+    assert not any("0.0.0.0" in c for c in commands)
+    (head_start,) = [c for c in prepared["head_start_ray_commands"] if "ray start --head" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start
+    # token auth on both node kinds
+    for c in commands:
+        if "ray start" in c:
+            assert "RAY_AUTH_MODE=token" in c, c
+    assert any("boto3" in c for c in prepared["head_setup_commands"])  # mlflow server -> S3 artifacts
