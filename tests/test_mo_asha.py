@@ -131,3 +131,121 @@ def test_tune_glue_returns_tune_decisions_and_resumes_from_its_state_file(tmp_pa
     assert again.on_trial_result(None, trial("a"), res(2, 1, 99)) == MOASHA.CONTINUE
     assert again.on_trial_result(None, trial("a"), res(3, 1, 99)) == MOASHA.CONTINUE
     assert "MOASHA" in again.debug_string()
+
+
+# --- one real search with the scheduler on ---------------------------------------------------
+
+E2E_SPEC = """\
+name: asha
+scenario: {{dataset: digits, forget: "random:0.1", seed: 0, recipe: tiny}}
+method: coun
+objectives: {{avg_gap: min, retain_acc: max}}
+space:
+  temperature: {{log: [0.03, 0.3]}}
+  cl_weight: {{log: [0.1, 6.0]}}
+  lr: {{log: [0.001, 0.1]}}
+  epochs: 3
+sampler: random
+num_samples: 6
+max_concurrent_trials: 1
+resources_per_trial: {{cpu: 1, gpu: 0}}
+seed: 0
+scheduler: {{type: mo_asha, grace_epochs: 1, reduction_factor: 3}}
+storage_path: {root}/results
+tracking_uri: sqlite:///{root}/mlflow.db
+cache_dir: {root}/cache
+"""
+
+
+def brute_force_continues(points: list[tuple[float, float]], eta: int) -> list[bool]:
+    """Independent re-derivation of the rung rule for points arriving one by one (avg_gap min,
+    retain_acc max): pairwise dominance peeled into fronts, NSGA-II crowding inside the front,
+    continue iff fewer than ceil(n / eta) points rank strictly ahead."""
+    def dominates(a, b):
+        return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
+
+    out = []
+    for n in range(1, len(points) + 1):
+        seen, left, rank = points[:n], set(range(n)), {}
+        r = 0
+        while left:
+            front = {i for i in left if not any(dominates(seen[j], seen[i]) for j in left if j != i)}
+            rank.update({i: r for i in front})
+            left -= front
+            r += 1
+        crowd = {}
+        for f in set(rank.values()):
+            members = [i for i in rank if rank[i] == f]
+            crowd.update({i: 0.0 for i in members})
+            for j in range(2):
+                order = sorted(members, key=lambda i: seen[i][j])
+                span = seen[order[-1]][j] - seen[order[0]][j]
+                crowd[order[0]] = crowd[order[-1]] = math.inf
+                for k in range(1, len(order) - 1):
+                    if span > 0 and crowd[order[k]] != math.inf:
+                        crowd[order[k]] += (seen[order[k + 1]][j] - seen[order[k - 1]][j]) / span
+        me = n - 1
+        ahead = sum((rank[i], -crowd[i]) < (rank[me], -crowd[me]) for i in range(n))
+        out.append(ahead < math.ceil(n / eta))
+    return out
+
+
+@pytest.mark.slow
+def test_a_search_with_mo_asha_prunes_honestly(tmp_path):
+    import glob
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    (tmp_path / "spec.yaml").write_text(E2E_SPEC.format(root=tmp_path))
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "coun_tune", "search", "spec.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("asha").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("coun_tune.role") == "search")
+    trials = sorted((r for r in runs if r.data.tags.get("coun_tune.role") == "trial"), key=lambda r: r.info.start_time)
+    assert len(trials) == 6
+
+    def steps(run, key):
+        return [m.step for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+    # one trial at a time, so the arrival order at the epoch-1 rung is the start order
+    at_rung = [tuple(next(m.value for m in client.get_metric_history(t.info.run_id, k) if m.step == 1)
+                     for k in ("avg_gap", "retain_acc")) for t in trials]
+    expected = brute_force_continues(at_rung, eta=3)
+    assert [t.info.status for t in trials] == ["FINISHED" if c else "KILLED" for c in expected]
+    pruned = [t for t in trials if t.info.status == "KILLED"]
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    assert pruned and finished, at_rung  # both paths ran
+    for t in pruned:
+        assert t.data.metrics["pruned_at_epoch"] == 1 and t.data.tags["status"] == "pruned"
+        assert steps(t, "retain_acc") == [1] and steps(t, "avg_gap") == [1]
+        assert "pareto" not in t.data.tags
+    for t in finished:
+        assert steps(t, "retain_acc") == [1, 2, 3]
+        assert steps(t, "avg_gap") == [1, 3]  # the MIA (hence avg_gap) at the rung and the end only
+        assert t.data.tags["pareto"] in ("true", "false")
+    # the front, hypervolume and trials table are built from the finished trials only
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.metrics["pareto_size"] == sum(t.data.tags["pareto"] == "true" for t in finished)
+
+    # Optuna was told the truth: Tune's saved searcher state holds the study
+    exp_dir = next(p for p in glob.glob(str(tmp_path / "results" / "asha*")) if os.path.isdir(p))
+    with open(sorted(glob.glob(os.path.join(exp_dir, "searcher-state-*.pkl")))[-1], "rb") as f:
+        study = pickle.load(f)["_ot_study"]
+    by_lr = {round(t.params["lr"], 12): t for t in study.trials}
+    for t in trials:
+        ot = by_lr[round(float(t.data.params["lr"]), 12)]
+        if t.info.status == "KILLED":
+            assert ot.state == TrialState.PRUNED and ot.values is None
+            assert ot.user_attrs["pruned_at_epoch"] == 1
+        else:
+            assert ot.state == TrialState.COMPLETE
+            assert ot.values == pytest.approx([t.data.metrics["avg_gap"], t.data.metrics["retain_acc"]])

@@ -21,13 +21,14 @@ import time
 from ray.tune import Callback
 
 from coun_tune.report import table
+from coun_tune.tracking.trial_logger import pruned_at_epoch
 
 # Test-only (tests/test_faults.py): when set, the driver sends itself SIGINT, as a Ctrl-C would
 # arrive, once the sampler has created the search's last trial and that trial has reported its
 # first epoch: a deterministic "late Ctrl-C". Read at call time, so a --resume without it runs on.
 TEST_SIGINT_ENV = "COUN_TUNE_TEST_SIGINT_AFTER_LAST_TRIAL_STARTS"
 
-COMPLETED, FAILED, INTERRUPTED = "done", "failed", "interrupted"
+COMPLETED, FAILED, INTERRUPTED, PRUNED = "done", "failed", "interrupted", "pruned"  # pruned: early-stopped
 SUMMARY_ROWS = 30  # one screen; MLflow holds every trial
 
 
@@ -105,7 +106,7 @@ class TrialProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._row(trial)
-        self._show(trial.trial_id, COMPLETED)
+        self._show(trial.trial_id, PRUNED if pruned_at_epoch(trial.last_result or {}) is not None else COMPLETED)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._row(trial)
@@ -114,7 +115,7 @@ class TrialProgress(Callback):
     def on_experiment_end(self, trials, **info):
         for t in trials:  # created but never ended (stopped by Ctrl-C, or never started)
             row = self._row(t)
-            if row["status"] not in (COMPLETED, FAILED):
+            if row["status"] not in (COMPLETED, FAILED, PRUNED):
                 row["status"] = INTERRUPTED
         TrialProgress.ends_by_search[self.search_name] = {tid: dict(r) for tid, r in self.trials.items()}
 
@@ -129,7 +130,8 @@ def summary(progress_rows: dict[str, dict], objectives: list[str], params: list[
             wall_s: float) -> str:
     """The end-of-search screen: counts, then up to SUMMARY_ROWS trials in trial order."""
     status = [r.get("status") for r in progress_rows.values()]
-    head = (f"{status.count(COMPLETED)} of {num_samples} trials completed, {status.count(FAILED)} failed, "
+    pruned = f", {status.count(PRUNED)} pruned by early stopping" if PRUNED in status else ""
+    head = (f"{status.count(COMPLETED)} of {num_samples} trials completed{pruned}, {status.count(FAILED)} failed, "
             f"{status.count(INTERRUPTED)} interrupted; {wall_s:.0f} s")
     rows = []
     for tid, r in sorted(progress_rows.items(), key=lambda kv: kv[1].get("n", 0))[:SUMMARY_ROWS]:

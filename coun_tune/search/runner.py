@@ -41,13 +41,14 @@ class RunInfo:
     cache_dir: str
     mia_every: int
     cpus: float
+    mia_epochs: list[int]  # early-stopping rungs where an objective needs the MIA (else [])
 
     @classmethod
     def of(cls, plan: SearchPlan) -> "RunInfo":
         s = plan.spec
         return cls(scenario=s.scenario.to_dict(), method=s.method, fixed=dict(s.fixed), batch_size=s.batch_size,
                    seed=s.scenario.seed, cache_dir=plan.cache_dir, mia_every=s.mia_every,
-                   cpus=s.resources_per_trial["cpu"])
+                   cpus=s.resources_per_trial["cpu"], mia_epochs=mia_rung_epochs(s))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,16 +100,47 @@ def make_sampler(spec: SearchSpec):
 
 
 def make_searcher(spec: SearchSpec):
-    from ray.tune.search.optuna import OptunaSearch
+    # tells trials the scheduler stopped to Optuna as PRUNED (Ray's OptunaSearch: COMPLETE)
+    from coun_tune.search.samplers import PruningOptunaSearch
 
-    return OptunaSearch(space=optuna_space(spec.space), metric=list(spec.objectives),
-                        mode=list(spec.objectives.values()), sampler=make_sampler(spec), seed=spec.seed)
+    return PruningOptunaSearch(space=optuna_space(spec.space), metric=list(spec.objectives),
+                               mode=list(spec.objectives.values()), sampler=make_sampler(spec), seed=spec.seed)
 
 
-def tune_config(spec: SearchSpec, searcher):
+def make_scheduler(plan: SearchPlan):
+    """None (every trial runs its budget), or MOASHA with its rungs kept beside a local
+    experiment (Tune saves no scheduler state; on s3:// a resumed search starts empty rungs)."""
+    cfg = getattr(plan.spec, "scheduler", None)
+    if not cfg:
+        return None
+    from coun_tune.search.scheduler import MOASHA
+
+    state = None if storage.is_remote(plan.exp_uri) else os.path.join(plan.exp_uri, "mo_asha_state.json")
+    return MOASHA(plan.spec.objectives, cfg["grace_epochs"], cfg["reduction_factor"], state_path=state)
+
+
+MIA_OBJECTIVES = ("mia_efficacy", "mia_loss_attack_acc", "mia_gap", "avg_gap")
+
+
+def mia_rung_epochs(spec: SearchSpec) -> list[int]:
+    """The rung epochs (up to the largest epochs the space allows) when the scheduler is on and
+    an objective needs the SVC MIA, which is otherwise computed at the last epoch only."""
+    cfg = getattr(spec, "scheduler", None)
+    if not cfg or not any(m in MIA_OBJECTIVES for m in spec.objectives):
+        return []
+    from coun_tune.core.engine import resolve_hparams
+    from coun_tune.search.scheduler import rung_epochs
+
+    d = spec.space.get("epochs")
+    top = resolve_hparams(spec.method, dict(spec.fixed))["epochs"] if d is None else \
+        max(d.choices) if d.kind == "choice" else d.high
+    return rung_epochs(cfg["grace_epochs"], cfg["reduction_factor"], int(top))
+
+
+def tune_config(spec: SearchSpec, searcher, scheduler=None):
     from ray import tune
 
-    return tune.TuneConfig(search_alg=searcher, num_samples=spec.num_samples,
+    return tune.TuneConfig(search_alg=searcher, num_samples=spec.num_samples, scheduler=scheduler,
                            max_concurrent_trials=spec.max_concurrent_trials)
 
 
@@ -153,18 +185,11 @@ def run_search(spec: SearchSpec, address: str | None = None, tracking_uri: str |
 def train_base_models(plan: SearchPlan, data_ref, out) -> dict:
     """The original and the oracle, trained once into the cache by a Ray task (on a cluster: on
     a node with the trial's resources) unless the cache has them."""
-    import ray
+    from coun_tune.search.trainable import ensure_base_models_streaming
 
-    from coun_tune.search.trainable import ensure_base_models_task
-
-    res = plan.spec.resources_per_trial
-    try:
-        base = ray.get(ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"])(ensure_base_models_task).remote(
-            plan.spec.scenario.to_dict(), plan.cache_dir, data_ref, int(max(1, res["cpu"]))))
-    except ray.exceptions.RayTaskError as e:  # a bad input found on the worker: its one line, not a traceback
-        if isinstance(e.cause, UsageError):
-            raise e.cause from None
-        raise
+    # streams one line per training epoch to `out`; a UsageError on the worker comes back as itself
+    base = ensure_base_models_streaming(plan.spec.scenario.to_dict(), plan.cache_dir, data_ref,
+                                        plan.spec.resources_per_trial, out)
     for role in ("original", "oracle"):
         how = "from the cache" if base["from_cache"][role] else "trained now (Ray task)"
         print(f"{role}: {how}; retain_acc {base[role]['retain_acc']:.2f}, forget_acc {base[role]['forget_acc']:.2f}, "
@@ -234,7 +259,7 @@ def build_tuner(plan: SearchPlan, state: SearchState, data_ref):
     progress = TrialProgress(plan.name, list(spec.objectives), list(spec.space), spec.num_samples, epochs)
     return tune.Tuner(
         trainable,
-        tune_config=tune_config(spec, make_searcher(spec)),
+        tune_config=tune_config(spec, make_searcher(spec), make_scheduler(plan)),
         run_config=tune.RunConfig(
             name=plan.name, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs,
             callbacks=[logger, progress], failure_config=tune.FailureConfig(max_failures=1),
@@ -250,13 +275,13 @@ def fit_trials(plan: SearchPlan, tuner) -> tuple[str, dict, float]:
     Interrupted is read from how each trial ended, not from counts: on Ctrl-C Tune saves its
     state, then marks the trials it stops TERMINATED like finished ones, so a Ctrl-C after the
     sampler created its last trial looked like a finished search."""
-    from coun_tune.search.progress import COMPLETED, FAILED as TRIAL_FAILED, trial_rows
+    from coun_tune.search.progress import COMPLETED, FAILED as TRIAL_FAILED, PRUNED, trial_rows
 
     t0 = time.time()
     tuner.fit()
     rows = trial_rows(plan.name)
     ends = [r["status"] for r in rows.values()]
-    if len(ends) < plan.spec.num_samples or any(e not in (COMPLETED, TRIAL_FAILED) for e in ends):
+    if len(ends) < plan.spec.num_samples or any(e not in (COMPLETED, TRIAL_FAILED, PRUNED) for e in ends):
         return INTERRUPTED, rows, time.time() - t0
     return (FINISHED if COMPLETED in ends else FAILED), rows, time.time() - t0
 
