@@ -15,17 +15,25 @@ and anything whose command line names this test's temp dir). Never `ray stop`.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from _search_helpers import (OBJECTIVES, SEARCHED, child_env, cmdline, free_ports, pids_with_arg, run_cli, session_pids,
-                             stop_until_gone, write_spec)
+from _s3_helpers import s3_server  # noqa: F401  (fixture)
+from _search_helpers import (OBJECTIVES, SEARCHED, SPACE, child_env, cmdline, free_port, free_ports, pids_with_arg,
+                             run_cli, session_pids, stop_until_gone, write_spec)
+from coun_tune.core.recipes import Scenario
+from coun_tune.search.plan import SEARCH_STATE
+from coun_tune.search.progress import TEST_SIGINT_ENV
 
 NUM_SAMPLES = 4
 NODE_MEMORY = 2 * 1024**3          # each `ray start` would otherwise claim the machine's memory
@@ -38,9 +46,9 @@ def _ray_exe() -> str:
     return str(exe)
 
 
-def _ray_start(args: list[str], env: dict, sessions: list[int], timeout: float = 120) -> str:
-    proc = subprocess.Popen([_ray_exe(), "start", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+def _ray_start(args: list[str], env: dict, sessions: list[int], timeout: float = 120, cwd: Path | None = None) -> str:
+    proc = subprocess.Popen([_ray_exe(), "start", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     sessions.append(proc.pid)  # its daemons keep this session id after `ray start` exits
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -57,32 +65,45 @@ def _raylet_running(temp_dir: Path) -> bool:
     return any(cmdline(p).split(" ")[0].endswith("/raylet") for p in pids_with_arg(str(temp_dir)))
 
 
-@pytest.fixture
-def two_node_cluster():
+@contextmanager
+def ray_cluster(base: Path, node_envs: dict[str, dict], node_cwds: dict[str, Path] | None = None):
+    """A head node and a worker node (`ray start`, one CPU and one fake GPU each), each started
+    with its own environment (and working directory); yields {"address", "nodes": name -> temp
+    dir}. node_envs must name "head" and "worker". Everything started is stopped by PID."""
     # Short temp dirs: Ray puts Unix sockets under them (108-byte path limit).
-    base = Path(tempfile.mkdtemp(prefix="ctr-", dir="/tmp"))
     head_tmp, worker_tmp = base / "h", base / "w"
     gcs, agent_h, agent_w, metrics_h, metrics_w = free_ports(5)
-    env = child_env(RAY_AUTH_MODE="token")
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "1", "--memory", str(NODE_MEMORY),
               "--object-store-memory", str(NODE_OBJECT_STORE), "--disable-usage-stats"]
+    cwds = node_cwds or {}
     sessions: list[int] = []
     try:
         _ray_start(["--head", "--port", str(gcs), "--include-dashboard=false",
                     "--dashboard-agent-listen-port", str(agent_h), "--metrics-export-port", str(metrics_h),
-                    "--temp-dir", str(head_tmp), *common], env, sessions)
+                    "--temp-dir", str(head_tmp), *common], node_envs["head"], sessions, cwd=cwds.get("head"))
         _ray_start(["--address", f"127.0.0.1:{gcs}", "--dashboard-agent-listen-port", str(agent_w),
-                    "--metrics-export-port", str(metrics_w), "--temp-dir", str(worker_tmp), *common], env, sessions)
+                    "--metrics-export-port", str(metrics_w), "--temp-dir", str(worker_tmp), *common],
+                   node_envs["worker"], sessions, cwd=cwds.get("worker"))
         for d in (head_tmp, worker_tmp):
             assert _raylet_running(d), f"no raylet running with temp dir {d}"
-        yield {"address": f"127.0.0.1:{gcs}", "env": env, "nodes": {"head": head_tmp, "worker": worker_tmp}}
+        yield {"address": f"127.0.0.1:{gcs}", "nodes": {"head": head_tmp, "worker": worker_tmp}}
     finally:
         # The agents rename their command line (ray::DashboardAgent), hence the sessions too.
         # gcs_server and the autoscaler monitor may sit out a SIGTERM for 30 s and more: a
         # short grace, then SIGKILL (what `ray stop` does after its grace period).
         left = stop_until_gone(lambda: _our_pids(base, sessions), grace=8)
-        shutil.rmtree(base, ignore_errors=True)
         assert not left, f"Ray processes of this test still running: {left}"
+
+
+@pytest.fixture
+def two_node_cluster():
+    base = Path(tempfile.mkdtemp(prefix="ctr-", dir="/tmp"))
+    env = child_env(RAY_AUTH_MODE="token")
+    try:
+        with ray_cluster(base, {"head": env, "worker": env}) as cluster:
+            yield {**cluster, "env": env}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _our_pids(base: Path, sessions: list[int]) -> list[int]:
@@ -142,3 +163,176 @@ def test_search_spreads_over_two_ray_nodes(two_node_cluster, tmp_path):
         assert "model/model.pt" in {f.path for f in client.list_artifacts(c.info.run_id, "model")}
     assert parents[0].info.status == "FINISHED"
     print(f"search on 2 nodes: {search_s:.0f} s; trial -> node: {nodes}")
+
+
+# --- the same on S3: nothing shared between the nodes but the bucket ----------------------------
+
+S3_SAMPLES = 3
+BUCKET = "coun-tune-test"
+EPOCH_LINE = re.compile(r"^(original|oracle): epoch (\d+)/(\d+)  loss \d+\.\d{4}  train_acc \d+\.\d\d%  "
+                        r"\d+\.\d s/epoch  ETA \S+$", re.M)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def mlflow_server_on_s3(root: Path, aws: dict, artifacts: str):
+    """`mlflow server` (SQLite backend, proxied artifacts to `artifacts` = s3://...) on 127.0.0.1;
+    its boto3 talks to the moto server through MLFLOW_S3_ENDPOINT_URL. Stopped by PID."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = root / "mlflow_server.log"
+    env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **aws)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'srv.db'}",
+             "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy (exit {proc.poll()}):\n"
+                            f"{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        stop_until_gone(lambda: session_pids(proc.pid), grace=5)
+
+
+def _bucket(endpoint: str):
+    """An S3 client of this test's own (pyarrow, not coun_tune.core.storage)."""
+    from pyarrow import fs
+
+    return fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[1], scheme="http", access_key="testing",
+                           secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+
+
+def _local_files(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) if d.exists() else []
+
+
+@pytest.mark.slow
+def test_search_on_s3_across_two_nodes_with_nothing_shared(s3_server, tmp_path):
+    """Two Ray nodes, each with its OWN cache dir, working dir and TMPDIR (and no endpoint in
+    their environment: only credentials, as an instance profile would give), the driver with a
+    third; storage_path and cache_dir on s3://, the endpoint in the spec, MLflow artifacts on
+    s3:// behind a real `mlflow server`. The search is interrupted (a deterministic late Ctrl-C),
+    then resumed from the bucket, and must end with every trial once in MLflow and its model
+    in the bucket, and nothing written to any node's local dirs."""
+    endpoint, aws = s3_server["endpoint"], s3_server["env"]
+    s3 = _bucket(endpoint)
+    s3.create_dir(BUCKET)
+    creds = {k: v for k, v in aws.items() if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    base = Path(tempfile.mkdtemp(prefix="cts-", dir="/tmp"))
+    local = {n: {"cache": base / n / "cache", "cwd": base / n / "cwd", "tmp": base / n / "tmp"}
+             for n in ("head", "worker", "driver")}
+    for dirs in local.values():
+        for d in dirs.values():
+            d.mkdir(parents=True)
+    node_env = {n: child_env(RAY_AUTH_MODE="token", COUN_TUNE_CACHE=str(local[n]["cache"]), TMPDIR=str(local[n]["tmp"]),
+                             **creds) for n in local}
+    for env in node_env.values():
+        for k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+            env.pop(k, None)
+    name = "s3_search"
+    t0 = time.monotonic()
+    try:
+        _s3_search_checks(s3, base, local, node_env, endpoint, aws, tmp_path, name, t0)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _s3_search_checks(s3, base, local, node_env, endpoint, aws, tmp_path, name, t0):
+    from mlflow.tracking import MlflowClient
+
+    with mlflow_server_on_s3(tmp_path, aws, f"s3://{BUCKET}/mlflow") as tracking, \
+            ray_cluster(base, {"head": node_env["head"], "worker": node_env["worker"]},
+                        {"head": local["head"]["cwd"], "worker": local["worker"]["cwd"]}) as cluster:
+        spec = write_spec(local["driver"]["cwd"] / "spec.yaml", name, cache_dir=f"s3://{BUCKET}/cache",
+                          storage_path=f"s3://{BUCKET}/results", tracking_uri=tracking, num_samples=S3_SAMPLES,
+                          max_concurrent_trials=2, sampler="random", space={**SPACE, "epochs": 2},
+                          storage_endpoint=endpoint)
+        args = ["search", str(spec), "--address", cluster["address"]]
+        first = run_cli(args, cwd=local["driver"]["cwd"], env={**node_env["driver"], TEST_SIGINT_ENV: "1"},
+                        timeout=420, expect_rc=130)
+        keys = _objects(s3, f"{BUCKET}/results")
+        (state_key,) = [k for k in keys if k.endswith(f"/{SEARCH_STATE}")]
+        assert json.loads(_read(s3, state_key))["status"] == "interrupted"
+        assert not any(k.endswith("/exported_knee.yaml") for k in keys)
+        resumed = run_cli(args + ["--resume"], cwd=local["driver"]["cwd"], env=node_env["driver"], timeout=420)
+        search_s = time.monotonic() - t0
+
+        # trials ran on both nodes: result.json (now in the bucket) holds the worker's pid
+        results = {}
+        exp_prefix = state_key.rsplit("/", 1)[0]
+        for k in _objects(s3, f"{BUCKET}/{exp_prefix}"):
+            if k.endswith("/result.json"):
+                last = json.loads(_read(s3, k).strip().splitlines()[-1])
+                results[last["trial_id"]] = last
+        assert len(results) == S3_SAMPLES, sorted(results)
+        nodes = {tid: _node_of_pid(r["pid"], cluster["nodes"]) for tid, r in results.items()}
+        assert set(nodes.values()) == {"head", "worker"}, f"trials did not spread over both nodes: {nodes}"
+        client = MlflowClient(tracking_uri=tracking)
+        exp = client.get_experiment_by_name(name)
+        runs = client.search_runs([exp.experiment_id], max_results=100)
+
+        # base-model training streamed one line per epoch from the Ray task, for both roles
+        epochs = {role: [(int(k), int(n)) for r, k, n in EPOCH_LINE.findall(first.stdout) if r == role]
+                  for role in ("original", "oracle")}
+        n_epochs = Scenario(dataset="digits", forget="random:0.1", seed=0, recipe="tiny").train_recipe.epochs
+        assert epochs["original"] == epochs["oracle"] == [(k, n_epochs) for k in range(1, n_epochs + 1)], first.stdout
+        assert "trained now" in first.stdout and "from the cache" in resumed.stdout
+
+        # every trial exactly once in MLflow, finished, its model in the bucket
+        parents = [r for r in runs if r.data.tags.get("coun_tune.role") == "search"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+        assert len(runs) == 1 + S3_SAMPLES and len(children) == S3_SAMPLES
+        assert {c.data.tags.get("coun_tune.trial_id") for c in children} == set(results)
+        bucket_keys = _objects(s3, f"{BUCKET}/mlflow")
+        for c in children:
+            assert c.info.status == "FINISHED", c.data.tags
+            steps = sorted(m.step for m in client.get_metric_history(c.info.run_id, "retain_acc"))
+            assert steps == [1, 2]  # the interrupted trial went on from its checkpoint: no epoch twice
+            assert "model/model.pt" in {f.path for f in client.list_artifacts(c.info.run_id, "model")}
+            assert f"mlflow/{exp.experiment_id}/{c.info.run_id}/artifacts/model/model.pt" in bucket_keys
+        assert sum(1 for c in children if c.data.tags.get("status") == "completed") == S3_SAMPLES
+
+        # the search's files are in the bucket and on no machine's disk
+        keys = _objects(s3, BUCKET)
+        assert any(k.startswith("cache/splits/digits/") and k.endswith(".parquet") for k in keys)
+        models = sorted(k for k in keys if k.startswith("cache/models/"))
+        assert len(models) == 4 and sum(k.endswith("/model.pt") for k in models) == 2, models
+        assert f"{exp_prefix}/exported_knee.yaml" in keys
+        assert json.loads(_read(s3, state_key))["status"] == "finished"
+        for n, dirs in local.items():
+            for kind in ("cache", "cwd"):
+                left = [f for f in _local_files(dirs[kind]) if f != "spec.yaml"]
+                assert left == [], f"{n}'s local {kind} dir got files: {left}"
+        print(f"S3 search on 2 nodes (interrupted + resumed, incl. mlflow server and cluster start): {search_s:.0f} s; "
+              f"trial -> node: {nodes}")
+
+
+def _objects(s3, prefix: str) -> list[str]:
+    from pyarrow import fs
+
+    infos = s3.get_file_info(fs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return sorted(i.path.split("/", 1)[1] for i in infos if i.type == fs.FileType.File)
+
+
+def _read(s3, key: str) -> str:
+    with s3.open_input_stream(key if key.startswith(f"{BUCKET}/") else f"{BUCKET}/{key}") as f:
+        return f.read().decode()

@@ -41,10 +41,14 @@ ROLES = ("original", "oracle")
 CACHE_FORMAT = 2
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir() -> Path | str:
     """$COUN_TUNE_CACHE, else ~/.cache/coun-tune. On a cluster point it at shared storage
-    (cache_dir: s3://bucket/prefix in the spec, or a filesystem mounted on every node)."""
-    return Path(os.environ.get("COUN_TUNE_CACHE") or Path.home() / ".cache" / "coun-tune")
+    (cache_dir: s3://bucket/prefix in the spec, or a filesystem mounted on every node).
+    An s3:// value comes back as the URI string (Path() would fold its `//`)."""
+    env = os.environ.get("COUN_TUNE_CACHE")
+    if env and storage.is_remote(env):
+        return env
+    return Path(env or Path.home() / ".cache" / "coun-tune")
 
 
 def train_from_scratch(model: FeatureClassifier, x: torch.Tensor, y: torch.Tensor, augmenter, recipe: TrainRecipe,
