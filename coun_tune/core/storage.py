@@ -9,7 +9,8 @@ S3 settings come from the standard AWS environment:
   AWS_ENDPOINT_URL       an S3-compatible server, e.g. http://127.0.0.1:9000 (optional)
   AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN   (else pyarrow's default chain:
                          ~/.aws, instance profile, ...)
-  AWS_DEFAULT_REGION     (else us-east-1)
+  AWS_DEFAULT_REGION     (else AWS_REGION; else us-east-1 with a custom endpoint, and on AWS the
+                         SDK's own lookup: profile, then the EC2 instance's region)
 pyarrow is imported lazily: the rest of `core` runs with torch alone.
 """
 
@@ -54,10 +55,13 @@ def _endpoint() -> tuple[str | None, str]:
 
 
 @lru_cache(maxsize=8)
-def _s3(endpoint: str | None, scheme: str, key: str | None, secret: str | None, token: str | None, region: str):
+def _s3(endpoint: str | None, scheme: str, key: str | None, secret: str | None, token: str | None,
+        region: str | None):
     from pyarrow import fs
 
-    kwargs = dict(region=region, scheme=scheme, allow_bucket_creation=True)
+    kwargs = dict(scheme=scheme, allow_bucket_creation=True)
+    if region:
+        kwargs["region"] = region
     if endpoint:
         kwargs["endpoint_override"] = endpoint
     if key and secret:  # else pyarrow's default credential chain (profile, instance role)
@@ -72,8 +76,9 @@ def filesystem(uri: str):
     if is_remote(uri):
         endpoint, scheme = _endpoint()
         env = os.environ.get
+        region = env("AWS_DEFAULT_REGION") or env("AWS_REGION") or ("us-east-1" if endpoint else None)
         fs = _s3(endpoint, scheme, env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"), env("AWS_SESSION_TOKEN"),
-                 env("AWS_DEFAULT_REGION") or env("AWS_REGION") or "us-east-1")
+                 region)
         return fs, str(uri)[len(S3):].strip("/")
     from pyarrow import fs
 
