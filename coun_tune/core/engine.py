@@ -18,7 +18,9 @@ The optimiser recipe is shared by every method so that comparisons differ only i
 The cosine schedule runs per step from `lr` to cosine_floor(lr) over all the steps of the run
 (the sum of every epoch's plan), so a 1-epoch run anneals too. A run resumed from an epoch
 checkpoint ends bit-identical (CPU) to an uninterrupted one: the checkpoint holds model,
-optimiser, scheduler, method, work count and RNG state.
+optimiser, scheduler, method, work count and RNG state. How the loop runs on its device is
+fastpath.FastPath: on CUDA by default channels_last, bf16 autocast (the contrastive term in
+fp32) and one NaN check per epoch; on a CPU by default exactly the loop above.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from coun_tune.core.batching import Augmenter, DeviceSplit
 from coun_tune.core.datasets import DatasetArrays
+from coun_tune.core.fastpath import FastPath, NonFiniteWatch, compiled_features, fused_features
 from coun_tune.core.losses import contrastive_loss
 from coun_tune.core.methods import Batch, ForgetGuard, Method, MethodContext, Step, get_method, method_hparams
 from coun_tune.core.metrics import evaluate, flops_from_work, gaps, member_seed
@@ -127,7 +130,7 @@ def resolve_hparams(method: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_loss(method: Method, ctx: MethodContext, batch: Batch, epoch: int, step_i: int, cl_weight: float,
-              tau: float) -> torch.Tensor:
+              tau: float, fused_views: bool = False) -> torch.Tensor:
     """The loss of one step on a batch (x (N, C, H, W) uint8, y (N,), forget rows): the
     method's loss on view 1 plus, when the plug-in is on, cl_weight * L_CL(z1, z2) over the
     batch's retain rows (none: no term, e.g. SCRUB's max steps). The loop and the tests call
@@ -135,7 +138,12 @@ def step_loss(method: Method, ctx: MethodContext, batch: Batch, epoch: int, step
     draws, view 2; so turning the plug-in on changes nothing before view 2. Counts the rows
     it trains on in ctx.work."""
     x1 = ctx.augmenter(batch.x, ctx.generator)
-    z1 = ctx.model.features(x1)
+    z2 = None
+    if fused_views and cl_weight > 0 and batch.forget is None and len(batch) >= 2:
+        # FastPath.fused_views: view 2 drawn before the method's own draws, one forward of 2N
+        z1, z2 = fused_features(ctx.model, x1, ctx.augmenter(batch.x, ctx.generator))
+    else:
+        z1 = ctx.model.features(x1)
     step = Step(x1=x1, y=batch.y, z1=z1, logits=ctx.model.classifier(z1), epoch=epoch, step=step_i,
                 forget=batch.forget, phase=batch.phase)
     ctx.count(trained=len(batch))
@@ -145,7 +153,8 @@ def step_loss(method: Method, ctx: MethodContext, batch: Batch, epoch: int, step
         if batch.forget is not None:  # a mixed batch: the plug-in sees its retain rows only
             x_r, z1_r = batch.x[~batch.forget], z1[~batch.forget]
         if len(x_r) >= 2:  # one positive and at least one negative
-            z2 = ctx.model.features(ctx.augmenter(x_r, ctx.generator))
+            if z2 is None:
+                z2 = ctx.model.features(ctx.augmenter(x_r, ctx.generator))
             ctx.count(trained=len(x_r))
             loss = loss + cl_weight * contrastive_loss(z1_r, z2, tau)
     return loss
@@ -164,6 +173,7 @@ def run_unlearning(
     resume: dict | None = None,
     mia_every: int = 0,
     mia_epochs: Collection[int] = (),
+    fast_path: FastPath | None = None,
 ) -> dict[str, float]:
     """Unlearn in place: `model` starts as theta_o (or from `resume`) and ends as theta_u.
 
@@ -172,14 +182,18 @@ def run_unlearning(
     make_checkpoint() returns a dict of tensors/ints that `resume=` accepts.
     mia_every: compute the (costly) SVC MIA every k epochs; 0 = only after the last epoch.
     mia_epochs: epochs (1-based) that compute it too (a search's early-stopping rungs).
+    fast_path: how the loop runs on its device (see fastpath.py); None = FastPath(): on CUDA
+    channels_last, bf16 autocast, one NaN check per epoch; on CPU the plain loop.
     Returns the final epoch's metrics (with gaps if oracle_metrics is given).
     """
     hp = resolve_hparams(method_name, hparams)
     method = get_method(method_name)
     device = scenario.retain.x.device
+    fast = (fast_path or FastPath()).resolve(device)
     epochs, cl_weight, tau = hp["epochs"], hp["cl_weight"], hp["temperature"]
     generator = torch.Generator(device=device).manual_seed(seed)
     original = copy.deepcopy(original).eval().requires_grad_(False)
+    fast.prepare(device, model, original)
     optimizer = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     ctx = MethodContext(
         model=model, original=original, retain=scenario.retain,
@@ -205,20 +219,26 @@ def run_unlearning(
     forward_macs = count_forward_macs(model, scenario.image_shape)
     metrics: dict[str, float] = {}
 
+    watch, compiled = NonFiniteWatch(fast.check_every), {}  # compiled: torch.compile's cache for the run
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         model.train()
         step_i = -1
-        for step_i, batch in enumerate(method.epoch_batches(ctx, epoch)):
-            loss = step_loss(method, ctx, batch, epoch, step_i, cl_weight, tau)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step_i + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.before_step(ctx)
-            optimizer.step()
-            scheduler.step()
-            method.after_step(ctx)
+        watch.reset()
+        with compiled_features(model, fast.compile, compiled):
+            for step_i, batch in enumerate(method.epoch_batches(ctx, epoch)):
+                with fast.autocast(device):
+                    loss = step_loss(method, ctx, batch, epoch, step_i, cl_weight, tau, fast.fused_views)
+                watch.observe(loss, step_i)  # NaN/inf: DivergedError naming the epoch and first bad step
+                if watch.due(step_i):
+                    watch.raise_if_bad(epoch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                method.before_step(ctx)
+                optimizer.step()
+                scheduler.step()
+                method.after_step(ctx)
+        watch.raise_if_bad(epoch)
         if step_i + 1 != steps[epoch]:  # the cosine schedule was sized from steps_in_epoch
             raise RuntimeError(f"{method_name}: epoch {epoch + 1} took {step_i + 1} steps, planned {steps[epoch]}")
         if device.type == "cuda":
