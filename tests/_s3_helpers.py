@@ -1,7 +1,7 @@
 """A real S3-protocol server for tests: moto's `moto_server`, bound to 127.0.0.1 on a free port,
 started in its own session and stopped by PID (never by name).
 
-Use the fixtures from a test module with `from _s3_helpers import s3_server, s3_env  # noqa: F401`:
+Use the fixtures from a test module with `pytest_plugins = ["_s3_helpers"]`:
   s3_server  (module scope) {"endpoint": "http://127.0.0.1:PORT", "env": {AWS_* for a child}}
   s3_env     (function scope) the same, with the AWS variables set in this process (monkeypatch)
 and `s3_objects(endpoint, bucket)` lists what a bucket holds, through boto3-free pyarrow.

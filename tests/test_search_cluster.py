@@ -27,10 +27,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from _search_helpers import (
+    OBJECTIVES,
+    SEARCHED,
+    SPACE,
+    child_env,
+    cmdline,
+    free_port,
+    free_ports,
+    pids_with_arg,
+    run_cli,
+    session_pids,
+    stop_until_gone,
+    write_spec,
+)
 
-from _s3_helpers import s3_server  # noqa: F401  (fixture)
-from _search_helpers import (OBJECTIVES, SEARCHED, SPACE, child_env, cmdline, free_port, free_ports, pids_with_arg,
-                             run_cli, session_pids, stop_until_gone, write_spec)
 from coun_tune.core.recipes import Scenario
 from coun_tune.search.plan import SEARCH_STATE
 from coun_tune.search.progress import TEST_SIGINT_ENV
@@ -38,6 +49,8 @@ from coun_tune.search.progress import TEST_SIGINT_ENV
 NUM_SAMPLES = 4
 NODE_MEMORY = 2 * 1024**3          # each `ray start` would otherwise claim the machine's memory
 NODE_OBJECT_STORE = 100 * 1024**2
+
+pytest_plugins = ["_s3_helpers"]  # the moto server fixtures: s3_server, s3_env
 
 
 def _ray_exe() -> str:

@@ -8,10 +8,12 @@ import os
 import uuid
 
 import pytest
+from _s3_helpers import s3_objects
 
-from _s3_helpers import s3_env, s3_objects, s3_server  # noqa: F401  (fixtures)
 from coun_tune.core import storage
 from coun_tune.errors import UsageError
+
+pytest_plugins = ["_s3_helpers"]  # the moto server fixtures: s3_server, s3_env
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -11,13 +11,15 @@ import re
 
 import pytest
 import torch
+from _s3_helpers import s3_objects
 
-from _s3_helpers import s3_env, s3_objects, s3_server  # noqa: F401  (fixtures)
 from coun_tune.errors import UsageError
 
 BUCKET = "cache-test"
 LINE = re.compile(r"^(original|oracle): epoch (\d+)/(\d+)  loss (\d+\.\d+)  train_acc (\d+\.\d\d)%  "
                   r"(\d+\.\d) s/epoch  ETA (\S+)$")
+
+pytest_plugins = ["_s3_helpers"]  # the moto server fixtures: s3_server, s3_env
 
 
 def _s3(endpoint: str):

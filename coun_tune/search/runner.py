@@ -22,7 +22,6 @@ from pathlib import Path
 
 from coun_tune.config.search_spec import Domain, SearchSpec
 from coun_tune.core import storage
-from coun_tune.errors import UsageError
 from coun_tune.search.plan import SearchPlan, SearchState, make_plan
 
 FINISHED, INTERRUPTED, FAILED, ALREADY_FINISHED = "finished", "interrupted", "failed", "already_finished"
