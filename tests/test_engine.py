@@ -263,3 +263,22 @@ def test_corrupted_meta_raises(prepared, scenario, session_cache_dir, digits, tm
     meta.write_text("{not json")
     with pytest.raises(UsageError):
         prepare(scenario, cache_dir=cache, device="cpu", log=lambda s: None, data=digits)
+
+
+def test_cache_key_covers_augmentation_and_training_code(prepared, scenario, digits, monkeypatch):
+    """A change of augmentation policy or of the training code gives a new base model."""
+    import dataclasses
+
+    from coun_tune.core import base_models
+
+    for role in ("original", "oracle"):
+        key, inputs = base_models.cache_key(digits, prepared.split, scenario, role)
+        assert inputs["augment"] == dataclasses.asdict(digits.augment)
+        flipped = dataclasses.replace(digits, augment=dataclasses.replace(digits.augment, flip=not digits.augment.flip))
+        padded = dataclasses.replace(digits, augment=dataclasses.replace(digits.augment, crop_padding=2))
+        assert base_models.cache_key(flipped, prepared.split, scenario, role)[0] != key
+        assert base_models.cache_key(padded, prepared.split, scenario, role)[0] != key
+        monkeypatch.setattr(base_models, "TRAINING_CODE_VERSION", base_models.TRAINING_CODE_VERSION + 1)
+        assert base_models.cache_key(digits, prepared.split, scenario, role)[0] != key
+        monkeypatch.undo()
+        assert base_models.cache_key(digits, prepared.split, scenario, role)[0] == key

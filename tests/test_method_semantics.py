@@ -1,0 +1,478 @@
+"""Every method's formula, pinned against a hand computation written independently of the code.
+
+The model is a 2-layer network with fixed weights on 1x2x2 images, 3 classes:
+    z = tanh(W_c x + b_c)  (the "conv": a 2x2 kernel on a 2x2 image is a dot product),
+    logits = W_f z + b_f,
+recomputed here in numpy (float64) from the parameters, never through the model's forward.
+The augmentation policy has no crop and no flip, so view 1 is the normalised image and every
+loss is a function of known numbers. The tiny scenario has |D_r| = 10, |D_u| = 4, batch 4:
+no epoch plan drops a 1-sample batch, so every count below is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from coun_tune.core.batching import Augmenter, DeviceSplit, steps_per_epoch
+from coun_tune.core.dataset_arrays import AugmentPolicy
+from coun_tune.core.engine import ScenarioData, evaluate_scenario, resolve_hparams, run_unlearning, step_loss
+from coun_tune.core.methods import METHODS, Batch, ForgetGuard, MethodContext, get_method
+from coun_tune.core.methods.ft_variants import L1Sparse
+from coun_tune.core.methods.relabel import saliency_mask
+from coun_tune.core.metrics import evaluate, flops_from_work
+from coun_tune.core.model_base import FeatureClassifier
+from coun_tune.core.models_extra import ViTSmall
+
+K, N_R, N_F, N_T, B = 3, 10, 4, 12, 4
+MEAN, STD = 0.5, 0.25
+POLICY = AugmentPolicy(crop_padding=0, flip=False, mean=(MEAN,), std=(STD,))
+
+
+class Tiny(FeatureClassifier):
+    """conv (1 -> 3, kernel 2) on 1x2x2 images, tanh, linear 3 -> K: 12 + 9 = 21 MACs."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 2)
+        self.fc = nn.Linear(3, K)
+        self.feature_dim = 3
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(x).flatten(1))
+
+
+# ------------------------------------------------------------------ hand computations (numpy)
+
+def np_params(model):
+    return {n: p.detach().double().numpy().copy() for n, p in model.named_parameters()}
+
+
+def np_logits(params, x_uint8):
+    x = (np.asarray(x_uint8, dtype=np.float64) / 255.0 - MEAN) / STD
+    x = x.reshape(len(x), 4)
+    z = np.tanh(x @ params["conv.weight"].reshape(3, 4).T + params["conv.bias"])
+    return z @ params["fc.weight"].T + params["fc.bias"]
+
+
+def np_log_softmax(logits):
+    m = logits.max(1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
+
+
+def np_ce(logits, y):
+    return float(-np_log_softmax(logits)[np.arange(len(y)), np.asarray(y)].mean())
+
+
+def np_kl(teacher_logits, student_logits):
+    """KL(p_teacher || p_student), summed over classes, averaged over rows."""
+    lt, ls = np_log_softmax(teacher_logits), np_log_softmax(student_logits)
+    return float((np.exp(lt) * (lt - ls)).sum(1).mean())
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        x = torch.from_numpy(rng.integers(0, 256, (n, 1, 2, 2), dtype=np.uint8))
+        return DeviceSplit(x, torch.from_numpy(rng.integers(0, K, n).astype(np.int64)))
+
+    return split(N_R), split(N_F), split(N_T)
+
+
+@pytest.fixture
+def scen():
+    retain, forget, test = _data()
+    return ScenarioData(retain=retain, forget=forget, test=test, augmenter=Augmenter(POLICY, "cpu"), num_classes=K,
+                        image_shape=(1, 2, 2), split_hash="tiny-split")
+
+
+def _ctx(scen, method, hparams=None, student_seed=1, teacher_seed=2, seed=0):
+    """A MethodContext as the engine builds it; the student and theta_o differ (seeds 1, 2)."""
+    m = get_method(method)
+    ctx = MethodContext(
+        model=Tiny(student_seed).train(), original=Tiny(teacher_seed).eval().requires_grad_(False),
+        retain=scen.retain, forget=scen.forget if m.reads_forget else ForgetGuard(m.name), augmenter=scen.augmenter,
+        num_classes=K, batch_size=B, epochs=2, generator=torch.Generator().manual_seed(seed),
+        hparams=resolve_hparams(method, hparams or {}))
+    m.prepare(ctx)
+    return m, ctx
+
+
+def _loss(m, ctx, batch, epoch=0, cl=0.0):
+    return step_loss(m, ctx, batch, epoch, 0, cl, 0.1).item()
+
+
+def _retain_batch(scen, rows=slice(0, B)):
+    return Batch(scen.retain.x[rows], scen.retain.y[rows])
+
+
+def _recording(monkeypatch, name):
+    """Register a subclass of method `name` that records, per optimiser step, the learning rate
+    it ran with and the step's (epoch, phase, rows, forget rows)."""
+    rec = {"lr": [], "steps": []}
+    base = METHODS[name]
+
+    class Recorder(base):
+        def loss(self, ctx, step):
+            n_f = 0 if step.forget is None else int(step.forget.sum())
+            rec["steps"].append((step.epoch, step.phase, len(step.y), n_f))
+            return super().loss(ctx, step)
+
+        def before_step(self, ctx):
+            rec["lr"].append(ctx.optimizer.param_groups[0]["lr"])
+            super().before_step(ctx)
+
+    monkeypatch.setitem(METHODS, name, Recorder)
+    return rec
+
+
+def _run(scen, method, hp, seed=0, **kw):
+    model = Tiny(2)
+    metrics = run_unlearning(model, Tiny(2), scen, method, hp, batch_size=B, seed=seed, **kw)
+    return model, metrics
+
+
+# ------------------------------------------------------------------------ loss formulas
+
+def test_ft_loss_is_ce_on_view_1(scen):
+    m, ctx = _ctx(scen, "ft")
+    batch = _retain_batch(scen)
+    assert _loss(m, ctx, batch) == pytest.approx(np_ce(np_logits(np_params(ctx.model), batch.x), batch.y), rel=1e-5)
+
+
+def test_neggrad_plus_signs_and_weights(scen):
+    beta = 0.9
+    m, ctx = _ctx(scen, "neggrad_plus", {"neggrad_beta": beta})
+    batch = _retain_batch(scen)
+    p = np_params(ctx.model)
+    # |D_u| = 4 <= batch 4: the forget batch is all of D_u (in some order; CE is a mean)
+    want = beta * np_ce(np_logits(p, batch.x), batch.y) - (1 - beta) * np_ce(np_logits(p, scen.forget.x), scen.forget.y)
+    assert _loss(m, ctx, batch) == pytest.approx(want, rel=1e-5)
+
+
+def test_ga_loss_is_minus_ce_on_forget_rows(scen):
+    m, ctx = _ctx(scen, "ga")
+    (batch,) = list(m.epoch_batches(ctx, 0))  # one pass over D_u = one batch of 4
+    assert batch.forget.all() and sorted(batch.x.flatten(1).tolist()) == sorted(scen.forget.x.flatten(1).tolist())
+    want = -np_ce(np_logits(np_params(ctx.model), batch.x), batch.y)
+    assert _loss(m, ctx, batch) == pytest.approx(want, rel=1e-5)
+
+
+def test_rl_labels_from_the_generator_and_one_mixed_pass(scen):
+    m, ctx = _ctx(scen, "rl", seed=7)
+    batches = list(m.epoch_batches(ctx, 0))
+    # independent replay of the draws: labels for all of D_u, then one permutation of D_u + D_r
+    g = torch.Generator().manual_seed(7)
+    y_rand = torch.randint(0, K, (N_F,), generator=g)
+    perm = torch.randperm(N_F + N_R, generator=g)
+    x_all = torch.cat([scen.forget.x, scen.retain.x])
+    y_all = torch.cat([y_rand, scen.retain.y])
+    assert len(batches) == math.ceil((N_F + N_R) / B) == m.steps_in_epoch(ctx, 0) == 4
+    for b, idx in zip(batches, perm.split(B)):
+        assert torch.equal(b.x, x_all[idx]) and torch.equal(b.y, y_all[idx]) and torch.equal(b.forget, idx < N_F)
+    assert sum(int(b.forget.sum()) for b in batches) == N_F  # D_u weighs |D_u| / |D| of the rows
+    p = np_params(ctx.model)
+    assert _loss(m, ctx, batches[0]) == pytest.approx(np_ce(np_logits(p, batches[0].x), batches[0].y), rel=1e-5)
+
+
+def test_rl_labels_are_uniform_over_all_classes_true_included(scen):
+    m, ctx = _ctx(scen, "rl")
+    flat_forget = scen.forget.x.flatten(1)
+    counts = np.zeros((K, K))  # [true label, drawn label]
+    for epoch in range(300):
+        for b in m.epoch_batches(ctx, epoch):
+            for x, y in zip(b.x[b.forget], b.y[b.forget]):
+                i = int((flat_forget == x.flatten()).all(1).nonzero()[0, 0])  # the row's index in D_u
+                counts[int(scen.forget.y[i]), int(y)] += 1
+    assert counts.sum() == 300 * N_F
+    assert np.allclose(counts.sum(0) / counts.sum(), 1 / K, atol=0.04)
+    # the true label is drawn as often as any other (SalUn's variant, not "any label but the true one")
+    assert np.trace(counts) / counts.sum() == pytest.approx(1 / K, abs=0.04)
+
+
+def test_l1_weight_decays_linearly_per_epoch(scen):
+    alpha, l1_epochs = 0.01, 4
+    m, ctx = _ctx(scen, "l1_sparse", {"l1_alpha": alpha, "l1_epochs": l1_epochs})
+    batch = _retain_batch(scen)
+    p = np_params(ctx.model)
+    ce = np_ce(np_logits(p, batch.x), batch.y)
+    norm = sum(np.abs(v).sum() for v in p.values())
+    for epoch, factor in enumerate([1.0, 0.75, 0.5, 0.25, 0.0, 0.0]):
+        assert _loss(m, ctx, batch, epoch) == pytest.approx(ce + alpha * factor * norm, rel=1e-5), epoch
+    assert L1Sparse.alpha(alpha, l1_epochs, 2) == pytest.approx(alpha / 2)
+
+
+def test_scrub_max_and_min_steps(scen):
+    a, gmm = 0.7, 1.3
+    m, ctx = _ctx(scen, "scrub", {"scrub_alpha": a, "scrub_gamma": gmm, "scrub_max_steps": 1})
+    batches = list(m.epoch_batches(ctx, 0))
+    assert [b.phase for b in batches] == ["max"] + ["min"] * 3
+    ps, pt = np_params(ctx.model), np_params(ctx.original)
+    fb, rb = batches[0], batches[1]
+    # max step: -KL(teacher || student) on D_u: the student is pushed away from the teacher
+    assert _loss(m, ctx, fb) == pytest.approx(-np_kl(np_logits(pt, fb.x), np_logits(ps, fb.x)), rel=1e-5)
+    want = a * np_kl(np_logits(pt, rb.x), np_logits(ps, rb.x)) + gmm * np_ce(np_logits(ps, rb.x), rb.y)
+    assert _loss(m, ctx, rb) == pytest.approx(want, rel=1e-5)
+    # the KL direction matters: KL(student || teacher) is a different number here
+    assert abs(np_kl(np_logits(ps, rb.x), np_logits(pt, rb.x)) - np_kl(np_logits(pt, rb.x), np_logits(ps, rb.x))) > 1e-3
+
+
+def test_bad_teacher_mixed_loader_and_loss(scen):
+    m, ctx = _ctx(scen, "bad_teacher")
+    sample = m.retain_idx
+    assert len(sample) == int(0.3 * N_R) == 3 and len(set(sample.tolist())) == 3  # a 30% sample of D_r, drawn once
+    batches = list(m.epoch_batches(ctx, 0))
+    assert len(batches) == m.steps_in_epoch(ctx, 0) == math.ceil((N_F + 3) / B) == 2
+    rows = sorted(x for b in batches for x in b.x.flatten(1).tolist())
+    assert rows == sorted(scen.forget.x.flatten(1).tolist() + scen.retain.x[sample].flatten(1).tolist())
+    assert sum(int(b.forget.sum()) for b in batches) == N_F
+    b = batches[0]
+    assert 0 < int(b.forget.sum()) < len(b)  # seed 0 mixes both kinds in the first batch
+    ps, good, bad = np_params(ctx.model), np_params(ctx.original), np_params(m.bad)
+    f = b.forget.numpy()
+    teacher = np.where(f[:, None], np_logits(bad, b.x), np_logits(good, b.x))
+    assert _loss(m, ctx, b) == pytest.approx(np_kl(teacher, np_logits(ps, b.x)), rel=1e-5)
+    # the incompetent teacher is freshly initialised, not theta_o
+    assert not np.allclose(bad["fc.weight"], good["fc.weight"])
+
+
+def test_plugin_on_mixed_batch_uses_retain_rows_only(scen):
+    m, ctx = _ctx(scen, "rl", {"cl_weight": 0.5})
+    b = next(b for b in m.epoch_batches(ctx, 0) if 2 <= int((~b.forget).sum()) < len(b))
+    r = ~b.forget
+    p = np_params(ctx.model)
+    ce = np_ce(np_logits(p, b.x), b.y)
+    z = np.tanh(((b.x[r].double().numpy() / 255 - MEAN) / STD).reshape(-1, 4) @ p["conv.weight"].reshape(3, 4).T
+                + p["conv.bias"])
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    s = zn @ zn.T / 0.1  # no augmentation: view 2 = view 1
+    ls = np_log_softmax(s)
+    cl = -np.mean(np.diag(ls)) - np.mean(np.diag(np_log_softmax(s.T)))
+    assert _loss(m, ctx, b, cl=0.5) == pytest.approx(ce + 0.5 * cl, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ NoT
+
+def test_not_negates_the_first_conv_on_a_cnn(scen):
+    m, ctx = _ctx(scen, "not")
+    o, s = dict(ctx.original.named_parameters()), dict(ctx.model.named_parameters())
+    for name in ("conv.weight", "conv.bias"):
+        assert torch.equal(s[name], -o[name])
+    for name in ("fc.weight", "fc.bias"):
+        assert torch.equal(s[name], Tiny(1).state_dict()[name])  # untouched (the student's own)
+
+
+def test_not_on_vit_negates_pos_embedding_and_second_patch_embedding_layer(scen):
+    vit = lambda: ViTSmall(1, K, image_size=8, patch_size=4, dim=8, depth=1, heads=2, dim_head=4, mlp_dim=8)  # noqa: E731
+    torch.manual_seed(0)
+    original = vit().eval().requires_grad_(False)
+    # lucidrains' vit_pytorch order of model.parameters(): the ViT's own parameters first
+    # (pos_embedding, cls_token), then to_patch_embedding = (Rearrange, LayerNorm, Linear,
+    # LayerNorm): CoUn's "indices 0 and 4" are pos_embedding and the Linear's weight.
+    names = [n for n, _ in original.named_parameters()]
+    lucidrains_order = ["pos_embedding", "cls_token"] + [n for n in names if n.startswith("patch_embed.")]
+    assert lucidrains_order[:6] == ["pos_embedding", "cls_token", "patch_embed.0.weight", "patch_embed.0.bias",
+                                    "patch_embed.1.weight", "patch_embed.1.bias"]
+    assert isinstance(original.patch_embed[1], nn.Linear)
+    negated = {lucidrains_order[0], lucidrains_order[4]}
+    model = copy.deepcopy(original).train().requires_grad_(True)
+    m = get_method("not")
+    ctx = MethodContext(model=model, original=original, retain=scen.retain, forget=ForgetGuard("not"),
+                        augmenter=scen.augmenter, num_classes=K, batch_size=B, epochs=1,
+                        generator=torch.Generator().manual_seed(0), hparams=resolve_hparams("not", {}))
+    m.prepare(ctx)
+    o = dict(original.named_parameters())
+    for name, p in model.named_parameters():
+        want = -o[name] if name in negated else o[name]
+        assert torch.equal(p, want), name
+
+
+# ------------------------------------------------------------------------------ SalUn
+
+def test_salun_mask_keeps_the_largest_gradients(scen):
+    threshold = 0.4
+    m, ctx = _ctx(scen, "salun", {"salun_threshold": threshold})
+    # independent gradient: the forward written out with torch ops on leaf copies of theta_o,
+    # -CE summed over D_u (4 samples: one batch), model in eval mode (no dropout/BN here)
+    leaves = {n: p.detach().clone().double().requires_grad_(True) for n, p in ctx.original.named_parameters()}
+    x = ((scen.forget.x.double() / 255 - MEAN) / STD).reshape(N_F, 4)
+    z = torch.tanh(x @ leaves["conv.weight"].reshape(3, 4).T + leaves["conv.bias"])
+    logits = z @ leaves["fc.weight"].T + leaves["fc.bias"]
+    loss = -(torch.logsumexp(logits, 1) - logits[torch.arange(N_F), scen.forget.y]).mean()
+    names = [n for n, _ in ctx.original.named_parameters()]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+    flat = np.concatenate([np.abs(g.numpy()).ravel() for g in grads])
+    k = int(len(flat) * threshold)
+    want = np.zeros(len(flat), bool)
+    want[np.argsort(-flat, kind="stable")[:k]] = True
+    got = np.concatenate([m.mask[n].numpy().ravel() for n in names])
+    assert got.sum() == k and np.array_equal(got, want)
+    assert flat[got].min() > flat[~got].max()  # the largest |grad|, not the smallest
+    # the engine's mask equals a fresh computation with the same function
+    again = saliency_mask(ctx.original, ctx, threshold)
+    assert all(torch.equal(again[n], m.mask[n]) for n in names)
+
+
+def test_salun_masked_weights_stay_at_theta_o(scen):
+    model, _ = _run(scen, "salun", {"epochs": 2, "lr": 0.05, "salun_threshold": 0.4})
+    _, ctx = _ctx(scen, "salun", {"salun_threshold": 0.4}, student_seed=2)
+    mask = saliency_mask(Tiny(2).eval(), ctx, 0.4)
+    o = dict(Tiny(2).named_parameters())
+    moved = 0
+    for name, p in model.named_parameters():
+        assert torch.equal(p[~mask[name]], o[name][~mask[name]]), name
+        moved += int((p[mask[name]] != o[name][mask[name]]).sum())
+    assert moved > 0
+
+
+# ----------------------------------------------------------------- step counts and the lr
+
+@pytest.mark.parametrize("method,steps,forget_rows,rows", [
+    ("ft", 3, 0, 10),
+    ("ga", 1, 4, 4),              # one pass over D_u, not |D_r| / batch steps
+    ("rl", 4, 4, 14),             # one mixed pass over D_u + D_r: D_u is 4 of 14 rows
+    ("salun", 4, 4, 14),
+    ("bad_teacher", 2, 4, 7),     # D_u + 3 of D_r
+    ("neggrad_plus", 3, 0, 10),   # retain loop; its forget batch is a forward of its own
+])
+def test_steps_per_epoch(scen, monkeypatch, method, steps, forget_rows, rows):
+    rec = _recording(monkeypatch, method)
+    _run(scen, method, {"epochs": 2, "lr": 1e-3 if method == "ga" else 0.05})
+    for epoch in range(2):
+        mine = [s for s in rec["steps"] if s[0] == epoch]
+        assert len(mine) == steps, (epoch, mine)
+        assert sum(s[3] for s in mine) == forget_rows and sum(s[2] for s in mine) == rows
+
+
+def test_scrub_takes_msteps_max_passes(scen, monkeypatch):
+    """SCRUB's notebooks: `for epoch in range(1, sgda_epochs + 1): if epoch <= msteps: max`:
+    msteps = 2 over 4 epochs gives max passes in the first 2 epochs only."""
+    rec = _recording(monkeypatch, "scrub")
+    _run(scen, "scrub", {"epochs": 4, "scrub_max_steps": 2})
+    per_epoch = [[s[1] for s in rec["steps"] if s[0] == e] for e in range(4)]
+    assert per_epoch == [["max"] + ["min"] * 3] * 2 + [["min"] * 3] * 2
+    assert len(rec["lr"]) == 2 * 4 + 2 * 3  # max steps are steps of the schedule too
+
+
+def _cosine(lr, floor, total):
+    return [floor + (lr - floor) * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)]
+
+
+@pytest.mark.parametrize("method,lr,floor", [
+    ("ft", 0.05, 1e-4),      # the paper: cosine from lr to 1e-4
+    ("ga", 1e-5, 1e-7),      # below lr = 0.01 the floor is lr / 100, so the lr still decays
+    ("scrub", 0.02, 1e-4),   # max steps and min steps on one schedule (epoch 1: 1 + 3, then 3, 3)
+])
+def test_learning_rate_at_every_step(scen, monkeypatch, method, lr, floor):
+    rec = _recording(monkeypatch, method)
+    _run(scen, method, {"epochs": 3, "lr": lr, "scrub_max_steps": 1} if method == "scrub" else {"epochs": 3, "lr": lr})
+    total = {"ft": 9, "ga": 3, "scrub": 10}[method]
+    assert rec["lr"] == pytest.approx(_cosine(lr, floor, total), rel=1e-9, abs=1e-15)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+class ModeAndFlipSensitive(FeatureClassifier):
+    """Predicts class 0 when the left column is brighter than the right, else 1, in eval mode;
+    the opposite in train mode. A flip or a shifted crop changes its prediction."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Identity()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def features(self, x):
+        d = x[:, 0, :, 0].sum(1) - x[:, 0, :, -1].sum(1)
+        sign = -1.0 if self.training else 1.0
+        return sign * torch.stack([d, -d], 1) * 10 + self.dummy
+
+
+def test_evaluation_is_in_eval_mode_with_the_test_time_transform_only():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 1, 4, 4), dtype=np.uint8)
+    x[:, :, :, 0] = np.where(rng.random((64, 1, 1)) < 0.5, 250, 5)
+    x[:, :, :, -1] = 255 - x[:, :, :, 0]
+    y = (x[:, 0, 0, 0] < x[:, 0, 0, -1]).astype(np.int64)
+    split = DeviceSplit(torch.from_numpy(x), torch.from_numpy(y))
+    aug = Augmenter(AugmentPolicy(crop_padding=1, flip=True, mean=(0.5,), std=(0.25,)), "cpu")
+    model = ModeAndFlipSensitive().train()
+    m = evaluate(model, split, split, split, aug, seed=0, with_mia=False)
+    assert m["retain_acc"] == m["forget_acc"] == m["test_acc"] == 100.0
+    assert model.training  # restored
+    # the same data through the training transform (flip p = 0.5) is far from 100%
+    with torch.no_grad():
+        flipped = (model.eval()(aug(split.x, torch.Generator().manual_seed(0))).argmax(1) == split.y).float().mean()
+    assert flipped < 0.8
+
+
+def test_whole_class_scenario_evaluates_without_the_class(digits, tmp_path):
+    from coun_tune.core.splits import materialize_split
+
+    split = materialize_split(digits, "class:3", 0, tmp_path)
+    sd = ScenarioData.build(digits, split, "cpu")
+    assert 3 not in sd.test.y.tolist() and 3 not in sd.retain.y.tolist()
+    assert len(sd.test) == int((digits.test_y != 3).sum())
+    assert len(sd.forget) == int((digits.train_y == 3).sum()) and set(sd.forget.y.tolist()) == {3}
+
+
+def test_mia_members_come_from_the_split_not_the_run_seed(scen):
+    """Two runs with different seeds: each one's reported MIA is the split's evaluation of its
+    final model (no run seed enters it); two evaluations of one model agree bit for bit."""
+    for seed in (0, 1):
+        model, metrics = _run(scen, "ft", {"epochs": 1}, seed=seed)
+        again = evaluate_scenario(model, scen)
+        for k in ("mia_efficacy", "mia_efficacy_resample_min", "mia_efficacy_resample_max", "mia_member_saturated",
+                  "mia_loss_attack_acc"):
+            assert metrics[k] == again[k], (seed, k)
+    other = dataclasses.replace(scen, split_hash="another-split")
+    from coun_tune.core.metrics import member_seed
+
+    assert member_seed(scen.split_hash) == member_seed("tiny-split") != member_seed(other.split_hash)
+
+
+# ---------------------------------------------------------------------------------- flops
+
+def test_flops_paper_convention_reproduces_the_papers_coun_figure():
+    """8.02 PFLOPs for CoUn on CIFAR-10: 45k retain images x 40 epochs x two views, each view
+    trained (forward + backward) at 0.557 GMACs per forward."""
+    f = flops_from_work({"trained": 2 * 45_000 * 40, "forward_only": 0}, int(0.557e9))
+    assert f["flops"] == pytest.approx(8.02e15, rel=2e-3)
+    assert f["flops_true"] == pytest.approx(8.02e15 * 1.5, rel=2e-3)
+    ft = flops_from_work({"trained": 45_000 * 40, "forward_only": 0}, int(0.557e9))
+    assert ft["flops"] == pytest.approx(4.01e15, rel=2e-3)  # FT at equal epochs: half CoUn's
+
+
+@pytest.mark.parametrize("method,hp,trained,forward_only", [
+    ("ft", {}, 10, 0),
+    ("coun", {}, 20, 0),                                   # two views
+    ("ga", {"lr": 1e-3}, 4, 0),
+    ("neggrad_plus", {}, 10 + 3 * 4, 0),                   # each retain step: a forget batch of 4
+    ("scrub", {"scrub_max_steps": 1}, 14, 14),             # epoch 1: 4 max + 10 min rows, teacher on each
+    ("bad_teacher", {}, 7, 14),                            # two teachers on each mixed row
+])
+def test_flops_hand_counted(scen, method, hp, trained, forward_only):
+    macs = 3 * 4 + 3 * K  # conv: 3 outputs x (2 x 2 x 1); fc: 3 x 3
+    _, metrics = _run(scen, method, {"epochs": 1, **hp})
+    assert metrics["flops"] == 2 * macs * (2 * trained + forward_only)
+    assert metrics["flops_true"] == 2 * macs * (3 * trained + forward_only)
+
+
+def test_hparam_ranges_and_lr_floor():
+    assert resolve_hparams("ga", {})["lr"] <= 1e-3
+    ga = METHODS["ga"].hparams[0]
+    assert (ga.name, ga.low, ga.high) == ("lr", 1e-5, 1e-3)
+    resolve_hparams("ga", {"lr": 1e-5})  # accepted: its floor follows it down
+    assert steps_per_epoch(N_F, B) == 1
