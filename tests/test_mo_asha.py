@@ -9,8 +9,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from coun_tune.search.scheduler import (CONTINUE, MOASHA, STOP, RungDecisions, crowding_distance,
-                                        non_dominated_ranks, priority_positions, rung_epochs)
+from coun_tune.search.scheduler import (
+    CONTINUE,
+    MOASHA,
+    STOP,
+    RungDecisions,
+    crowding_distance,
+    non_dominated_ranks,
+    priority_positions,
+    rung_epochs,
+)
 
 GAP_ACC = {"forget_gap": "min", "retain_acc": "max"}
 

@@ -53,7 +53,8 @@ def feed(logger, trial, epochs, planned=3, acc=None):
 
 
 def history(client, run_id, key="retain_acc"):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+    ms = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [(m.step, m.value) for m in ms]
 
 
 def trial_runs(client, exp, parent, trial_id=None):

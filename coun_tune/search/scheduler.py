@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -198,4 +198,5 @@ class MOASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         rungs = ", ".join(f"epoch {e}: {len(t)}" for e, t in sorted(self.rungs.recorded.items()))
-        return f"MOASHA (grace {self.rungs.grace}, eta {self.rungs.eta}): {self.num_stopped} stopped; rungs {rungs or '-'}"
+        return (f"MOASHA (grace {self.rungs.grace}, eta {self.rungs.eta}): {self.num_stopped} stopped; "
+                f"rungs {rungs or '-'}")
