@@ -2,9 +2,9 @@
 started in its own session and stopped by PID (never by name).
 
 Use the fixtures from a test module with `pytest_plugins = ["_s3_helpers"]`:
-  s3_server  (module scope) {"endpoint": "http://127.0.0.1:PORT", "env": {AWS_* for a child}}
+  s3_server  (module scope) {"endpoint": "http://127.0.0.1:PORT", "env": {AWS_* for a child},
+             "objects": f(bucket, prefix="") -> every key under it (see s3_objects)}
   s3_env     (function scope) the same, with the AWS variables set in this process (monkeypatch)
-and `s3_objects(endpoint, bucket)` lists what a bucket holds, through boto3-free pyarrow.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def moto_server(log_dir: Path):
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
-        yield {"endpoint": endpoint, "env": aws_env(endpoint)}
+        yield {"endpoint": endpoint, "env": aws_env(endpoint),
+               "objects": lambda bucket, prefix="": s3_objects(endpoint, bucket, prefix)}
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import os
 import uuid
 
 import pytest
-from _s3_helpers import s3_objects
 
 from coun_tune.core import storage
 from coun_tune.errors import UsageError
@@ -73,7 +72,7 @@ def test_s3_objects_land_in_the_bucket(s3_env):
     uri = "s3://landing/runs/exp1"
     storage.write_bytes(storage.join(uri, "state.json"), b"{}")
     storage.write_bytes(storage.join(uri, "sub", "model.pt"), b"w")
-    assert s3_objects(s3_env["endpoint"], "landing") == ["runs/exp1/state.json", "runs/exp1/sub/model.pt"]
+    assert s3_env["objects"]("landing") == ["runs/exp1/state.json", "runs/exp1/sub/model.pt"]
     assert storage.join("s3://landing/runs/", "/a/", "b") == "s3://landing/runs/a/b"
 
 

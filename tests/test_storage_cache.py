@@ -11,7 +11,6 @@ import re
 
 import pytest
 import torch
-from _s3_helpers import s3_objects
 
 from coun_tune.errors import UsageError
 
@@ -27,6 +26,14 @@ def _s3(endpoint: str):
 
     return fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[1], scheme="http", access_key="testing",
                            secret_key="testing", region="us-east-1")
+
+
+def s3_objects(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    """Every object key under bucket/prefix, recursively."""
+    from pyarrow import fs
+
+    infos = _s3(endpoint).get_file_info(fs.FileSelector(f"{bucket}/{prefix}", recursive=True, allow_not_found=True))
+    return sorted(i.path[len(bucket) + 1:] for i in infos if i.type == fs.FileType.File)
 
 
 def _copy_prefix(endpoint: str, src: str, dst: str) -> None:
