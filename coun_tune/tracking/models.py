@@ -79,16 +79,28 @@ def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dic
     """Log `model` (an eval-able torch module on any device) as the run's MLflow PyTorch model.
     info: model_info(...) (image_shape gives the signature: float32 (N, C, H, W), the
     dataset's normalisation applied; output (N, num_classes) logits). Returns the model id."""
-    import mlflow.pytorch
-    import torch
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.models import Model, infer_signature
 
     run = client.get_run(run_id)
     params = {k: str(v) for k, v in info.get("hparams", {}).items()}
     logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
                                         params=params, model_type="pytorch",
                                         tags={"coun_tune.arch": str(info["arch"]), "coun_tune.method": str(info["method"])})
+    try:
+        _save(client, logged, run_id, model, config, info, metrics)
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return logged.model_id
+
+
+def _save(client, logged, run_id: str, model, config: dict, info: dict, metrics: dict | None) -> None:
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import Model, infer_signature
+
     model = model.to("cpu").eval()
     # a batch of 2, not 1: torch.export specialises a dimension whose example size is 1
     example = np.random.default_rng(0).standard_normal((2, *info["image_shape"])).astype(np.float32)
@@ -108,9 +120,9 @@ def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dic
                                           input_example=example, pip_requirements=_requirements(fmt),
                                           serialization_format=fmt)
                 break
-            except Exception:  # torch.export cannot trace every module; pickle always works
+            except Exception:  # torch.export cannot trace every module: try the next format
                 shutil.rmtree(path, ignore_errors=True)
-                if fmt == "pickle":
+                if fmt == SERIALIZATIONS[-1]:
                     raise
         torch.save(state, path / "model.pt")
         (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -118,9 +130,6 @@ def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dic
         if metrics is not None:
             (path / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         client.log_model_artifacts(logged.model_id, str(path))
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
-    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    return logged.model_id
 
 
 def log_model_from_files(client, run_id: str, directory: Path, step: int = 0) -> str:

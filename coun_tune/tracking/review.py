@@ -1,20 +1,31 @@
 """Pareto review and config export, from MLflow alone (so they work after the search, on
 another machine, and on `coun-tune pareto` / `coun-tune export`).
 
-review_pareto: non-dominated set of the completed trials' final metrics; tags every child
-`pareto=true|false`; logs on the parent run a Pareto plot (PNG), the trials table (Parquet)
-and the hypervolume.
-export_config: picks one front config (knee, best:METRIC, or a constraint) and writes the YAML
-`coun-tune unlearn --config` takes.
+review_pareto, idempotent (run it again after a resume and everything is brought up to date):
+  - on each trial run: metrics `is_pareto` (1/0), `pareto_rank` (0 = front, 1 = the front once
+    it is removed, ...), `crowding_distance` (within its rank; the extremes of a front, which
+    NSGA-II gives +inf, are logged as m + 1 for m objectives: above any interior point's value,
+    which is at most m, and finite so charts keep their scale); the tag `pareto` true/false;
+    its colour in the UI's charts;
+  - two baseline runs under the search (the original and the oracle, from `base_models.json`
+    on the parent) with their metrics and gaps, so they appear as points in the charts;
+  - on the parent: `hypervolume` (normalised, see pareto.normalised_hypervolume),
+    `hypervolume_raw`, `pareto_size`, the reference point, `pareto.png`, `pareto.html`, the
+    trials table (`trials.json` via log_table, which the UI renders, and `trials.parquet`),
+    provenance tags and the Markdown description; the experiment gets the same description
+    and opens in the training view;
+  - prints the front and the link that opens the search's runs in the UI.
+export_config: picks one front config (knee, best:METRIC, or a constraint), writes the YAML
+`coun-tune unlearn --config` takes, registers the trial's MLflow model with an alias.
 """
 
 from __future__ import annotations
 
-import html
-import io
 import json
+import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +34,14 @@ import yaml
 from coun_tune import pareto
 from coun_tune.errors import UsageError
 from coun_tune.report import table
-from coun_tune.tracking.mlflow_store import TRIAL_ID, child_runs
+from coun_tune.tracking import describe
+from coun_tune.tracking.mlflow_store import PARENT, ROLE, TRIAL_ID, child_runs
 
 PARAM_SKIP = {"method"}
+LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
+MAX_NOTE = 8000
+BASELINE = "coun_tune.baseline"  # tag of the reference runs: "original" | "oracle"
+BASELINE_NAMES = {"original": "original (θo, before unlearning)", "oracle": "oracle (θr, retrained without D_f)"}
 
 
 def objectives_of(parent) -> dict[str, str]:
@@ -34,60 +50,80 @@ def objectives_of(parent) -> dict[str, str]:
 
 
 def trial_rows(client, parent, include_pruned: bool = False) -> list[dict]:
-    """One dict per completed child run: run_id, trial_id, params (the config) and final metrics.
+    """One dict per completed trial run: run_id, trial_id, params (the config) and final metrics.
     Trials the early-stopping scheduler pruned (KILLED, `pruned_at_epoch`) hold truncated
-    metrics: left out unless include_pruned."""
+    metrics: left out unless include_pruned. Baseline runs are not trials."""
     rows = []
     for run in child_runs(client, parent):
+        if run.data.tags.get(ROLE, "trial") != "trial":
+            continue
         pruned = run.info.status == "KILLED" and "pruned_at_epoch" in run.data.metrics
         if run.info.status != "FINISHED" and not (include_pruned and pruned):
             continue
         rows.append({"run_id": run.info.run_id, "trial_id": run.data.tags.get(TRIAL_ID, ""),
+                     "trial_number": run.data.tags.get(describe.TRIAL_NUMBER),
                      **{f"param.{k}": v for k, v in run.data.params.items()}, **run.data.metrics})
-    rows.sort(key=lambda r: r["trial_id"])
+    rows.sort(key=lambda r: (int(r["trial_number"]) if str(r["trial_number"]).isdigit() else 0, r["trial_id"]))
     return rows
 
 
-def _plot(rows: list[dict], names: list[str], mask: np.ndarray, path: Path) -> str:
-    """Writes the PNG to `path` and returns the same figure as SVG text (for the HTML page)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = np.array([r[names[0]] for r in rows])
-    y = np.array([r[names[1]] for r in rows])
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
-    ax.scatter(x[~mask], y[~mask], c="0.6", label="dominated")
-    order = np.argsort(x[mask])
-    ax.plot(x[mask][order], y[mask][order], "o-", c="C3", label="Pareto front")
-    ax.set_xlabel(names[0])
-    ax.set_ylabel(names[1])
-    ax.set_title("coun-tune search: Pareto front")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    svg = io.StringIO()
-    fig.savefig(svg, format="svg")
-    plt.close(fig)
-    return svg.getvalue()
+def _parent_json(client, run_id: str, name: str):
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            path = Path(client.download_artifacts(run_id, name, d))
+        except Exception:  # an older search without it
+            return None
+        return yaml.safe_load(path.read_text())
 
 
-def _html(svg: str, headers: list[str], rows: list[list], title: str) -> str:
-    """A self-contained page (no scripts, no network): the plot and the front's table."""
-    cell = lambda v: html.escape(str(v) if not isinstance(v, float) else f"{v:.4g}")  # noqa: E731
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head>"
-            f"<body><h2>{html.escape(title)}</h2>{svg[svg.find('<svg'):]}<table><tr>{head}</tr>{body}</table></body></html>")
+def ensure_baselines(client, parent) -> dict[str, dict]:
+    """The original's and the oracle's runs under the search (created once, from the parent's
+    base_models.json): {label: {run_id, metric: value}} with gaps to the oracle."""
+    from mlflow.entities import Metric
+
+    from coun_tune.core.metrics import gaps
+
+    base = _parent_json(client, parent.info.run_id, "base_models.json")
+    if not base or "oracle" not in base:
+        return {}
+    existing = {r.data.tags.get(BASELINE): r for r in child_runs(client, parent) if r.data.tags.get(ROLE) == "baseline"}
+    params = {k: v for k, v in parent.data.params.items() if k.startswith("scenario.") or k == "split_hash"}
+    out = {}
+    for label in ("original", "oracle"):
+        metrics = {k: float(v) for k, v in base[label].items() if isinstance(v, (int, float))}
+        metrics.update(gaps(metrics, base["oracle"]))
+        run = existing.get(label)
+        if run is None:
+            run = client.create_run(parent.info.experiment_id, run_name=BASELINE_NAMES[label],
+                                    tags={PARENT: parent.info.run_id, ROLE: "baseline", BASELINE: label,
+                                          describe.RUN_COLOR: describe.COLORS[label], "status": "baseline"})
+            from coun_tune.tracking.mlflow_store import log_params
+
+            log_params(client, run.info.run_id, params)
+            ts = int(time.time() * 1000)
+            client.log_batch(run.info.run_id, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()])
+            client.set_terminated(run.info.run_id, status="FINISHED")
+        out[label] = {"run_id": run.info.run_id, **metrics}
+    return out
+
+
+def rank_front(values: np.ndarray, modes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks (n,), crowding distance (n,) within each rank, +inf capped at m + 1)."""
+    ranks = pareto.non_dominated_ranks(values, modes)
+    crowd = np.zeros(len(values))
+    for r in set(ranks.tolist()) - {-1}:
+        idx = np.flatnonzero(ranks == r)
+        crowd[idx] = pareto.crowding_distance(values[idx], modes)
+    return ranks, np.minimum(crowd, len(modes) + 1.0)
 
 
 def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None = None, out=sys.stdout,
                   include_pruned: bool = False) -> dict:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Compute the front of a search from MLflow and write it back (see the module docstring)."""
+    import pandas as pd
+    from mlflow.entities import Metric
+
+    from coun_tune.tracking.plots import pareto_figure, pareto_page
 
     parent = client.get_run(parent_run_id)
     objectives = objectives or objectives_of(parent)
@@ -96,46 +132,125 @@ def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None 
     if not rows:
         raise UsageError(f"search {parent_run_id} has no completed trial with {', '.join(names)}")
     values = np.array([[r[k] for k in names] for r in rows], dtype=float)
-    mask = pareto.non_dominated_mask(values, modes)
+    ranks, crowd = rank_front(values, modes)
+    mask = ranks == 0
     ref = pareto.reference_point(names, modes, values)
-    hv = pareto.hypervolume(pareto.to_minimisation(values[mask], modes), ref)
-    for r, on_front in zip(rows, mask):
-        r["pareto"] = bool(on_front)
-        client.set_tag(r["run_id"], "pareto", "true" if on_front else "false")
-    client.log_metric(parent_run_id, "hypervolume", hv)
-    client.log_metric(parent_run_id, "pareto_size", int(mask.sum()))
-    client.set_tag(parent_run_id, "hypervolume_reference", json.dumps(dict(zip(names, ref.tolist()))))
+    ideal = pareto.ideal_point(names, modes, values)
+    front_min = pareto.to_minimisation(values[mask], modes)
+    hv_raw = pareto.hypervolume(front_min, ref)
+    hv = pareto.normalised_hypervolume(front_min, ref, ideal)
+    sign = np.array([1.0 if m == "min" else -1.0 for m in modes])  # back from the minimised space
+    hv_info = {"normalised": hv, "raw": hv_raw, "reference": dict(zip(names, (ref * sign).tolist())),
+               "ideal": dict(zip(names, (ideal * sign).tolist()))}
+
+    ts = int(time.time() * 1000)
+    for r, rank, cd in zip(rows, ranks, crowd):
+        r.update(is_pareto=float(rank == 0), pareto_rank=float(rank), crowding_distance=float(cd))
+        client.log_batch(r["run_id"], metrics=[Metric(k, r[k], ts, 0) for k in ("is_pareto", "pareto_rank", "crowding_distance")])
+        client.set_tag(r["run_id"], "pareto", "true" if rank == 0 else "false")
+        client.set_tag(r["run_id"], describe.RUN_COLOR, describe.COLORS["pareto" if rank == 0 else "dominated"])
+    baselines = ensure_baselines(client, parent)
+
+    prov = describe.provenance()
+    for k, v in prov.items():
+        client.set_tag(parent_run_id, k, v)
+    client.log_batch(parent_run_id, metrics=[Metric("hypervolume", hv, ts, 0), Metric("hypervolume_raw", hv_raw, ts, 0),
+                                              Metric("pareto_size", float(mask.sum()), ts, 0)])
+    client.set_tag(parent_run_id, "hypervolume_reference", json.dumps(hv_info["reference"]))
+
     params = sorted({k for r in rows for k in r if k.startswith("param.") and k[6:] not in PARAM_SKIP})
+    spec = _parent_json(client, parent_run_id, "spec.yaml")
+    searched = searched_names(spec, params)
     shown = sorted(np.flatnonzero(mask), key=lambda i: values[i, 0])
     extra = [m for m in ("avg_gap", "test_acc") if m not in names]
-    headers = ["trial", *names, *extra, *[p[6:] for p in params]]
-    front_rows = [[rows[i]["trial_id"], *[rows[i][k] for k in names], *[rows[i].get(m) for m in extra],
-                   *[_short(rows[i].get(p)) for p in params]] for i in shown]
+    headers = ["trial", *names, *extra, *searched]
+    front_rows = [[describe.trial_label(rows[i]), *[rows[i][k] for k in names],
+                   *[rows[i].get(m) for m in extra], *[describe.short(rows[i].get(f"param.{p}")) for p in searched]]
+                  for i in shown]
+    name = (spec or {}).get("name") or client.get_experiment(parent.info.experiment_id).name
+    tracking_uri = client.tracking_uri
+    describe_search = lambda spec_shown: describe.search_description(  # noqa: E731
+        name=name, experiment_id=parent.info.experiment_id, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
+        scenario={k[len("scenario."):]: v for k, v in parent.data.params.items()
+                  if k.startswith("scenario.") and v not in ("None", "")},
+        split_hash=parent.data.params.get("split_hash"), method=parent.data.tags.get("coun_tune.method", "?"),
+        objectives=objectives, hv=hv_info, front=[rows[i] for i in shown], baselines=baselines,
+        param_names=searched, n_trials=len(rows), spec=spec_shown, prov=prov)
+    note = describe_search(spec)
+    if len(note) > MAX_NOTE:  # MLflow caps a run tag at 8000 characters; spec.yaml is an artifact anyway
+        note = describe_search(None)
+    if len(note) > MAX_NOTE:
+        note = note[:MAX_NOTE - 80] + "\n\n(cut here: the whole front is in trials.json)\n"
+    client.set_tag(parent_run_id, describe.NOTE, note)
+    client.set_experiment_tag(parent.info.experiment_id, describe.NOTE, note)
+    client.set_experiment_tag(parent.info.experiment_id, describe.EXPERIMENT_KIND, "custom_model_development")
+    client.set_experiment_tag(parent.info.experiment_id, describe.SHARED_VIEW + describe.share_key(parent_run_id),
+                              json.dumps(describe.view_state(parent_run_id, objectives, searched)))
+
+    table_cols = ["trial", "run_id", "is_pareto", "pareto_rank", "crowding_distance", *names,
+                  *[m for m in ("retain_acc", "forget_acc", "test_acc", "mia_efficacy", "forget_gap", "avg_gap",
+                                "wall_seconds", "flops") if m not in names], *[p[6:] for p in params]]
+    trials = pd.DataFrame([{c: (describe.trial_label(r) if c == "trial" else
+                                r.get(c, r.get(f"param.{c}"))) for c in table_cols} for r in rows])
     with tempfile.TemporaryDirectory() as d:
-        cols = sorted({k for r in rows for k in r})
-        pq.write_table(pa.table({c: [None if r.get(c) is None else str(r[c]) if c.startswith("param.") or c in ("run_id", "trial_id")
-                                     else r.get(c) for r in rows] for c in cols}), Path(d) / "trials.parquet")
-        svg = _plot(rows, names, mask, Path(d) / "pareto.png")
-        (Path(d) / "pareto.html").write_text(_html(svg, headers, front_rows, f"Pareto front, hypervolume {hv:.2f}"))
-        for f in ("trials.parquet", "pareto.png", "pareto.html"):
+        # log_table's own format and tag (the UI shows the file as a table), written whole:
+        # log_table itself appends to an existing table, and a review may run again
+        trials.to_json(Path(d) / "trials.json", orient="split", index=False)
+        logged = json.loads(client.get_run(parent_run_id).data.tags.get(LOGGED_ARTIFACTS, "[]"))
+        if {"path": "trials.json", "type": "table"} not in logged:
+            client.set_tag(parent_run_id, LOGGED_ARTIFACTS, json.dumps([*logged, {"path": "trials.json", "type": "table"}]))
+        trials.astype({c: str for c in ["trial", "run_id", *[p[6:] for p in params]]}).to_parquet(Path(d) / "trials.parquet")
+        title = f"{name}: Pareto front of {len(rows)} trials, hypervolume {hv:.3f} (normalised)"
+        svg = pareto_figure(rows, names, modes, mask, baselines, Path(d) / "pareto.png", title)
+        (Path(d) / "pareto.html").write_text(pareto_page(svg, headers, front_rows, title,
+                                                         f"reference point {hv_info['reference']}"))
+        for f in ("trials.json", "trials.parquet", "pareto.png", "pareto.html"):
             client.log_artifact(parent_run_id, str(Path(d) / f))
-    print("\nPareto front (" + ", ".join(f"{k}: {v}" for k, v in objectives.items()) + f"), hypervolume {hv:.2f}:", file=out)
+
+    print("\nPareto front (" + ", ".join(f"{k}: {v}" for k, v in objectives.items()) +
+          f"), hypervolume {hv:.4f} (normalised; raw {hv_raw:.2f}):", file=out)
     print(table(headers, front_rows), file=out)
     print(f"{int(mask.sum())} of {len(rows)} completed trials on the front", file=out)
-    return {"rows": rows, "mask": mask.tolist(), "hypervolume": hv, "objectives": objectives}
+    print_review_link(tracking_uri, parent.info.experiment_id, parent_run_id, out)
+    return {"rows": rows, "mask": mask.tolist(), "hypervolume": hv, "hypervolume_raw": hv_raw,
+            "objectives": objectives, "baselines": baselines}
 
 
-def _short(v):
-    try:
-        f = float(v)
-        return f"{f:.4g}"
-    except (TypeError, ValueError):
-        return v
+def print_review_link(tracking_uri: str, experiment_id: str, parent_run_id: str, out=sys.stdout) -> None:
+    cmd = describe.ui_command(tracking_uri)
+    print("\nreview in MLflow" + (f" (serve it first: {cmd})" if cmd else "") + ":", file=out)
+    print(f"  {describe.runs_link(tracking_uri, experiment_id, parent_run_id)}", file=out)
 
 
-def export_config(client, parent_run_id: str, pick: str, output: str | Path, include_pruned: bool = False) -> Path:
-    """Write the picked trial's unlearn config (its `model/config.yaml` artifact) to `output`,
-    with a header naming the search, the trial and its metrics."""
+def searched_names(spec: dict | None, params: list[str]) -> list[str]:
+    """The hyperparameters the search varied (the spec's space entries that are domains), in
+    the spec's order; without a spec, every logged hyperparameter."""
+    space = (spec or {}).get("space") or {}
+    varied = [k for k, v in space.items() if isinstance(v, dict) and f"param.{k}" in params]
+    return varied or [p[6:] for p in params if not p.startswith(("param.scenario.", "param.split_hash"))]
+
+
+# --- export ---------------------------------------------------------------------------------
+
+def alias_for(pick: str) -> str:
+    """An MLflow alias naming the pick: knee, best_retain_acc, retain_acc_ge_99."""
+    kind, metric, op, value = pareto.parse_pick(pick)
+    if kind == "knee":
+        return "knee"
+    if kind == "best":
+        return f"best_{metric}"
+    ops = {">=": "ge", "<=": "le", ">": "gt", "<": "lt"}
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{metric}_{ops[op]}_{value:g}")
+
+
+def export_config(client, parent_run_id: str, pick: str, output: str | Path, include_pruned: bool = False,
+                  model_name: str | None = None, register: bool = True) -> Path:
+    """Write the picked trial's unlearn config (its `model/config.yaml`: every hyperparameter,
+    defaults included) to `output` with a header naming the search, the trial, its metrics and
+    its registered model: `model_name` (default: the search's experiment name) version N with
+    the alias of the pick (knee, best_M, M_ge_X)."""
+    from coun_tune.tracking.models import log_model_from_files, logged_model_of, register_model
+
     parent = client.get_run(parent_run_id)
     objectives = objectives_of(parent)
     rows = [r for r in trial_rows(client, parent, include_pruned) if all(k in r for k in objectives)]
@@ -144,15 +259,36 @@ def export_config(client, parent_run_id: str, pick: str, output: str | Path, inc
     row = rows[pareto.pick_index(rows, objectives, pick)]
     with tempfile.TemporaryDirectory() as d:
         try:
-            local = client.download_artifacts(row["run_id"], "model/config.yaml", d)
+            local = Path(client.download_artifacts(row["run_id"], "model", d))
         except Exception:
             raise UsageError(f"trial run {row['run_id']} has no model/config.yaml artifact") from None
-        cfg = yaml.safe_load(Path(local).read_text())
+        if not (local / "config.yaml").is_file():
+            raise UsageError(f"trial run {row['run_id']} has no model/config.yaml artifact")
+        cfg = yaml.safe_load((local / "config.yaml").read_text())
+        model_uri = None
+        if register:
+            if logged_model_of(client, row["run_id"]) is None and (local / "model.pt").is_file():
+                log_model_from_files(client, row["run_id"], local)  # a run logged before models existed
+            name = model_name or client.get_experiment(parent.info.experiment_id).name
+            model_uri = register_model(client, row["run_id"], name, alias_for(pick))
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics = {k: round(float(row[k]), 4) for k in ("retain_acc", "forget_acc", "test_acc", "mia_efficacy",
                                                     "forget_gap", "avg_gap") if k in row}
-    header = (f"# exported by coun-tune from search run {parent_run_id}, trial {row['trial_id']} "
+    header = (f"# exported by coun-tune from search run {parent_run_id}, trial {describe.trial_label(row)} "
+              f"(Tune id {row['trial_id']}) "
               f"(MLflow run {row['run_id']}), pick {pick!r}\n# trial metrics: {json.dumps(metrics)}\n")
+    if model_uri:
+        alias_uri = model_uri.rsplit("/", 1)[0] + "@" + alias_for(pick)
+        header += f"# model_uri: {model_uri}  (alias {alias_uri})\n"
     out.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
     return out
+
+
+def exported_model_uri(path: str | Path) -> str | None:
+    """The `# model_uri:` an exported YAML records (comments keep the file a valid
+    `coun-tune unlearn --config`), or None."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("# model_uri: "):
+            return line[len("# model_uri: "):].split()[0]
+    return None
