@@ -16,6 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from coun_tune.core.metrics import DIAGNOSTICS, METRICS
+from coun_tune.tracking.describe import TRIAL_NUMBER, run_name
 from coun_tune.tracking.mlflow_store import PARENT, ROLE, TRIAL_ID, client_for, log_params
 
 # What a trial reports that is worth a metric series in MLflow (Ray adds bookkeeping keys).
@@ -43,6 +44,7 @@ class MLflowTrialLogger(Callback):
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id
         self.last_step: dict[str, int] = {}  # trial id -> last epoch logged
         self._client = None
+        self._parent_params: dict | None = None
 
     @property
     def client(self):
@@ -79,10 +81,28 @@ class MLflowTrialLogger(Callback):
         if existing:
             self.runs[trial.trial_id] = existing[0].info.run_id
             return self.on_trial_start(iteration, trials, trial, **info)
-        run = self.client.create_run(self.experiment_id, run_name=f"trial_{trial.trial_id}",
-                                     tags={PARENT: self.parent_run_id, ROLE: "trial", TRIAL_ID: trial.trial_id})
+        number = str(len(self.runs) + 1)  # in order of start; the map survives a restore, so does the count
+        run = self.client.create_run(self.experiment_id, run_name=run_name(number, trial.config),
+                                     tags={PARENT: self.parent_run_id, ROLE: "trial", TRIAL_ID: trial.trial_id,
+                                           TRIAL_NUMBER: number})
         self.runs[trial.trial_id] = run.info.run_id
-        log_params(self.client, run.info.run_id, {**self.base_params, **trial.config})
+        log_params(self.client, run.info.run_id, self._params(trial.config))
+
+    def _params(self, sampled: dict) -> dict:
+        """A trial's params: the search's scenario params and split_hash (from the parent), every
+        hyperparameter of the method with defaults filled in, then the fixed and sampled values."""
+        from coun_tune.core.engine import resolve_hparams
+        from coun_tune.errors import UsageError
+
+        if getattr(self, "_parent_params", None) is None:  # (a logger restored from an older state lacks it)
+            params = self.client.get_run(self.parent_run_id).data.params
+            self._parent_params = {k: v for k, v in params.items() if k.startswith("scenario.") or k == "split_hash"}
+        given = {k: v for k, v in {**self.base_params, **sampled}.items() if k != "method"}
+        try:
+            resolved = resolve_hparams(self.base_params["method"], given) if "method" in self.base_params else {}
+        except UsageError:  # the trial itself reports the bad value; params stay as given
+            resolved = {}
+        return {**self._parent_params, **resolved, **self.base_params, **sampled}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from mlflow.entities import Metric
@@ -117,12 +137,24 @@ class MLflowTrialLogger(Callback):
         ckpt = trial.checkpoint
         if ckpt is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                local = Path(ckpt.to_directory(tmp))
-                for f in ("model.pt", "config.yaml", "metrics.json"):
-                    if (local / f).is_file():
-                        self.client.log_artifact(run_id, str(local / f), artifact_path="model")
+                self._log_model(run_id, Path(ckpt.to_directory(tmp)), self.last_step.get(trial.trial_id, 0))
         self.client.set_tag(run_id, "status", "completed")
         self.client.set_terminated(run_id, status="FINISHED")
+
+    def _log_model(self, run_id: str, local: Path, step: int) -> None:
+        """The trial's final network as an MLflow PyTorch model (Models tab, registry, with its
+        config.yaml and metrics.json); if that fails (a checkpoint without a loadable state
+        dict), its files as plain `model/` artifacts and the reason as the tag `model_error`."""
+        from coun_tune.tracking.models import log_model_from_files
+
+        try:
+            log_model_from_files(self.client, run_id, local, step=step)
+            return
+        except Exception as e:  # the search goes on; the trial's metrics stand without a model
+            self.client.set_tag(run_id, "model_error", f"{type(e).__name__}: {e}"[:500])
+        for f in ("model.pt", "config.yaml", "metrics.json"):
+            if (local / f).is_file():
+                self.client.log_artifact(run_id, str(local / f), artifact_path="model")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.runs.get(trial.trial_id)
