@@ -28,7 +28,10 @@ from coun_tune.errors import UsageError
 
 # Keys of an exported config that are provenance or data declarations, not unlearning settings.
 DATA_KEYS = {"crop_padding", "flip", "mean", "std", "layout", "num_classes"}
-HEADER = re.compile(r"# exported by coun-tune from search run (\S+), trial (\S+) \(MLflow run (\w+)\)")
+# What `coun-tune export` writes in its comment header (comments keep the YAML a valid config).
+HEADER = {"search_run_id": r"^# exported by coun-tune from search run (\w+)", "trial_run_id": r"\(MLflow run (\w+)\)",
+          "trial_id": r"\(Tune id ([^)\s]+)\)|, trial (\S+) \(MLflow run", "model_uri": r"^# model_uri: (\S+)",
+          "trial_metrics": r"^# trial metrics: (\{.*\})$"}
 REPORTED = ("retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy", "mia_efficacy_resample_min",
             "mia_efficacy_resample_max", "mia_loss_attack_acc")
 
@@ -36,12 +39,15 @@ REPORTED = ("retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy
 def add_command(sub) -> None:
     a = sub.add_parser("apply", help="apply an exported config to your own model and deletion request (no oracle)")
     a.add_argument("--config", required=True, help="YAML written by `coun-tune export`")
-    a.add_argument("--model", required=True, help="state dict file, or models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model")
+    a.add_argument("--model", required=True, help="state dict file, or models:/NAME@ALIAS, models:/NAME/VERSION, "
+                   "runs:/ID/model")
     a.add_argument("--forget", required=True, help="ids:FILE.parquet: integer column `index` into the training data")
-    a.add_argument("--data", required=True, help="image folder (train/<class>/, test/<class>/), FILE.npz or FILE.parquet")
+    a.add_argument("--data", required=True, help="image folder (train/<class>/, test/<class>/), FILE.npz or "
+                   "FILE.parquet")
     a.add_argument("--arch", help="coun-tune architecture or package.module:factory (default: the config's)")
     a.add_argument("--layout", choices=("nhwc", "nchw"), help="layout of 4-D image arrays (NPZ, Parquet tensors)")
-    a.add_argument("--crop-padding", type=int, help="zero padding of the random crop the model was trained with (0: none)")
+    a.add_argument("--crop-padding", type=int,
+                   help="zero padding of the random crop the model was trained with (0: none)")
     a.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="whether the model was trained with random horizontal flips")
     a.add_argument("--mean", help="per-channel normalisation mean, comma-separated (default: the config dataset's)")
@@ -114,26 +120,20 @@ def _split_config(path: str) -> tuple[dict, dict, dict]:
     if unknown:
         raise UsageError(f"unknown key {unknown[0]!r} in config data; allowed: {', '.join(sorted(DATA_KEYS))}")
     prov = {k: doc.pop(k) for k in list(doc) if k not in TOP_KEYS}  # what export records beside the config
-    m = HEADER.search(text)
-    if m:
-        prov.setdefault("search_run_id", m.group(1))
-        prov.setdefault("trial_id", m.group(2))
-        prov.setdefault("trial_run_id", m.group(3))
+    for key, pattern in HEADER.items():
+        m = re.search(pattern, text, re.MULTILINE)
+        value = next((g for g in m.groups() if g), None) if m else None
+        if value and key == "trial_metrics":
+            try:
+                value = {k: float(v) for k, v in json.loads(value).items()}
+            except (ValueError, TypeError, AttributeError):
+                value = None
+        if value:
+            prov.setdefault(key, value)
     scen = dict(doc.get("scenario") or {})
     scen.pop("data_root", None)  # the calibration data's location on the search machine: not used here
     doc["scenario"] = scen
     return doc, data, prov
-
-
-def _flatten_prov(prov: dict) -> dict[str, Any]:
-    """Provenance keys as flat strings (export may nest them, e.g. source: {search_run_id: ...})."""
-    out = {}
-    for k, v in prov.items():
-        if isinstance(v, dict):
-            out.update({f"{k}.{kk}" if kk in out else kk: vv for kk, vv in v.items() if not isinstance(vv, dict)})
-        else:
-            out[k] = v
-    return out
 
 
 def _registered_name(prov: dict) -> str | None:
@@ -158,6 +158,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
     from coun_tune.cli_checks import check_device, check_output_dir
     from coun_tune.config.unlearn_config import build_unlearn_config
+    from coun_tune.core.batching import Augmenter
     from coun_tune.core.engine import resolve_hparams
     from coun_tune.core.pipeline import pick_device
     from coun_tune.core.splits import ForgetSpec, compute_forget_indices
@@ -167,7 +168,6 @@ def build_plan(args: argparse.Namespace) -> Plan:
     doc, data_cfg, prov = _split_config(args.config)
     cfg = build_unlearn_config(doc, {})
     resolve_hparams(cfg.method, cfg.hparams)
-    prov = _flatten_prov(prov)
     out = Path(args.output)
     check_output_dir(out, args.overwrite)
     check_device(args.device)
@@ -186,6 +186,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
     register = args.register or _registered_name(prov)
     if args.register and tracking_uri is None:
         raise UsageError("--register needs --tracking-uri (the registry lives in an MLflow store)")
+    if args.register is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", args.register):
+        raise UsageError(f"--register {args.register!r}: use letters, digits, '_', '-', '.' (no '/', '@', ':')")
+    if not re.fullmatch(r"[A-Za-z_][\w\-]*", args.alias) or re.fullmatch(r"[vV]\d+|latest", args.alias):
+        raise UsageError(f"--alias {args.alias!r}: use letters, digits, '_', '-' (not 'latest' or v<number>)")
 
     decl = DataDeclaration(
         crop_padding=args.crop_padding if args.crop_padding is not None else data_cfg.get("crop_padding"),
@@ -195,10 +199,14 @@ def build_plan(args: argparse.Namespace) -> Plan:
         layout=args.layout or data_cfg.get("layout"),
         num_classes=args.num_classes if args.num_classes is not None else data_cfg.get("num_classes"),
     )
-    if decl.crop_padding is not None and (isinstance(decl.crop_padding, bool) or not isinstance(decl.crop_padding, int)):
+    padding = decl.crop_padding
+    if padding is not None and (isinstance(padding, bool) or not isinstance(padding, int)):
         raise UsageError(f"crop padding must be an integer, got {decl.crop_padding!r}")
     if decl.flip is not None and not isinstance(decl.flip, bool):
         raise UsageError(f"data.flip must be true or false, got {decl.flip!r}")
+    k = decl.num_classes
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
+        raise UsageError(f"the number of classes must be an integer >= 2, got {k!r}")
     data = load_user_data(args.data, decl, cfg.scenario.dataset)
     arrays = data.arrays
     forget_idx, _ = compute_forget_indices(arrays, ForgetSpec("ids", path=args.forget[4:]), seed=0)
@@ -206,10 +214,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     # the model: its weights, then the architecture (flag, else what the model records, else the config)
     model_cfg: dict = {}
     if _model_uri_arg(args.model):
-        from coun_tune.tracking.models import load_model_uri
-
         from coun_tune.tracking.mlflow_store import client_for
-        from coun_tune.tracking.models import model_uri_details
+        from coun_tune.tracking.models import load_model_uri, model_uri_details
 
         state_dict, model_cfg = load_model_uri(args.model, tracking_uri)
         model_cfg = model_cfg or {}
@@ -224,8 +230,6 @@ def build_plan(args: argparse.Namespace) -> Plan:
     device = pick_device(args.device)
     model = build_user_model(arch, arrays.image_shape[0], arrays.num_classes)
     load_weights(model, state_dict, arch)
-    from coun_tune.core.batching import Augmenter
-
     one = Augmenter(arrays.augment, "cpu").normalize(torch.from_numpy(arrays.train_x[:1]))
     check_model(model, one, arrays.num_classes, arch)
 
@@ -236,13 +240,16 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise UsageError("the request leaves fewer than 2 training samples to retain")
     seed = cfg.seed if cfg.seed is not None else cfg.scenario.seed
     plan = Plan(cfg=cfg, provenance=prov, data=data, data_path=str(args.data), forget_idx=np.asarray(forget_idx),
-                request_sha256=request_hash(forget_idx), request_path=args.forget[4:], model=model.to(device), arch=arch,
+                request_sha256=request_hash(forget_idx), request_path=args.forget[4:], model=model.to(device),
+                arch=arch,
                 model_source=args.model, batch_size=int(batch_size), seed=int(seed), out=out, device=device,
                 tracking_uri=tracking_uri, experiment=args.experiment, register=register, alias=args.alias)
     if tracking_uri is not None:
         from coun_tune.tracking.apply_run import search_records
 
         plan.calibration, plan.transfer = search_records(tracking_uri, prov)
+    if not plan.calibration and isinstance(prov.get("trial_metrics"), dict):  # the trial's run is in another store
+        plan.calibration = dict(prov["trial_metrics"])
     for k, v in (prov.get("transfer") or {}).items() if isinstance(prov.get("transfer"), dict) else ():
         plan.transfer.setdefault(k, v)
     return plan
@@ -319,6 +326,8 @@ def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
     print(f"\nrequest {plan.request_sha256[:12]}: {len(plan.forget_idx)} samples; a forgotten random request "
           "shows forget_acc near test_acc (not 0)")
     print(f"wrote {plan.out / 'model.pt'} and {plan.out / 'metrics.json'}")
+    if plan.tracking_uri is not None and not plan.register:
+        print("not registered: give --register NAME (neither the config nor the model names a registered model)")
     if result.get("mlflow"):
         print(f"MLflow run {result['mlflow']['run_id']}" + (f", registered {result['mlflow']['registered_uri']}"
                                                             if result["mlflow"].get("registered_uri") else ""))
@@ -326,9 +335,17 @@ def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from coun_tune.errors import DivergedError
+
+    plan = build_plan(args)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    execute(build_plan(args))
+    try:
+        execute(plan)
+    except DivergedError as e:  # raised while training, before anything is written
+        print(f"coun-tune: error: the unlearning run diverged ({e}); nothing was written. Try a smaller lr.",
+              file=sys.stderr)
+        return 1
     return 0

@@ -190,7 +190,8 @@ def test_torchvision_resnet18_state_dict(tmp_path, cli):
     net = torchvision.models.resnet18(num_classes=4)
     _fit(net, x[:36], y[:36], steps=8, mean=torch.tensor(mean).view(1, 3, 1, 1), std=0.3)
     torch.save(net.state_dict(), tmp_path / "rn18.pt")
-    table = pa.table({"image": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(x.transpose(0, 2, 3, 1))),
+    tensors = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    table = pa.table({"image": tensors,
                       "label": y, "split": ["train"] * 36 + ["test"] * 12})
     pq.write_table(table, tmp_path / "d.parquet")
     ids = np.array([1, 2, 20, 33])
@@ -324,15 +325,17 @@ def _registered_knee(client, picked: Path, name: str) -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_search_export_register_knee_then_apply_from_registry(tmp_path, cli):
+    import mlflow.pytorch
     from _search_helpers import run_cli, write_spec
+
     from coun_tune.core.datasets import load_dataset
     from coun_tune.core.models import build_model
     from coun_tune.tracking.mlflow_store import client_for, find_parent_run
     from coun_tune.tracking.models import load_model_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = write_spec(tmp_path / "spec.yaml", "apply_e2e", cache_dir=tmp_path / "cache", storage_path=tmp_path / "results",
-                      tracking_uri=uri, num_samples=2, max_concurrent_trials=2)
+    spec = write_spec(tmp_path / "spec.yaml", "apply_e2e", cache_dir=tmp_path / "cache",
+                      storage_path=tmp_path / "results", tracking_uri=uri, num_samples=2, max_concurrent_trials=2)
     run_cli(["search", str(spec)], cwd=tmp_path, timeout=600)
     run_cli(["export", "apply_e2e", "--pick", "knee", "--output", "picked.yaml", "--tracking-uri", uri], cwd=tmp_path)
     client = client_for(uri)
@@ -340,10 +343,8 @@ def test_search_export_register_knee_then_apply_from_registry(tmp_path, cli):
     knee_version = client.get_model_version_by_alias(name, "knee")
     assert knee_version.run_id == trial_run
 
-    # the knee model, read independently of coun-tune's loader: the trial run's own model.pt
-    knee = build_model("small_cnn", 1, 10)
-    knee.load_state_dict(torch.load(client.download_artifacts(trial_run, "model/model.pt", str(tmp_path)),
-                                    weights_only=True))
+    # the knee model, read independently of coun-tune's loader: MLflow's PyTorch flavor
+    knee = mlflow.pytorch.load_model(client.get_logged_model(knee_version.model_id).artifact_location)
     d = load_dataset("digits")
     data = (d.train_x, d.train_y, d.test_x, d.test_y)
     ids = np.random.default_rng(7).choice(len(d.train_y), 40, replace=False)
@@ -375,7 +376,12 @@ def test_search_export_register_knee_then_apply_from_registry(tmp_path, cli):
     new = client.get_model_version_by_alias(name, "unlearned")
     assert int(new.version) == int(knee_version.version) + 1 and new.run_id == run.info.run_id
     assert metrics["mlflow"]["registered_uri"] == f"models:/{name}/{new.version}"
-    # and it loads back for the next request: the same weights as the written model.pt
+    # and it loads back for the next request: the same weights as the written model.pt, and the
+    # MLflow PyTorch model computes the same logits
     state, info = load_model_uri(f"models:/{name}@unlearned", uri)
     assert info["arch"] == "small_cnn"
     assert all(torch.equal(state[k], v) for k, v in after.state_dict().items())
+    served = mlflow.pytorch.load_model(client.get_logged_model(new.model_id).artifact_location).eval()
+    x = (torch.from_numpy(d.test_x[:16]).float() / 255 - DIGITS_NORM[0]) / DIGITS_NORM[1]
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), after.eval()(x))

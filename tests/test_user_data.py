@@ -43,7 +43,8 @@ def _assert_same(data, images):
 
 def test_npz_in_both_declared_layouts(tmp_path, images):
     tx, ty, sx, sy = images
-    np.savez(tmp_path / "nhwc.npz", train_x=tx.transpose(0, 2, 3, 1), train_y=ty, test_x=sx.transpose(0, 2, 3, 1), test_y=sy)
+    np.savez(tmp_path / "nhwc.npz", train_x=tx.transpose(0, 2, 3, 1), train_y=ty, test_x=sx.transpose(0, 2, 3, 1),
+             test_y=sy)
     np.savez(tmp_path / "nchw.npz", train_x=tx, train_y=ty, test_x=sx, test_y=sy)
     _assert_same(load_user_data(tmp_path / "nhwc.npz", DataDeclaration(1, False, layout="nhwc"), "cifar10"), images)
     _assert_same(load_user_data(tmp_path / "nchw.npz", DataDeclaration(1, False, layout="nchw"), "cifar10"), images)
@@ -58,13 +59,15 @@ def test_parquet_tensor_png_bytes_and_hugging_face_struct(tmp_path, images):
     # test rows first in the file: order within each split is what counts
     order = np.r_[np.arange(len(tx), len(x)), np.arange(len(tx))]
     tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(x[order].transpose(0, 2, 3, 1)))
-    pq.write_table(pa.table({"image": tensor, "label": y[order], "split": [split[i] for i in order]}), tmp_path / "t.parquet")
+    pq.write_table(pa.table({"image": tensor, "label": y[order], "split": [split[i] for i in order]}),
+                   tmp_path / "t.parquet")
     _assert_same(load_user_data(tmp_path / "t.parquet", DataDeclaration(1, False, layout="nhwc"), "cifar10"), images)
 
     pngs = [_png(im) for im in x]
     pq.write_table(pa.table({"image": pa.array(pngs, pa.binary()), "label": y, "split": split}), tmp_path / "b.parquet")
     _assert_same(load_user_data(tmp_path / "b.parquet", DECL, "cifar10"), images)
-    hf = pa.array([{"bytes": b, "path": None} for b in pngs], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    hf_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    hf = pa.array([{"bytes": b, "path": None} for b in pngs], hf_type)
     pq.write_table(pa.table({"image": hf, "label": y, "split": split}), tmp_path / "hf.parquet")
     _assert_same(load_user_data(tmp_path / "hf.parquet", DECL, "cifar10"), images)
 
@@ -152,7 +155,8 @@ def test_bad_data_is_one_usage_error(tmp_path, case, needle):
         decl = DataDeclaration(1, False, layout="nchw")
     elif case in ("no_augmentation", "mean_channels", "rgb_without_norm", "crop_too_big"):
         path = _folder(path, [(8, 8)])
-        decl = {"no_augmentation": DataDeclaration(), "mean_channels": DataDeclaration(1, False, (0.5, 0.5, 0.5), (1, 1, 1)),
+        decl = {"no_augmentation": DataDeclaration(),
+                "mean_channels": DataDeclaration(1, False, (0.5, 0.5, 0.5), (1, 1, 1)),
                 "rgb_without_norm": DECL, "crop_too_big": DataDeclaration(8, False)}[case]
         ds = "cifar10" if case == "rgb_without_norm" else ds
     elif case in ("parquet_split", "corrupt_parquet"):

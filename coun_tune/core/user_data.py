@@ -155,7 +155,8 @@ def _read_npz(path: Path, layout: str | None) -> tuple[np.ndarray, ...]:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("train_x", "train_y", "test_x", "test_y") if k not in z.files]
             if missing:
-                raise UsageError(f"data file {str(path)!r} lacks array {missing[0]!r} (needs train_x, train_y, test_x, test_y)")
+                raise UsageError(f"data file {str(path)!r} lacks array {missing[0]!r} "
+                                 "(needs train_x, train_y, test_x, test_y)")
             arrays = {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
     except UsageError:
         raise
@@ -177,7 +178,8 @@ def _parquet_images(col, layout: str | None, where: str) -> np.ndarray:
     if pa.types.is_struct(col.type) and col.type.get_field_index("bytes") >= 0:  # Hugging Face's image layout
         col = col.field("bytes")
     if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
-        raise UsageError(f"{where}: column 'image' must be a uint8 fixed_shape_tensor or PNG/JPEG bytes, got {col.type}")
+        raise UsageError(f"{where}: column 'image' must be a uint8 fixed_shape_tensor or PNG/JPEG bytes, "
+                         f"got {col.type}")
     raws = col.to_pylist()
     if any(r is None for r in raws):
         raise UsageError(f"{where}: column 'image' has nulls")
@@ -212,8 +214,8 @@ def _read_parquet(path: Path, layout: str | None) -> tuple[np.ndarray, ...]:
 
 def _policy(decl: DataDeclaration, channels: int, calibration_dataset: str | None) -> AugmentPolicy:
     if decl.crop_padding is None or decl.flip is None:
-        raise UsageError("declare the augmentation the model was trained with: --crop-padding N and --flip or --no-flip "
-                         "(or data: {crop_padding: N, flip: true|false} in the config)")
+        raise UsageError("declare the augmentation the model was trained with: --crop-padding N and --flip or "
+                         "--no-flip (or data: {crop_padding: N, flip: true|false} in the config)")
     mean, std = decl.mean, decl.std
     if (mean is None) != (std is None):
         raise UsageError("give both --mean and --std, or neither")
@@ -248,7 +250,8 @@ def load_user_data(path: str | Path, decl: DataDeclaration, calibration_dataset:
         if len(x) == 0:
             raise UsageError(f"data {str(p)!r}: the {s} split is empty")
     if train_x.shape[1:] != test_x.shape[1:]:
-        raise UsageError(f"data {str(p)!r}: train images are {train_x.shape[1:]} (C, H, W) but test images {test_x.shape[1:]}")
+        raise UsageError(f"data {str(p)!r}: train images are {train_x.shape[1:]} (C, H, W) but test images "
+                         f"{test_x.shape[1:]}")
     if decl.crop_padding is not None and not 0 <= decl.crop_padding < min(train_x.shape[2:]):
         raise UsageError(f"--crop-padding must be in [0, {min(train_x.shape[2:])}) for "
                          f"{train_x.shape[2]}x{train_x.shape[3]} images, got {decl.crop_padding}")

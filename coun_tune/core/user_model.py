@@ -18,8 +18,8 @@ import importlib
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -112,7 +112,7 @@ def build_user_model(arch: str, in_channels: int, num_classes: int) -> FeatureCl
     if not isinstance(net, nn.Module):
         raise UsageError(f"--arch {arch!r}: the factory returned a {type(net).__name__}, not a torch.nn.Module")
     if callable(getattr(net, "features", None)) and callable(getattr(net, "classifier", None)) \
-            and not isinstance(getattr(net, "features"), nn.Module):
+            and not isinstance(net.features, nn.Module):
         return net  # the user's own split (torchvision's VGG has *modules* named features/classifier: not this)
     return LastLinearClassifier(net)
 
@@ -141,11 +141,13 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: st
     target = model.net if isinstance(model, LastLinearClassifier) else model
     if isinstance(model, LastLinearClassifier):  # put the Linear back for the load, under its own key
         state_dict = dict(state_dict)
-        fc_sd = {k[len(model.fc_path) + 1:]: state_dict.pop(k) for k in list(state_dict) if k.startswith(model.fc_path + ".")}
+        prefix = model.fc_path + "."
+        fc_sd = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
         try:
             model.fc.load_state_dict(fc_sd, strict=True)
         except RuntimeError as e:
-            raise UsageError(f"the model's classifier {model.fc_path!r} does not match {arch}: {_first_line(e)}") from None
+            raise UsageError(f"the model's classifier {model.fc_path!r} does not match {arch}: "
+                             f"{_first_line(e)}") from None
     try:
         target.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
@@ -175,7 +177,8 @@ def check_model(model: nn.Module, image: torch.Tensor, num_classes: int, arch: s
         if z.ndim != 2 or z.shape[0] != 1:
             raise UsageError(f"{arch}: features() must return (N, D), got {tuple(z.shape)}")
         if tuple(logits.shape) != (1, num_classes):
-            raise UsageError(f"{arch} outputs {tuple(logits.shape[1:])} logits per image; the data has {num_classes} classes")
+            raise UsageError(f"{arch} outputs {tuple(logits.shape[1:])} logits per image; the data has "
+                             f"{num_classes} classes")
         if not torch.allclose(model.classifier(z), logits, rtol=1e-4, atol=1e-5):
             raise UsageError(f"{arch}: forward(x) differs from classifier(features(x)); its last nn.Linear is "
                              "not its last operation: give an architecture with features() and classifier()")

@@ -75,7 +75,8 @@ def log_apply_run(plan, model, result: dict) -> dict[str, Any]:
                   "data": plan.data_path, "data_format": plan.data.source, "batch_size": plan.batch_size,
                   "seed": plan.seed, "request_sha256": plan.request_sha256, "num_forget": len(plan.forget_idx),
                   "num_train": len(plan.data.arrays.train_y), "num_test": len(plan.data.arrays.test_y),
-                  **{f"hp.{k}": v for k, v in cfg["hparams"].items()}, **{f"data.{k}": v for k, v in cfg["data"].items()},
+                  **{f"hp.{k}": v for k, v in cfg["hparams"].items()},
+                  **{f"data.{k}": v for k, v in cfg["data"].items()},
                   **{f"source.{k}": v for k, v in prov.items() if not isinstance(v, (dict, list))}}
         log_params(client, run_id, params)
         metrics = [Metric(f"{when}_{k}", float(v), 0, 0) for when in ("before", "after")
