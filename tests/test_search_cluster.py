@@ -320,8 +320,7 @@ def _s3_search_checks(s3, base, local, node_env, endpoint, aws, tmp_path, name, 
             assert c.info.status == "FINISHED", c.data.tags
             steps = sorted(m.step for m in client.get_metric_history(c.info.run_id, "retain_acc"))
             assert steps == [1, 2]  # the interrupted trial went on from its checkpoint: no epoch twice
-            assert "model/model.pt" in {f.path for f in client.list_artifacts(c.info.run_id, "model")}
-            assert f"mlflow/{exp.experiment_id}/{c.info.run_id}/artifacts/model/model.pt" in bucket_keys
+            assert _model_keys(client, exp.experiment_id, c.info.run_id, bucket_keys), c.info.run_id
         assert sum(1 for c in children if c.data.tags.get("status") == "completed") == S3_SAMPLES
 
         # the search's files are in the bucket and on no machine's disk
@@ -337,6 +336,14 @@ def _s3_search_checks(s3, base, local, node_env, endpoint, aws, tmp_path, name, 
                 assert left == [], f"{n}'s local {kind} dir got files: {left}"
         print(f"S3 search on 2 nodes (interrupted + resumed, incl. mlflow server and cluster start): {search_s:.0f} s; "
               f"trial -> node: {nodes}")
+
+
+def _model_keys(client, experiment_id: str, run_id: str, bucket_keys: list[str]) -> list[str]:
+    """The bucket keys of a run's model.pt: under the run's artifacts (`model/model.pt`) or, for
+    an MLflow 3 logged model of the run, under `models/<model_id>/`."""
+    model_ids = [m.model_id for m in client.search_logged_models([experiment_id]) if m.source_run_id == run_id]
+    return [k for k in bucket_keys if k.endswith("/model.pt") and (
+        f"/{run_id}/artifacts/" in k or any(f"/models/{i}/" in k for i in model_ids))]
 
 
 def _objects(s3, prefix: str) -> list[str]:
