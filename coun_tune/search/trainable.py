@@ -125,7 +125,8 @@ def ensure_base_models_streaming(scenario: dict, cache_dir: str, data_ref, resou
     raised on the worker (a corrupted cache file, say) is raised here as itself."""
     import ray
 
-    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], num_returns="streaming")(_base_models_stream)
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"],
+                      num_returns="streaming")(_base_models_stream)
     try:
         for ref in task.remote(scenario, cache_dir, data_ref, int(max(1, resources["cpu"]))):
             item = ray.get(ref)
