@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from coun_tune.errors import UsageError
 
 S3 = "s3://"
+_BUCKETS_SEEN: set[tuple] = set()  # (endpoint, bucket) this process has made sure exist
 
 
 def is_remote(uri: str) -> bool:
@@ -118,7 +119,10 @@ def write_bytes(uri: str, data: bytes) -> None:
     cache). S3: a PUT (or a completed multipart upload) replaces an object atomically."""
     fs, path = filesystem(uri)
     if is_remote(uri):
-        fs.create_dir(path.split("/", 1)[0], recursive=True)  # the bucket (allow_bucket_creation)
+        bucket = (_endpoint()[0], path.split("/", 1)[0])
+        if bucket not in _BUCKETS_SEEN:  # a PUT into a missing bucket fails: create it once
+            fs.create_dir(bucket[1], recursive=True)  # a no-op (HEAD) when it exists
+            _BUCKETS_SEEN.add(bucket)
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
