@@ -476,3 +476,21 @@ def test_hparam_ranges_and_lr_floor():
     assert (ga.name, ga.low, ga.high) == ("lr", 1e-5, 1e-3)
     resolve_hparams("ga", {"lr": 1e-5})  # accepted: its floor follows it down
     assert steps_per_epoch(N_F, B) == 1
+
+
+def test_batches_in_counts_what_shuffled_batches_yields():
+    from coun_tune.core.batching import shuffled_batches
+    from coun_tune.core.methods.base import batches_in
+
+    g = torch.Generator().manual_seed(0)
+    for n in range(0, 12):
+        for bs in range(1, 6):
+            assert batches_in(n, bs) == len(list(shuffled_batches(n, bs, g, torch.device("cpu")))), (n, bs)
+
+
+def test_a_plan_without_steps_is_a_usage_error(scen):
+    from coun_tune.errors import UsageError
+
+    one = dataclasses.replace(scen, forget=DeviceSplit(scen.forget.x[:1], scen.forget.y[:1]))
+    with pytest.raises(UsageError, match="no step"):
+        _run(one, "ga", {"epochs": 1, "lr": 1e-3})  # a batch of one sample is never trained on

@@ -251,10 +251,10 @@ def run_unlearning(
         metrics.update(epoch=epoch + 1, wall_seconds=wall, **flops_from_work(ctx.work, forward_macs))
         metrics["loss"] = float(loss.item())
         if on_epoch is not None:
-            def make_checkpoint(e: int = epoch + 1, w: float = wall, work: dict = dict(ctx.work)) -> dict:
+            def make_checkpoint(e: int = epoch + 1, w: float = wall, work: tuple = tuple(ctx.work.items())) -> dict:
                 return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                        "method": method.state_dict(), "work": work, "epoch": e, "wall_seconds": w}
+                        "method": method.state_dict(), "work": dict(work), "epoch": e, "wall_seconds": w}
             on_epoch(epoch + 1, metrics, make_checkpoint)
     if not metrics:  # resumed from the last epoch's checkpoint: nothing left to train
         metrics = evaluate_scenario(model, scenario, oracle_metrics)

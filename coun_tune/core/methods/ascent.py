@@ -22,8 +22,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from coun_tune.core.batching import steps_per_epoch
-from coun_tune.core.methods.base import Batch, HParam, Method, MethodContext, Step, forget_epoch
+from coun_tune.core.methods.base import Batch, HParam, Method, MethodContext, Step, batches_in, forget_epoch
 
 
 class GA(Method):
@@ -49,7 +48,7 @@ class GA(Method):
                         torch.cat([b.forget, torch.zeros(len(idx), dtype=torch.bool, device=b.forget.device)]))
 
     def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
-        return steps_per_epoch(len(ctx.forget), ctx.forget_batch_size())
+        return batches_in(len(ctx.forget), ctx.forget_batch_size())
 
     def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         return -F.cross_entropy(step.logits[step.forget], step.y[step.forget])

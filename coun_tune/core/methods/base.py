@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from coun_tune.core.batching import Augmenter, DeviceSplit, shuffled_batches, steps_per_epoch
+from coun_tune.core.batching import Augmenter, DeviceSplit, shuffled_batches
 from coun_tune.core.models import FeatureClassifier
 
 
@@ -146,9 +146,15 @@ class MethodContext:
         return self.augmenter(forget.x[idx], self.generator), forget.y[idx]
 
 
+def batches_in(n: int, batch_size: int) -> int:
+    """How many batches shuffled_batches(n, batch_size, ...) yields: the chunks of
+    batch_size, less a last (or only) chunk of a single sample, which it drops."""
+    return sum(1 for start in range(0, n, batch_size) if min(batch_size, n - start) >= 2)
+
+
 def retain_epoch(ctx: MethodContext, phase: str = "") -> Iterator[Batch]:
     """One shuffled pass over D_r in batches of ctx.batch_size (the permutation drawn with
-    ctx.generator): steps_per_epoch(|D_r|, batch_size) batches."""
+    ctx.generator): batches_in(|D_r|, batch_size) batches."""
     r = ctx.retain
     for idx in shuffled_batches(len(r), ctx.batch_size, ctx.generator, r.x.device):
         yield Batch(r.x[idx], r.y[idx], None, phase)
@@ -213,7 +219,7 @@ class Method:
     def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
         """len(list(epoch_batches(ctx, epoch))), without drawing anything: the cosine
         schedule's length is the sum over all epochs (the engine checks the two agree)."""
-        return steps_per_epoch(len(ctx.retain), ctx.batch_size)
+        return batches_in(len(ctx.retain), ctx.batch_size)
 
     def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         raise NotImplementedError

@@ -34,9 +34,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from coun_tune.core.batching import steps_per_epoch
 from coun_tune.core.methods.base import (
-    Batch, HParam, Method, MethodContext, Step, forget_epoch, kl_to_teacher, mixed_epoch, retain_epoch,
+    Batch, HParam, Method, MethodContext, Step, batches_in, forget_epoch, kl_to_teacher, mixed_epoch, retain_epoch,
 )
 
 
@@ -48,7 +47,7 @@ class SCRUB(Method):
     name = "scrub"
     reads_forget = True
     hparams = (
-        HParam("scrub_max_steps", 2, 1, 10, kind="int", help="SCRUB: epochs that start with a max pass over D_u (msteps)",
+        HParam("scrub_max_steps", 2, 1, 10, kind="int", help="SCRUB: epochs that start with a max pass over D_u",
                valid=(0, float("inf"))),
         HParam("scrub_alpha", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of KL to the teacher on D_r (own: 0.001)",
                valid=(0.0, float("inf"))),
@@ -62,8 +61,8 @@ class SCRUB(Method):
         yield from retain_epoch(ctx, phase="min")
 
     def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
-        max_steps = steps_per_epoch(len(ctx.forget), ctx.forget_batch_size()) if epoch < ctx.hparams["scrub_max_steps"] else 0
-        return max_steps + steps_per_epoch(len(ctx.retain), ctx.batch_size)
+        n_max = batches_in(len(ctx.forget), ctx.forget_batch_size())
+        return (n_max if epoch < ctx.hparams["scrub_max_steps"] else 0) + batches_in(len(ctx.retain), ctx.batch_size)
 
     def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         with torch.no_grad():
@@ -114,7 +113,7 @@ class BadTeacher(Method):
         return mixed_epoch(ctx, ctx.forget.y, self.retain_idx)
 
     def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
-        return steps_per_epoch(len(ctx.forget) + int(self.RETAIN_FRACTION * len(ctx.retain)), ctx.batch_size)
+        return batches_in(len(ctx.forget) + int(self.RETAIN_FRACTION * len(ctx.retain)), ctx.batch_size)
 
     def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         with torch.no_grad():

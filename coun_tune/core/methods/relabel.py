@@ -27,8 +27,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from coun_tune.core.batching import ordered_batches, steps_per_epoch
-from coun_tune.core.methods.base import Batch, HParam, Method, MethodContext, Step, mixed_epoch
+from coun_tune.core.batching import ordered_batches
+from coun_tune.core.methods.base import Batch, HParam, Method, MethodContext, Step, batches_in, mixed_epoch
 
 
 class RL(Method):
@@ -45,7 +45,7 @@ class RL(Method):
         return mixed_epoch(ctx, y_rand.to(ctx.forget.y.device))
 
     def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
-        return steps_per_epoch(len(ctx.forget) + len(ctx.retain), ctx.batch_size)
+        return batches_in(len(ctx.forget) + len(ctx.retain), ctx.batch_size)
 
     def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         return F.cross_entropy(step.logits, step.y)
