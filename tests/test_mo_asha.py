@@ -14,8 +14,6 @@ from coun_tune.search.scheduler import (
     MOASHA,
     STOP,
     RungDecisions,
-    crowding_distance,
-    non_dominated_ranks,
     priority_positions,
     rung_epochs,
 )
@@ -37,24 +35,18 @@ def test_rungs_are_grace_times_powers_of_eta():
         RungDecisions(GAP_ACC, reduction_factor=1)
 
 
-def test_non_dominated_ranks_by_hand():
-    # (gap min, acc max): C(1,95) and D(2,99) trade off; E(3,97) is dominated by D only;
-    # A(5,90) by C, D, E; B(6,89) by A too. NaN rows rank last.
+def test_priority_by_rank_then_crowding_by_hand():
+    # (gap min, acc max): C(1,95) and D(2,99) trade off (front 0); E(3,97) is dominated by D
+    # only (front 1); A(5,90) by C, D, E (front 2); B(6,89) by A too (front 3); NaN last
     pts = np.array([[5, 90], [6, 89], [1, 95], [2, 99], [3, 97], [np.nan, 99]])
-    assert non_dominated_ranks(pts, ["min", "max"]).tolist() == [2, 3, 0, 0, 1, 6]
-    # retain_acc minimised instead: A(5,90), B(6,89) and C(1,95) trade off (front 0); C
-    # dominates D(2,99) and E(3,97), which trade off with each other (front 1)
-    assert non_dominated_ranks(pts[:5], ["min", "min"]).tolist() == [0, 0, 0, 1, 1]
-
-
-def test_crowding_distance_by_hand():
-    # one front of four, both objectives span 10: interior (1,9) gets 5/10 + 5/10 = 1.0,
-    # interior (5,5) gets 9/10 + 9/10 = 1.8, the two extremes infinity
-    d = crowding_distance(np.array([[0, 10], [1, 9], [5, 5], [10, 0]]))
-    assert d[0] == math.inf and d[3] == math.inf
-    assert d[1] == pytest.approx(1.0) and d[2] == pytest.approx(1.8)
-    assert priority_positions(np.array([[0, 10], [1, 9], [5, 5], [10, 0], [20, 20]]), ["min", "min"]).tolist() \
-        == [0, 3, 2, 0, 4]
+    assert priority_positions(pts, ["min", "max"]).tolist() == [3, 4, 0, 0, 2, 5]
+    # retain_acc minimised instead: A(5,90), B(6,89) and C(1,95) trade off (front 0: B and C
+    # are the extremes, A interior); C dominates D(2,99) and E(3,97), a front of two (ties)
+    assert priority_positions(pts[:5], ["min", "min"]).tolist() == [2, 0, 0, 3, 3]
+    # one front of four, both objectives span 10: interior (1,9) has crowding 5/10 + 5/10 = 1.0,
+    # interior (5,5) 9/10 + 9/10 = 1.8, the extremes infinity; a dominated point comes last
+    front = np.array([[0, 10], [1, 9], [5, 5], [10, 0], [20, 20]])
+    assert priority_positions(front, ["min", "min"]).tolist() == [0, 3, 2, 0, 4]
 
 
 def test_asynchronous_decisions_at_a_rung():

@@ -31,54 +31,20 @@ CONTINUE, STOP = "CONTINUE", "STOP"
 TIME_ATTR = "epoch"  # what a trial reports after each epoch (1-based), beside EPOCHS_PLANNED
 
 
-# --- ranking: pure functions ------------------------------------------------------------------
-
-def non_dominated_ranks(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:
-    """(n, m) raw metric values -> (n,) int: 0 for the non-dominated front, 1 for the front
-    left after removing it, and so on (NSGA-II's fast non-dominated sort, by peeling). Rows
-    with a NaN rank after every other row."""
-    v = np.asarray(values, dtype=float).reshape(len(values), -1)
-    ranks = np.full(len(v), len(v), dtype=int)
-    left = np.flatnonzero(~np.isnan(v).any(axis=1))
-    rank = 0
-    while len(left):
-        front = pareto.non_dominated_mask(v[left], modes)
-        ranks[left[front]] = rank
-        left = left[~front]
-        rank += 1
-    return ranks
-
-
-def crowding_distance(values: np.ndarray) -> np.ndarray:
-    """(n, m) points of ONE front -> (n,) NSGA-II crowding distance: per objective, the gap
-    between a point's two neighbours over the front's range, summed; the extremes of each
-    objective get +inf (they are kept first). Direction does not matter (gaps are symmetric)."""
-    v = np.asarray(values, dtype=float).reshape(len(values), -1)
-    n = len(v)
-    dist = np.zeros(n)
-    if n <= 2:
-        return np.full(n, np.inf)
-    for j in range(v.shape[1]):
-        order = np.argsort(v[:, j], kind="stable")
-        col = v[order, j]
-        span = col[-1] - col[0]
-        dist[order[0]] = dist[order[-1]] = np.inf
-        if span > 0:
-            dist[order[1:-1]] += (col[2:] - col[:-2]) / span
-    return dist
-
+# --- ranking: pure functions (the Pareto sorting itself is coun_tune.pareto's) -----------------
 
 def priority_positions(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:
-    """(n, m) -> (n,) int: how many points rank strictly ahead of each one, ordering by
-    non-dominated rank, then by larger crowding distance within the front. Equal keys share
-    a position (a tie never stops the later arrival alone)."""
-    ranks = non_dominated_ranks(values, modes)
-    crowd = np.zeros(len(ranks))
+    """(n, m) raw metric values -> (n,) int: how many points rank strictly ahead of each one,
+    ordering by non-dominated rank, then by larger crowding distance within the front. Equal
+    keys share a position (a tie never stops the later arrival alone). Rows with a NaN (an
+    objective missing) rank after every other row."""
     v = np.asarray(values, dtype=float).reshape(len(values), -1)
-    for r in np.unique(ranks):
+    ranks = pareto.non_dominated_ranks(v, modes)
+    ranks = np.where(ranks < 0, len(v), ranks)
+    crowd = np.zeros(len(ranks))
+    for r in np.unique(ranks[ranks < len(v)]):
         members = np.flatnonzero(ranks == r)
-        if not np.isnan(v[members]).any():
-            crowd[members] = crowding_distance(v[members])
+        crowd[members] = pareto.crowding_distance(v[members], modes)
     key = list(zip(ranks, -crowd))
     return np.array([sum(k < key[i] for k in key) for i in range(len(key))], dtype=int)
 
