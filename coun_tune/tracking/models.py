@@ -1,7 +1,7 @@
 """MLflow models of coun-tune's unlearned networks: logging, registering, loading back.
 
 A trial's (or an applied request's) final network is logged as an MLflow PyTorch model named
-`model` on its run (MLflow 3 "logged model": it shows in the run's and the experiment's Models
+`unlearned_model` on its run (MLflow 3 "logged model": it shows in the run's and the experiment's Models
 tab and can be registered). Beside the flavor's own files the model directory holds
 
     model.pt         plain state dict: torch.load(..., weights_only=True), never a pickle of code
@@ -31,7 +31,10 @@ import yaml
 
 from coun_tune.errors import UsageError
 
-MODEL_NAME = "model"  # the logged model's name within its run: runs:/RUN_ID/model
+# The logged model's name within its run (runs:/RUN_ID/unlearned_model). Not "model": the run's
+# plain `model/` artifacts keep that path, and MLflow 3.17 resolves a runs:/ path that names a
+# logged model through the process-global tracking URI (an `mlflow.db` appears in the cwd).
+MODEL_NAME = "unlearned_model"
 FILES = ("model.pt", "config.yaml", "model_info.json", "metrics.json")
 # Flavor formats tried in turn. pt2 (torch.export) serves with torch alone but costs 2-20 s per
 # model on a CPU driver (the first export of a process imports the compiler stack); pickle
@@ -132,6 +135,16 @@ def _save(client, logged, run_id: str, model, config: dict, info: dict, metrics:
         client.log_model_artifacts(logged.model_id, str(path))
 
 
+def resolve_config_file(path: Path) -> dict:
+    """Rewrite a trial's config.yaml with every hyperparameter of its method, defaults included."""
+    from coun_tune.core.engine import resolve_hparams
+
+    config = yaml.safe_load(Path(path).read_text())
+    config["hparams"] = resolve_hparams(config["method"], config.get("hparams") or {})
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    return config
+
+
 def log_model_from_files(client, run_id: str, directory: Path, step: int = 0) -> str:
     """Log the MLflow model of a trial from its checkpoint files (model.pt, config.yaml and, if
     there, metrics.json): the network is rebuilt from the state dict, no pickle involved."""
@@ -180,7 +193,8 @@ def register_model(client, run_id: str, name: str, alias: str) -> str:
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    same = [v for v in client.search_model_versions(f"name = '{name}'") if getattr(v, "model_id", None) == logged.model_id]
+    same = [v for v in client.search_model_versions(f"name = '{name}'")
+            if v.run_id == run_id and v.source == logged.artifact_location]
     # source: the storage location itself. A `models:/ID` source makes MLflow's SQL registry look
     # the model up through the process-global tracking URI, not this client's (an MLflow TODO).
     version = same[0] if same else client.create_model_version(
@@ -199,7 +213,7 @@ def _artifact_location(client, uri: str) -> str:
         if uri.startswith("runs:/"):
             run_id, _, path = uri[len("runs:/"):].partition("/")
             logged = logged_model_of(client, run_id) if path.strip("/") in ("", MODEL_NAME) else None
-            # a run without a logged model: its plain `model/` artifacts (older coun-tune)
+            # any other path (runs:/RUN_ID/model): the run's plain artifacts there
             return logged.artifact_location if logged else client.get_run(run_id).info.artifact_uri + "/" + path.strip("/")
         rest = uri[len("models:/"):].strip("/")
         if rest.startswith("m-") and "/" not in rest and "@" not in rest:
@@ -227,7 +241,7 @@ def _download(location: str, tracking_uri: str, name: str, dst: str) -> Path | N
 
 def load_model_uri(uri: str, tracking_uri: str) -> tuple[dict, dict]:
     """(state dict, config) of the model at `models:/NAME@ALIAS`, `models:/NAME/VERSION`,
-    `models:/MODEL_ID` or `runs:/RUN_ID/model`. The state dict is read with
+    `models:/MODEL_ID`, `runs:/RUN_ID/unlearned_model` or `runs:/RUN_ID/model` (the plain files). The state dict is read with
     torch.load(weights_only=True) on the CPU; the config is the model's config.yaml with
     model_info.json's keys on top: arch, dataset, num_classes, image_shape, method, hparams."""
     import torch

@@ -249,7 +249,7 @@ def export_config(client, parent_run_id: str, pick: str, output: str | Path, inc
     defaults included) to `output` with a header naming the search, the trial, its metrics and
     its registered model: `model_name` (default: the search's experiment name) version N with
     the alias of the pick (knee, best_M, M_ge_X)."""
-    from coun_tune.tracking.models import log_model_from_files, logged_model_of, register_model
+    from coun_tune.tracking.models import log_model_from_files, logged_model_of, register_model, resolve_config_file
 
     parent = client.get_run(parent_run_id)
     objectives = objectives_of(parent)
@@ -264,7 +264,7 @@ def export_config(client, parent_run_id: str, pick: str, output: str | Path, inc
             raise UsageError(f"trial run {row['run_id']} has no model/config.yaml artifact") from None
         if not (local / "config.yaml").is_file():
             raise UsageError(f"trial run {row['run_id']} has no model/config.yaml artifact")
-        cfg = yaml.safe_load((local / "config.yaml").read_text())
+        cfg = resolve_config_file(local / "config.yaml")  # every hyperparameter, defaults included
         model_uri = None
         if register:
             if logged_model_of(client, row["run_id"]) is None and (local / "model.pt").is_file():

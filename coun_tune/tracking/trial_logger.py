@@ -142,19 +142,23 @@ class MLflowTrialLogger(Callback):
         self.client.set_terminated(run_id, status="FINISHED")
 
     def _log_model(self, run_id: str, local: Path, step: int) -> None:
-        """The trial's final network as an MLflow PyTorch model (Models tab, registry, with its
-        config.yaml and metrics.json); if that fails (a checkpoint without a loadable state
-        dict), its files as plain `model/` artifacts and the reason as the tag `model_error`."""
-        from coun_tune.tracking.models import log_model_from_files
+        """The trial's files as plain `model/` artifacts (model.pt, config.yaml resolved,
+        metrics.json) and its final network as an MLflow PyTorch model (Models tab, registry);
+        when the latter fails (a checkpoint without a loadable state dict), the reason is the
+        tag `model_error`."""
+        from coun_tune.tracking.models import log_model_from_files, resolve_config_file
 
-        try:
-            log_model_from_files(self.client, run_id, local, step=step)
-            return
-        except Exception as e:  # the search goes on; the trial's metrics stand without a model
-            self.client.set_tag(run_id, "model_error", f"{type(e).__name__}: {e}"[:500])
+        try:  # every hyperparameter, defaults included (a copy: `local` is a download of the checkpoint)
+            resolve_config_file(local / "config.yaml")
+        except Exception:  # noqa: S110  (an unreadable config is logged as it is, and fails below)
+            pass
         for f in ("model.pt", "config.yaml", "metrics.json"):
             if (local / f).is_file():
                 self.client.log_artifact(run_id, str(local / f), artifact_path="model")
+        try:
+            log_model_from_files(self.client, run_id, local, step=step)
+        except Exception as e:  # the search goes on; the trial's metrics stand without a model
+            self.client.set_tag(run_id, "model_error", f"{type(e).__name__}: {e}"[:500])
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.runs.get(trial.trial_id)
