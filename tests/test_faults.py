@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from _search_helpers import SPACE, child_env, cli_command, run_cli, stop_session, stop_until_gone, write_spec
+from _search_helpers import (SPACE, child_env, cli_command, cmdline, run_cli, session_pids, stop_session,
+                             stop_until_gone, write_spec)
 from coun_tune.search.progress import TEST_SIGINT_ENV
-from coun_tune.search.ray_session import pids_naming
+from coun_tune.search.ray_session import pids_naming, start_time
 
 SPACE2 = {**SPACE, "epochs": 2}
 
@@ -168,14 +169,20 @@ def test_two_searches_started_at_once_on_a_fresh_store(tmp_path, prepared, sessi
     results = {}
 
     def go(k):
-        results[k] = run_cli(["search", "spec.yaml"], cwd=tmp_path, env=child_env(COUN_TUNE_CACHE=str(tmp_path / "cc")))
+        try:
+            results[k] = run_cli(["search", "spec.yaml"], cwd=tmp_path,
+                                 env=child_env(COUN_TUNE_CACHE=str(tmp_path / "cc")))
+        except BaseException as e:  # pytest.fail in a thread: hand it to the test
+            results[k] = e
 
     threads = [threading.Thread(target=go, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results) == [0, 1]  # both exited 0 (run_cli fails the test otherwise)
+    failed = [str(r) for r in results.values() if isinstance(r, BaseException)]
+    assert not failed, "\n".join(failed)
+    assert sorted(results) == [0, 1]
     dirs = search_dirs(tmp_path)
     assert len(dirs) == 2
     states = [json.loads((d / "coun_tune_search.json").read_text()) for d in dirs]
@@ -210,12 +217,17 @@ def test_the_next_search_removes_what_a_sigkilled_driver_left(tmp_path, prepared
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         time.sleep(2)
-        left = pids_naming(temp_dir)
-        assert left and Path(temp_dir).is_dir()  # the fault: Ray outlives its driver
+        rec = json.loads(record.read_text())  # as last refreshed by the driver
+        recorded = [(p, t) for p, t in rec["processes"]]
+        alive = [p for p, t in recorded if start_time(p) == t]
+        # the fault: Ray's agents outlive their driver (renamed ray::..., in the killed session)
+        assert alive and set(alive) <= set(session_pids(proc.pid)) and Path(temp_dir).is_dir()
+        assert any(cmdline(p).startswith("ray::") for p in alive)
 
         nxt = run_cli(["search", "spec.yaml"], cwd=tmp_path, env=env)
         assert "cleaned up after an earlier coun-tune run" in nxt.stdout
-        assert pids_naming(temp_dir) == [] and not Path(temp_dir).exists()
+        assert [p for p, t in recorded if start_time(p) == t] == []
+        assert session_pids(proc.pid) == [] and not Path(temp_dir).exists()
         assert not record.exists() and list(runs_dir.glob("*.json")) == []
         _, parents, _ = runs(uri, "killed")
         assert sorted(p.info.status for p in parents) == ["FINISHED", "RUNNING"]  # the killed one stays resumable

@@ -3,8 +3,8 @@ and leave nothing behind, even when the driver is killed.
 
 Local Ray gets a temp dir of its own (the default /tmp/ray is shared by every Ray user of the
 machine). Right after it starts, a run record is written to `<runs dir>/<driver pid>.json`:
-the driver's PID and start time, the temp dir, and the PID + start time of every Ray process
-whose command line names that temp dir. A clean exit removes Ray, the temp dir and the record.
+the driver's PID and start time, the temp dir, and the PID + start time of every process the
+driver started (refreshed once workers exist). A clean exit removes Ray, the temp dir and the record.
 A SIGKILLed driver cannot; the next `coun-tune search` (or --resume) finds records whose driver
 is dead and stops what they name (PIDs only if the start time still matches, so a reused PID is
 never hit; plus any process still naming the record's unique temp dir), then removes the temp
@@ -58,6 +58,25 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def descendants(root: int) -> list[int]:
+    """Live processes below `root` in the process tree (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for e in os.listdir("/proc"):
+        if not e.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{e}/stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(raw[raw.rindex(")") + 2:].split()[1]), []).append(int(e))
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return sorted(out)
+
+
 def pids_naming(fragment: str) -> list[int]:
     """Live processes (not this one) whose command line contains `fragment`."""
     out = []
@@ -86,8 +105,11 @@ def _stop(procs: list[tuple[int, int]], grace: float = 5.0) -> None:
 # --- run records ----------------------------------------------------------------------------
 
 def write_record(temp_dir: str) -> Path:
+    """Record (or refresh) what this driver's local Ray consists of now: its processes are the
+    driver's descendants (Ray's agents and workers rename themselves `ray::...`, so only the
+    tree finds them once the driver is gone) and anything naming the temp dir."""
     pid = os.getpid()
-    procs = [(p, start_time(p)) for p in pids_naming(temp_dir)]
+    procs = [(p, start_time(p)) for p in sorted(set(descendants(pid)) | set(pids_naming(temp_dir)))]
     record = {"driver_pid": pid, "driver_start": start_time(pid), "temp_dir": temp_dir,
               "processes": [[p, t] for p, t in procs if t is not None]}
     path = runs_dir() / f"{pid}.json"
@@ -200,6 +222,11 @@ class RaySession:
         finally:
             self.record = write_record(self.temp_dir)
         return self
+
+    def refresh_record(self) -> None:
+        """Re-record the processes (workers and agents started since ray.init)."""
+        if self.temp_dir:
+            self.record = write_record(self.temp_dir)
 
     def __exit__(self, *exc) -> None:
         import ray

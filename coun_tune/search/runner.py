@@ -166,11 +166,12 @@ def run_search(spec: SearchSpec, address: str | None = None, tracking_uri: str |
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     state_written = resume
     try:
-        with RaySession(address, log=lambda s: print(s, file=out, flush=True)):
+        with RaySession(address, log=lambda s: print(s, file=out, flush=True)) as session:
             import ray
 
             data_ref = ray.put(plan.data)
             base = train_base_models(plan, data_ref, out)
+            session.refresh_record()  # the workers and agents exist now
             client, state = open_parent_run(plan, base)
             state_written = True
             tuner = build_tuner(plan, state, data_ref)
