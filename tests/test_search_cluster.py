@@ -126,6 +126,18 @@ def _our_pids(base: Path, sessions: list[int]) -> list[int]:
     return sorted(pids)
 
 
+def _trial_runs(runs: list, parent_id: str) -> list:
+    """The parent's trial runs; fails unless every run of the experiment is the parent, one of
+    them, or one of the two baseline runs (original, oracle) the review adds once."""
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id
+              and r.data.tags.get("coun_tune.role") == "trial"]
+    baselines = sorted(r.data.tags.get("coun_tune.baseline", "") for r in runs
+                       if r.data.tags.get("coun_tune.role") == "baseline")
+    assert baselines == ["oracle", "original"], baselines
+    assert len(runs) == 1 + len(trials) + len(baselines)
+    return trials
+
+
 def _node_of_pid(pid: int, nodes: dict[str, Path]) -> str | None:
     found = [name for name, tmp in nodes.items()
              if any(tmp.glob(f"session_*/logs/python-core-worker-*_{pid}.log"))]
@@ -165,8 +177,8 @@ def test_search_spreads_over_two_ray_nodes(two_node_cluster, tmp_path):
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("coun_tune.role") == "search"]
     assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(runs) == 1 + NUM_SAMPLES and len(children) == NUM_SAMPLES
+    children = _trial_runs(runs, parents[0].info.run_id)
+    assert len(children) == NUM_SAMPLES
     assert {c.data.tags.get("coun_tune.trial_id") for c in children} == set(results)
     for c in children:
         assert c.info.status == "FINISHED"
@@ -312,8 +324,8 @@ def _s3_search_checks(s3, base, local, node_env, endpoint, aws, tmp_path, name, 
         # every trial exactly once in MLflow, finished, its model in the bucket
         parents = [r for r in runs if r.data.tags.get("coun_tune.role") == "search"]
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-        assert len(runs) == 1 + S3_SAMPLES and len(children) == S3_SAMPLES
+        children = _trial_runs(runs, parents[0].info.run_id)
+        assert len(children) == S3_SAMPLES
         assert {c.data.tags.get("coun_tune.trial_id") for c in children} == set(results)
         bucket_keys = _objects(s3, f"{BUCKET}/mlflow")
         for c in children:
