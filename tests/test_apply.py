@@ -79,12 +79,12 @@ def tiny_model(small_digits):
     return _fit(_apply_arch.tiny_net(10, 1), small_digits[0], small_digits[1])
 
 
-def _config(path: Path, arch="small_cnn", epochs=1, method="coun", batch_size=64, header=True) -> Path:
+def _config(path: Path, arch="small_cnn", epochs=1, method="coun", batch_size=64,
+            header="abc123, trial t_0001 (MLflow run 0123abcd)") -> Path:
     doc = {"scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0, "arch": arch, "recipe": "tiny"},
            "method": method, "hparams": {"temperature": 0.1, "cl_weight": 1.0, "lr": 0.05, "epochs": epochs},
            "batch_size": batch_size, "seed": 0}
-    head = ("# exported by coun-tune from search run abc123, trial t_0001 (MLflow run 0123abcd)\n" if header else "")
-    path.write_text(head + yaml.safe_dump(doc, sort_keys=False))
+    path.write_text(f"# exported by coun-tune from search run {header}\n" + yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
@@ -118,15 +118,32 @@ def _check_report(metrics: dict, before_model, after_model, data, ids, **norm):
 
 
 def test_user_architecture_by_import_path(tmp_path, cli, small_digits, tiny_model):
-    """--arch package.module:factory (tests/_apply_arch.py), an NPZ file in NHWC layout."""
+    """--arch package.module:factory (tests/_apply_arch.py), an NPZ file in NHWC layout, logged to
+    an MLflow store that holds the search's trial run (made here, with the metrics a search and
+    a transfer check log): they are reported beside the result, and the unlearned model is
+    registered and loads back through the registry with its import-path architecture."""
     import _apply_arch
+
+    from coun_tune.tracking.mlflow_store import client_for
+    from coun_tune.tracking.models import load_model_uri
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = client_for(uri)
+    exp = client.create_experiment("calibration", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(exp, tags={"coun_tune.role": "search"}).info.run_id
+    trial = client.create_run(exp, tags={"mlflow.parentRunId": parent, "coun_tune.role": "trial"}).info.run_id
+    for k, v in {"forget_gap": 1.25, "avg_gap": 0.8, "transfer_forget_gap_mean": 1.5,
+                 "transfer_forget_gap_std": 0.25}.items():
+        client.log_metric(trial, k, v)
 
     torch.save(tiny_model.state_dict(), tmp_path / "user.pt")
     ids = np.array([250, 3, 17, 120, 121, 5, 299, 64, 80, 81, 200, 150])  # unsorted on purpose
-    code, out, err = cli(["apply", "--config", _config(tmp_path / "picked.yaml", epochs=2), "--model", "user.pt",
+    picked = _config(tmp_path / "picked.yaml", epochs=2, header=f"{parent}, trial t_0001 (MLflow run {trial})")
+    code, out, err = cli(["apply", "--config", picked, "--model", "user.pt",
                           "--arch", "_apply_arch:tiny_net", "--forget", f"ids:{_request(tmp_path / 'r.parquet', ids)}",
                           "--data", _npz(tmp_path / "d.npz", small_digits, "nhwc"), "--layout", "nhwc",
-                          "--crop-padding", "1", "--no-flip", "--output", "out"], tmp_path)
+                          "--crop-padding", "1", "--no-flip", "--output", "out", "--tracking-uri", uri,
+                          "--register", "user-model"], tmp_path)
     assert code == 0, err
     after = _apply_arch.tiny_net(10, 1)
     after.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True))  # strict: the user's keys
@@ -135,8 +152,21 @@ def test_user_architecture_by_import_path(tmp_path, cli, small_digits, tiny_mode
     assert not torch.equal(after.hidden.weight, tiny_model.hidden.weight)  # it trained
     assert metrics["after"]["epoch"] == 2 and metrics["config"]["hparams"]["epochs"] == 2
     assert metrics["config"]["scenario"]["arch"] == "_apply_arch:tiny_net"
-    assert metrics["provenance"] == {"search_run_id": "abc123", "trial_id": "t_0001", "trial_run_id": "0123abcd"}
-    assert "before" in out and "after" in out
+    assert metrics["provenance"] == {"search_run_id": parent, "trial_id": "t_0001", "trial_run_id": trial}
+    assert metrics["calibration"] == {"forget_gap": 1.25, "avg_gap": 0.8}
+    assert metrics["transfer"] == {"transfer_forget_gap_mean": 1.5, "transfer_forget_gap_std": 0.25}
+    assert "transfer_forget_gap_mean" in out and "before" in out and "after" in out
+
+    run = client.get_run(metrics["mlflow"]["run_id"])
+    assert run.info.experiment_id == exp and run.info.status == "FINISHED"  # beside the search it came from
+    assert run.data.tags["coun_tune.search_run"] == parent and run.data.tags["coun_tune.trial_run"] == trial
+    assert run.data.metrics["after_retain_acc"] == metrics["after"]["retain_acc"]
+    version = client.get_model_version_by_alias("user-model", "unlearned")
+    assert str(version.version) == "1" and version.run_id == run.info.run_id
+    state, info = load_model_uri("models:/user-model@unlearned", uri)
+    assert info["arch"] == "_apply_arch:tiny_net"
+    assert state.keys() == after.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in after.state_dict().items())
 
 
 def test_image_folder_dataset(tmp_path, cli, small_digits):
@@ -303,24 +333,14 @@ def test_bad_input_exits_2_with_nothing_written(tmp_path, cli, small_digits, tin
 
 # --- the whole path: search -> export -> registry -> apply ---------------------------------------------
 
-def _registered_knee(client, picked: Path, name: str) -> tuple[str, str]:
-    """(registered name, the knee trial's run id). `coun-tune export` registers the knee under
-    a name it records in the YAML; while it does not, the test registers it the documented way
-    (tracking.models.register_model on the trial's run, logging its MLflow model from the
-    trial's model/ artifacts first if the search did not)."""
-    from coun_tune.tracking import models
-
+def _registered_knee(client, picked: Path) -> tuple[str, str]:
+    """(registered name, the knee trial's run id), from the header `coun-tune export` writes:
+    `(MLflow run ID)` and `# model_uri: models:/NAME/VERSION`."""
     text = picked.read_text()
     trial_run = text.split("(MLflow run ", 1)[1].split(")", 1)[0]
-    recorded = [w for w in text.replace('"', " ").replace("'", " ").split() if w.startswith("models:/")]
-    if recorded:
-        reg = recorded[0][len("models:/"):].split("@")[0].split("/")[0]
-        return reg, client.get_model_version_by_alias(reg, "knee").run_id
-    if models.logged_model_of(client, trial_run) is None:
-        local = client.download_artifacts(trial_run, "model", str(picked.parent / "trial_model"))
-        models.log_model_from_files(client, trial_run, Path(local))
-    models.register_model(client, trial_run, name, "knee")
-    return name, trial_run
+    recorded = [w for w in text.split() if w.startswith("models:/")]
+    assert recorded, f"export recorded no registered model:\n{text}"
+    return recorded[0][len("models:/"):].split("@")[0].split("/")[0], trial_run
 
 
 @pytest.mark.slow
@@ -339,12 +359,12 @@ def test_search_export_register_knee_then_apply_from_registry(tmp_path, cli):
     run_cli(["search", str(spec)], cwd=tmp_path, timeout=600)
     run_cli(["export", "apply_e2e", "--pick", "knee", "--output", "picked.yaml", "--tracking-uri", uri], cwd=tmp_path)
     client = client_for(uri)
-    name, trial_run = _registered_knee(client, tmp_path / "picked.yaml", "digits-coun")
+    name, trial_run = _registered_knee(client, tmp_path / "picked.yaml")
     knee_version = client.get_model_version_by_alias(name, "knee")
     assert knee_version.run_id == trial_run
 
     # the knee model, read independently of coun-tune's loader: MLflow's PyTorch flavor
-    knee = mlflow.pytorch.load_model(client.get_logged_model(knee_version.model_id).artifact_location)
+    knee = mlflow.pytorch.load_model(knee_version.source)
     d = load_dataset("digits")
     data = (d.train_x, d.train_y, d.test_x, d.test_y)
     ids = np.random.default_rng(7).choice(len(d.train_y), 40, replace=False)
@@ -381,7 +401,7 @@ def test_search_export_register_knee_then_apply_from_registry(tmp_path, cli):
     state, info = load_model_uri(f"models:/{name}@unlearned", uri)
     assert info["arch"] == "small_cnn"
     assert all(torch.equal(state[k], v) for k, v in after.state_dict().items())
-    served = mlflow.pytorch.load_model(client.get_logged_model(new.model_id).artifact_location).eval()
+    served = mlflow.pytorch.load_model(new.source).eval()
     x = (torch.from_numpy(d.test_x[:16]).float() / 255 - DIGITS_NORM[0]) / DIGITS_NORM[1]
     with torch.no_grad():
         torch.testing.assert_close(served(x), after.eval()(x))
