@@ -1,6 +1,7 @@
 """`coun-tune` commands. Bad input anywhere: one line on stderr, exit code 2, nothing written.
 
-  coun-tune unlearn  [--config FILE] [--dataset D --forget SPEC --seed S] [--method M] [hparams] --output DIR
+  coun-tune unlearn  [--config FILE] [--dataset D --forget SPEC --seed S] [--method M] [hparams]
+                     --output DIR [--overwrite]
   coun-tune search   SPEC.yaml [--address A] [--tracking-uri URI] [--resume]
   coun-tune pareto   EXPERIMENT_OR_RUN_ID [--tracking-uri URI]
   coun-tune export   EXPERIMENT_OR_RUN_ID --pick knee|best:METRIC|METRIC>=X --output FILE

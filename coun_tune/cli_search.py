@@ -24,7 +24,8 @@ def add_commands(sub) -> None:
     e.add_argument("--output", required=True, help="YAML file to write")
     e.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
 
-    t = sub.add_parser("transfer", help="re-run the Pareto configs on held-out forget sets, each against its own oracle")
+    t = sub.add_parser("transfer",
+                       help="re-run the Pareto configs on held-out forget sets, each against its own oracle")
     t.add_argument("search", help="experiment name (its latest search) or parent run id")
     t.add_argument("--split-seeds", default="1,2,3", help="comma-separated seeds of the held-out forget sets")
     t.add_argument("--tracking-uri", default="sqlite:///mlflow.db")

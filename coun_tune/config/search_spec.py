@@ -19,7 +19,7 @@ is validated here, before Ray starts: one line naming the problem, exit code 2, 
     storage_path: ./coun_tune_results     # Tune's experiments: a path (NFS on a cluster) or s3://bucket/prefix
     storage_endpoint: null                # S3-compatible server, e.g. http://10.0.0.5:9000 (else $AWS_ENDPOINT_URL)
     tracking_uri: sqlite:///mlflow.db     # MLflow; an http://host:port server works the same
-    cache_dir: null                       # base-model cache, path or s3:// (default $COUN_TUNE_CACHE or ~/.cache/coun-tune)
+    cache_dir: null                       # base models, path or s3:// (default $COUN_TUNE_CACHE, ~/.cache/coun-tune)
     scheduler: null                       # or {type: mo_asha, grace_epochs: 1, reduction_factor: 3}
     batch_size: null                      # default: the dataset's
     mia_every: 0                          # SVC MIA cadence in epochs; 0 = final epoch only
@@ -177,7 +177,8 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
         raise UsageError(f"{where} needs a `name` (the MLflow experiment)")
     scenario = validate_scenario(doc.get("scenario") or {}, "scenario")
     if scenario.sequential:
-        raise UsageError("scenario.forget: sequential requests run with `coun-tune unlearn`; a search tunes one request")
+        raise UsageError("scenario.forget: sequential requests run with `coun-tune unlearn`; "
+                         "a search tunes one request")
     method = str(doc.get("method", "coun"))
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
@@ -186,7 +187,8 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
         raise UsageError("objectives must map two or three metrics to min or max")
     for m, mode in objectives.items():
         if m not in LOGGED_METRICS:
-            raise UsageError(f"objective {m!r} is not a metric the engine logs; choose from {', '.join(LOGGED_METRICS)}")
+            raise UsageError(f"objective {m!r} is not a metric the engine logs; "
+                             f"choose from {', '.join(LOGGED_METRICS)}")
         if mode not in ("min", "max"):
             raise UsageError(f"objective {m}: mode must be min or max, got {mode!r}")
     declared = method_hparams(method)
@@ -196,7 +198,8 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     space, fixed = {}, {}
     for hp, value in space_doc.items():
         if hp not in declared:
-            raise UsageError(f"space.{hp}: method {method!r} has no hyperparameter {hp!r}; it has {', '.join(sorted(declared))}")
+            raise UsageError(f"space.{hp}: method {method!r} has no hyperparameter {hp!r}; "
+                             f"it has {', '.join(sorted(declared))}")
         d = _domain(hp, value, declared[hp].kind)
         (space if isinstance(d, Domain) else fixed)[hp] = d
     if not space:
@@ -220,7 +223,8 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     ints = {}
-    for k, default, low in (("num_samples", 8, 1), ("max_concurrent_trials", 2, 1), ("seed", 0, 0), ("mia_every", 0, 0)):
+    int_keys = (("num_samples", 8, 1), ("max_concurrent_trials", 2, 1), ("seed", 0, 0), ("mia_every", 0, 0))
+    for k, default, low in int_keys:
         v = doc.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise UsageError(f"{k} must be an integer >= {low}, got {v!r}")
@@ -228,9 +232,11 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     res = doc.get("resources_per_trial") or {"cpu": 1, "gpu": 0}
     if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
         raise UsageError(f"resources_per_trial takes cpu and gpu, got {res!r}")
-    cpu, gpu = _number(res.get("cpu", 1), "resources_per_trial.cpu"), _number(res.get("gpu", 0), "resources_per_trial.gpu")
+    cpu = _number(res.get("cpu", 1), "resources_per_trial.cpu")
+    gpu = _number(res.get("gpu", 0), "resources_per_trial.gpu")
     if cpu <= 0 or gpu < 0 or (gpu > 1 and gpu != int(gpu)):
-        raise UsageError(f"resources_per_trial: cpu must be > 0 and gpu a fraction in [0, 1] or a whole number, got {res!r}")
+        raise UsageError(f"resources_per_trial: cpu must be > 0 and gpu a fraction in [0, 1] or a whole number, "
+                         f"got {res!r}")
     batch_size = doc.get("batch_size")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 2):
         raise UsageError(f"batch_size must be an integer >= 2, got {batch_size!r}")

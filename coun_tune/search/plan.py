@@ -49,7 +49,7 @@ class SearchState:
         storage.write_bytes(storage.join(exp_uri, SEARCH_STATE), json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
-    def load(cls, exp_uri: str) -> "SearchState":
+    def load(cls, exp_uri: str) -> SearchState:
         uri = storage.join(exp_uri, SEARCH_STATE)
         try:
             doc = json.loads(storage.read_bytes(uri))

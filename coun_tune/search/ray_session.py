@@ -176,7 +176,8 @@ def probe_connect(address: str, timeout: float) -> None:
         proc = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=timeout,
                               start_new_session=True)
     except subprocess.TimeoutExpired:
-        raise UsageError(f"--address {address}: no answer within {timeout:.0f} s (is it a Ray head's GCS port?)") from None
+        raise UsageError(f"--address {address}: no answer within {timeout:.0f} s "
+                         "(is it a Ray head's GCS port?)") from None
     if proc.returncode != 0:
         last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no reason given"]
         raise UsageError(f"--address {address}: Ray could not connect ({last[0][:300]})")
@@ -197,7 +198,7 @@ class RaySession:
         self.record: Path | None = None
         self.started = False
 
-    def __enter__(self) -> "RaySession":
+    def __enter__(self) -> RaySession:
         import ray
 
         if ray.is_initialized():

@@ -93,7 +93,8 @@ def find_parent_run(client, ref: str):
         try:
             run = client.get_run(ref)
         except MlflowException:
-            raise UsageError(f"{ref!r} is neither an MLflow experiment name nor a run id in this tracking store") from None
+            raise UsageError(f"{ref!r} is neither an MLflow experiment name nor a run id "
+                             "in this tracking store") from None
         if run.data.tags.get(ROLE) != "search":
             raise UsageError(f"run {ref} is not a coun-tune search (parent) run")
         return run
