@@ -8,7 +8,7 @@ a < b somewhere.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -181,6 +181,7 @@ def pick_index(rows: list[dict], objectives: dict[str, str], pick: str) -> int:
         return int(front[np.nanargmin(col) if mode == "min" else np.nanargmax(col)])
     ok = {">=": col >= value, "<=": col <= value, ">": col > value, "<": col < value}[op]
     if not ok.any():
-        raise UsageError(f"no Pareto trial satisfies {pick} (range on the front: {np.nanmin(col):.2f}..{np.nanmax(col):.2f})")
+        raise UsageError(f"no Pareto trial satisfies {pick} "
+                         f"(range on the front: {np.nanmin(col):.2f}..{np.nanmax(col):.2f})")
     sub = front[ok]
     return int(sub[knee_index(values[sub], modes)])

@@ -111,6 +111,7 @@ def test_trials_table_and_plots_on_the_parent(reviewed, tmp_path):
     col = table["columns"]
     rows = {r[col.index("run_id")]: r for r in table["data"]}
     assert [rows[r][col.index("pareto_rank")] for r in runs] == RANKS
-    assert {"path": "trials.json", "type": "table"} in json.loads(client.get_run(parent).data.tags["mlflow.loggedArtifacts"])
+    logged = json.loads(client.get_run(parent).data.tags["mlflow.loggedArtifacts"])
+    assert {"path": "trials.json", "type": "table"} in logged
     page = open(client.download_artifacts(parent, "pareto.html", str(tmp_path))).read()
     assert "original" in page and "oracle" in page and "better: lower" in page

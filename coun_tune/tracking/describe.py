@@ -14,12 +14,11 @@ blue and green).
 
 from __future__ import annotations
 
-import json
-import re
 import subprocess
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -192,7 +191,7 @@ def search_description(*, name: str, experiment_id: str, parent_run_id: str, tra
               f"[charts]({runs_fragment(experiment_id, parent_run_id, chart=True)}) "
               "(red: Pareto front, grey: dominated, blue: original, green: oracle) · "
               "`pareto.png`, `pareto.html` and the trials table `trials.json` are this run's artifacts.", "",
-              f"**Export** the knee (or `best:METRIC`, or a constraint such as `retain_acc>=99`):",
+              "**Export** the knee (or `best:METRIC`, or a constraint such as `retain_acc>=99`):",
               f"`coun-tune export {parent_run_id} --pick knee --output picked.yaml --tracking-uri {tracking_uri}`", ""]
     prov_line = f"coun-tune {prov.get('coun_tune.version', '?')}"
     if prov.get("mlflow.source.git.commit"):

@@ -88,7 +88,8 @@ def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dic
     params = {k: str(v) for k, v in info.get("hparams", {}).items()}
     logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
                                         params=params, model_type="pytorch",
-                                        tags={"coun_tune.arch": str(info["arch"]), "coun_tune.method": str(info["method"])})
+                                        tags={"coun_tune.arch": str(info["arch"]),
+                                              "coun_tune.method": str(info["method"])})
     try:
         _save(client, logged, run_id, model, config, info, metrics)
     except BaseException:
@@ -116,7 +117,7 @@ def _save(client, logged, run_id: str, model, config: dict, info: dict, metrics:
         for fmt in SERIALIZATIONS:
             mlflow_model = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
                                  model_id=logged.model_id,
-                                 metadata={"input": "float32 (N, C, H, W), uint8 / 255 normalised as config.yaml's dataset",
+                                 metadata={"input": "float32 (N, C, H, W): uint8 / 255, normalised as the dataset",
                                            "output": "(N, num_classes) logits", "serialization": fmt})
             try:
                 mlflow.pytorch.save_model(model, str(path), mlflow_model=mlflow_model, signature=signature,
@@ -214,7 +215,9 @@ def _artifact_location(client, uri: str) -> str:
             run_id, _, path = uri[len("runs:/"):].partition("/")
             logged = logged_model_of(client, run_id) if path.strip("/") in ("", MODEL_NAME) else None
             # any other path (runs:/RUN_ID/model): the run's plain artifacts there
-            return logged.artifact_location if logged else client.get_run(run_id).info.artifact_uri + "/" + path.strip("/")
+            if logged:
+                return logged.artifact_location
+            return client.get_run(run_id).info.artifact_uri + "/" + path.strip("/")
         rest = uri[len("models:/"):].strip("/")
         if rest.startswith("m-") and "/" not in rest and "@" not in rest:
             return client.get_logged_model(rest).artifact_location
@@ -223,7 +226,7 @@ def _artifact_location(client, uri: str) -> str:
         elif "/" in rest:
             version = client.get_model_version(*rest.rsplit("/", 1))
         else:
-            raise UsageError(f"model URI {uri!r}: give a version or an alias, models:/NAME/VERSION or models:/NAME@ALIAS")
+            raise UsageError(f"model URI {uri!r}: give a version or an alias: models:/NAME/VERSION, models:/NAME@ALIAS")
         model_id = getattr(version, "model_id", None)
         return client.get_logged_model(model_id).artifact_location if model_id else version.source
     except MlflowException as e:
@@ -241,7 +244,8 @@ def _download(location: str, tracking_uri: str, name: str, dst: str) -> Path | N
 
 def load_model_uri(uri: str, tracking_uri: str) -> tuple[dict, dict]:
     """(state dict, config) of the model at `models:/NAME@ALIAS`, `models:/NAME/VERSION`,
-    `models:/MODEL_ID`, `runs:/RUN_ID/unlearned_model` or `runs:/RUN_ID/model` (the plain files). The state dict is read with
+    `models:/MODEL_ID`, `runs:/RUN_ID/unlearned_model` or `runs:/RUN_ID/model` (the plain files).
+    The state dict is read with
     torch.load(weights_only=True) on the CPU; the config is the model's config.yaml with
     model_info.json's keys on top: arch, dataset, num_classes, image_shape, method, hparams."""
     import torch

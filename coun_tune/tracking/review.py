@@ -146,7 +146,8 @@ def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None 
     ts = int(time.time() * 1000)
     for r, rank, cd in zip(rows, ranks, crowd):
         r.update(is_pareto=float(rank == 0), pareto_rank=float(rank), crowding_distance=float(cd))
-        client.log_batch(r["run_id"], metrics=[Metric(k, r[k], ts, 0) for k in ("is_pareto", "pareto_rank", "crowding_distance")])
+        client.log_batch(r["run_id"], metrics=[Metric(k, r[k], ts, 0)
+                                               for k in ("is_pareto", "pareto_rank", "crowding_distance")])
         client.set_tag(r["run_id"], "pareto", "true" if rank == 0 else "false")
         client.set_tag(r["run_id"], describe.RUN_COLOR, describe.COLORS["pareto" if rank == 0 else "dominated"])
     baselines = ensure_baselines(client, parent)
@@ -198,8 +199,10 @@ def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None 
         trials.to_json(Path(d) / "trials.json", orient="split", index=False)
         logged = json.loads(client.get_run(parent_run_id).data.tags.get(LOGGED_ARTIFACTS, "[]"))
         if {"path": "trials.json", "type": "table"} not in logged:
-            client.set_tag(parent_run_id, LOGGED_ARTIFACTS, json.dumps([*logged, {"path": "trials.json", "type": "table"}]))
-        trials.astype({c: str for c in ["trial", "run_id", *[p[6:] for p in params]]}).to_parquet(Path(d) / "trials.parquet")
+            client.set_tag(parent_run_id, LOGGED_ARTIFACTS,
+                           json.dumps([*logged, {"path": "trials.json", "type": "table"}]))
+        as_text = {c: str for c in ["trial", "run_id", *[p[6:] for p in params]]}
+        trials.astype(as_text).to_parquet(Path(d) / "trials.parquet")
         title = f"{name}: Pareto front of {len(rows)} trials, hypervolume {hv:.3f} (normalised)"
         svg = pareto_figure(rows, names, modes, mask, baselines, Path(d) / "pareto.png", title)
         (Path(d) / "pareto.html").write_text(pareto_page(svg, headers, front_rows, title,
@@ -265,12 +268,17 @@ def export_config(client, parent_run_id: str, pick: str, output: str | Path, inc
         if not (local / "config.yaml").is_file():
             raise UsageError(f"trial run {row['run_id']} has no model/config.yaml artifact")
         cfg = resolve_config_file(local / "config.yaml")  # every hyperparameter, defaults included
-        model_uri = None
+        model_uri, not_registered = None, None
         if register:
-            if logged_model_of(client, row["run_id"]) is None and (local / "model.pt").is_file():
-                log_model_from_files(client, row["run_id"], local)  # a run logged before models existed
-            name = model_name or client.get_experiment(parent.info.experiment_id).name
-            model_uri = register_model(client, row["run_id"], name, alias_for(pick))
+            try:
+                if logged_model_of(client, row["run_id"]) is None and (local / "model.pt").is_file():
+                    log_model_from_files(client, row["run_id"], local)  # a run logged before models existed
+                name = model_name or client.get_experiment(parent.info.experiment_id).name
+                model_uri = register_model(client, row["run_id"], name, alias_for(pick))
+            except Exception as e:  # the config is still worth writing; say why there is no model
+                not_registered = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"coun-tune: warning: the picked trial's model was not registered ({not_registered})",
+                      file=sys.stderr)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics = {k: round(float(row[k]), 4) for k in ("retain_acc", "forget_acc", "test_acc", "mia_efficacy",
@@ -278,6 +286,8 @@ def export_config(client, parent_run_id: str, pick: str, output: str | Path, inc
     header = (f"# exported by coun-tune from search run {parent_run_id}, trial {describe.trial_label(row)} "
               f"(Tune id {row['trial_id']}) "
               f"(MLflow run {row['run_id']}), pick {pick!r}\n# trial metrics: {json.dumps(metrics)}\n")
+    if not_registered:
+        header += f"# model not registered: {not_registered}\n"
     if model_uri:
         alias_uri = model_uri.rsplit("/", 1)[0] + "@" + alias_for(pick)
         header += f"# model_uri: {model_uri}  (alias {alias_uri})\n"

@@ -1,0 +1,183 @@
+"""Drive the real MLflow UI in headless Chromium (Debian's /usr/bin/chromium through Playwright;
+Playwright cannot download its own browsers here), for tests/test_mlflow_ui.py and for the
+screenshots under docs/.
+
+    python -m tests._browser [--tracking-uri sqlite:///PATH/mlflow.db --parent RUN_ID] [--out docs]
+
+Without a store it runs a tiny real search first (digits, 4 trials of one epoch) in a temp dir.
+Takes: docs/review_runs.png (the runs page from the printed link), docs/review_chart.png (the
+chart view, runs coloured by is_pareto), docs/review_description.png (the search's description).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+PRINTED_LINK = re.compile(r"http://127\.0\.0\.1:5000/(#/experiments/\S+)")
+
+
+def chromium_missing() -> str | None:
+    """Why the browser tests cannot run here (None when they can)."""
+    if not Path(CHROMIUM).is_file():
+        return f"{CHROMIUM} is absent (Debian's chromium package; .ci/run installs it)"
+    return None
+
+
+def printed_fragment(stdout: str) -> str:
+    """The UI route of the link `coun-tune search` / `coun-tune pareto` printed."""
+    found = PRINTED_LINK.findall(stdout)
+    if not found:
+        raise AssertionError(f"no review link printed:\n{stdout[-2000:]}")
+    return found[-1]
+
+
+@contextlib.contextmanager
+def mlflow_server(tracking_uri: str, timeout: float = 180):
+    """`mlflow server` on 127.0.0.1 over the store, one worker, no job runner; yields its base
+    URL. Started in its own session and stopped by that session's PIDs."""
+    from tests._search_helpers import child_env, free_port, stop_session
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    cmd = [str(exe) if exe.is_file() else sys.executable, *([] if exe.is_file() else ["-m", "mlflow"]),
+           "server", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log, stderr=log,
+                            start_new_session=True, cwd=tempfile.gettempdir())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"mlflow server did not come up: {log.read().decode(errors='replace')[-2000:]}")
+            time.sleep(1)
+        yield base
+    finally:
+        stop_session(proc.pid, grace=10)
+        log.close()
+
+
+@contextlib.contextmanager
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def open_page(b, url: str, wait_for: str, timeout_ms: int = 120_000, width: int = 1600, height: int = 1000):
+    """A fresh page at `url`, once `wait_for` (a text) is on it; the assistant panel closed."""
+    page = b.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    page.get_by_text(wait_for).first.wait_for(timeout=timeout_ms)
+    page.wait_for_timeout(2000)  # let charts, columns and the assistant panel settle
+    close = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
+    for _ in range(3):  # the assistant panel opens itself on first load: close it for the screenshots
+        if not (close.count() and close.first.is_visible()):
+            break
+        with contextlib.suppress(Exception):
+            close.first.click(timeout=5000)
+        page.wait_for_timeout(1000)
+    return page
+
+
+def image_loaded(page, timeout_ms: int = 60_000) -> bool:
+    """An <img> of the artifact viewer with real pixels (naturalWidth > 0)."""
+    page.wait_for_function("() => [...document.images].some(i => i.complete && i.naturalWidth > 100)",
+                           timeout=timeout_ms)
+    return True
+
+
+def take_screenshots(base: str, fragment: str, experiment_id: str, parent_run_id: str, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    shots = []
+    with browser() as b:
+        page = open_page(b, f"{base}/{fragment}", "is_pareto")
+        shots.append(out / "review_runs.png")
+        page.screenshot(path=str(shots[-1]))
+        page.close()
+        page = open_page(b, f"{base}/{fragment}&compareRunsMode=CHART", "Pareto front (coun-tune)")
+        shots.append(out / "review_chart.png")
+        page.screenshot(path=str(shots[-1]))
+        page.close()
+        page = open_page(b, f"{base}/#/experiments/{experiment_id}/runs/{parent_run_id}?workflowType=machine_learning",
+                         "Pareto front", height=1400)
+        more = page.get_by_text("Show more", exact=True)
+        if more.count():
+            more.first.click()
+        page.get_by_text("Description", exact=True).first.scroll_into_view_if_needed()
+        shots.append(out / "review_description.png")
+        page.screenshot(path=str(shots[-1]))
+        page.close()
+    return shots
+
+
+def tiny_search(root: Path, name: str = "review_demo", num_samples: int = 4) -> tuple[str, str]:
+    """Run a real `coun-tune search` (digits, tiny recipe); returns (tracking URI, its stdout)."""
+    from tests._search_helpers import run_cli, write_spec
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    write_spec(root / "spec.yaml", name, cache_dir=root / "cache", storage_path=root / "results",
+               tracking_uri=uri, num_samples=num_samples, max_concurrent_trials=2)
+    return uri, run_cli(["search", "spec.yaml"], cwd=root, timeout=900).stdout
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tracking-uri")
+    ap.add_argument("--out", default="docs")
+    args = ap.parse_args(argv)
+    why = chromium_missing()
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="ctune-ui-") as tmp:
+        if args.tracking_uri:
+            import io
+
+            from coun_tune.tracking.mlflow_store import client_for
+            from coun_tune.tracking.review import review_pareto
+
+            uri = args.tracking_uri
+            client = client_for(uri)
+            parent = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                        filter_string="tags.`coun_tune.role` = 'search'",
+                                        order_by=["attributes.start_time DESC"], max_results=1)[0]
+            buf = io.StringIO()
+            review_pareto(client, parent.info.run_id, out=buf)
+            stdout = buf.getvalue()
+        else:
+            uri, stdout = tiny_search(Path(tmp))
+        fragment = printed_fragment(stdout)
+        experiment_id = re.search(r"#/experiments/(\w+)/", fragment).group(1)
+        parent_id = re.search(r"viewStateShareKey=coun-tune-(\w+)", fragment).group(1)
+        with mlflow_server(uri) as base:
+            for path in take_screenshots(base, fragment, experiment_id, parent_id, Path(args.out)):
+                print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    sys.exit(main())
