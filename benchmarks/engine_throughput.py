@@ -1,4 +1,16 @@
-"""CoUn retain-training throughput: this engine's device-resident loop vs. the usual DataLoader loop.
+"""CoUn retain-training throughput: the engine against the loop it replaced, and against the usual DataLoader loop.
+
+Part 1, no regression: `run_unlearning` itself (method coun, FastPath defaults: on a CPU every
+fast-path option off) against `legacy_unlearning` below, a faithful copy of the engine's
+training loop as it was before the fast path and the epoch-plan restructuring (commit f2efb8c:
+shuffled retain batches, view 1, CE, view 2, contrastive term, a per-step isfinite check,
+SGD + cosine step). Both time each epoch's training the engine's way (wall_seconds; the
+engine's evaluation is stubbed out, it is not training and its MIA needs scikit-learn); runs
+alternate so load bursts hit both; the ratio is median legacy epoch / median engine epoch
+(>= 1: no regression). On a CPU the two must also end with identical weights (printed).
+On CUDA the engine's defaults are channels_last + bf16, so there the ratio is the speed-up.
+
+Part 2, against a DataLoader:
 
 What is timed (images/second of retain training, evaluation excluded): one CoUn step =
 two augmented views of a batch, features of both, CE(classifier(z1), y) + cl_weight *
@@ -29,8 +41,9 @@ meaningless while other jobs load the box (the script warns when the load averag
 core count).
 
 Usage:  python benchmarks/engine_throughput.py [--quick] [--device cpu|cuda] [--threads N] [--amp]
-                                              [--workers 0,1,2]
-The last line printed is `ratio: X` = engine / best-reference img/s for the small CNN at 28x28.
+                                              [--workers 0,1,2] [--only regression|dataloader]
+The last lines printed are `no-regression ratio: X` (part 1, small CNN) and `ratio: X` = engine /
+best-reference img/s for the small CNN at 28x28 (part 2).
 Needs torch + torchvision only (run from the source tree with PYTHONPATH=. on a bare GPU box).
 """
 
@@ -45,16 +58,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source tree
 
+# Idle OpenMP threads sleep instead of spinning (read once, when torch loads OpenMP): on a small
+# shared CPU, spinning threads made steps up to 10x slower. No effect on GPU kernels.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from coun_tune.core.batching import Augmenter, shuffled_batches
+from coun_tune.core import engine as engine_module
+from coun_tune.core.batching import Augmenter, DeviceSplit, shuffled_batches, steps_per_epoch
 from coun_tune.core.datasets import AugmentPolicy
 from coun_tune.core.losses import contrastive_loss
-from coun_tune.core.models import ResNet18, SmallCNN
+from coun_tune.core.models import ResNet18, SmallCNN, count_forward_macs
 
 LR, MOMENTUM, WEIGHT_DECAY, FINAL_LR = 0.05, 0.9, 5e-4, 1e-4  # the engine's recipe
 CL_WEIGHT, TAU, MIN_IMAGES, SEED = 1.0, 0.1, 4096, 0
@@ -63,11 +81,90 @@ CL_WEIGHT, TAU, MIN_IMAGES, SEED = 1.0, 0.1, 4096, 0
 CONFIGS = [
     dict(name="small_cnn 28x28", key="small_cnn", model=lambda: SmallCNN(1, 10), shape=(1, 28, 28),
          policy=AugmentPolicy(crop_padding=2, flip=True, mean=(0.286,), std=(0.353,)),
-         cpu=(256, 2, 8), cuda=(256, 10, 200), quick=(256, 1, 4)),
+         cpu=(256, 2, 8), cuda=(256, 10, 200), quick=(256, 1, 4),
+         # part 1: (batch, retain images, epochs per run, runs of each loop)
+         regression=dict(cpu=(256, 2048, 4, 3), cuda=(256, 25600, 3, 2), quick=(64, 128, 2, 1))),
     dict(name="resnet18 32x32", key="resnet18", model=lambda: ResNet18(3, 10), shape=(3, 32, 32),
          policy=AugmentPolicy(crop_padding=4, flip=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-         cpu=(16, 1, 3), cuda=(128, 5, 64), quick=(16, 1, 1)),
+         cpu=(16, 1, 3), cuda=(128, 5, 64), quick=(16, 1, 1),
+         regression=dict(cpu=(16, 64, 3, 2), cuda=(256, 12800, 3, 2), quick=(8, 16, 2, 1))),
 ]
+REGRESSION_HP = {"epochs": 1, "lr": LR, "cl_weight": CL_WEIGHT, "temperature": TAU}  # epochs set per config
+
+
+def legacy_unlearning(model, original, scenario, hp: dict, batch_size: int, seed: int) -> list[float]:
+    """The engine's training loop before the fast path (commit f2efb8c), for method coun,
+    without its evaluation: returns each epoch's training seconds, timed as the engine does."""
+    device = scenario.retain.x.device
+    epochs, cl_weight, tau = hp["epochs"], hp["cl_weight"], hp["temperature"]
+    steps = steps_per_epoch(len(scenario.retain), batch_size)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    original = copy.deepcopy(original).eval().requires_grad_(False)  # as the old loop did (teachers, masks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps, eta_min=FINAL_LR)
+    count_forward_macs(model, scenario.image_shape)  # its FLOPs count, before the first epoch
+    seconds = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        model.train()
+        for step_i, idx in enumerate(shuffled_batches(len(scenario.retain), batch_size, generator, device)):
+            x, y = scenario.retain.x[idx], scenario.retain.y[idx]
+            x1 = scenario.augmenter(x, generator)  # step_loss as it was: view 1, CE (FT's loss), view 2, L_CL
+            z1 = model.features(x1)
+            loss = F.cross_entropy(model.classifier(z1), y)
+            if cl_weight > 0:
+                z2 = model.features(scenario.augmenter(x, generator))
+                loss = loss + cl_weight * contrastive_loss(z1, z2, tau)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step_i + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+        float(loss.item())  # the epoch's reported loss
+    return seconds
+
+
+def engine_unlearning(model, original, scenario, hp: dict, batch_size: int, seed: int) -> list[float]:
+    """`run_unlearning` with its defaults (evaluation stubbed out): each epoch's wall_seconds."""
+    walls: list[float] = []
+    saved = engine_module.evaluate_scenario
+    engine_module.evaluate_scenario = lambda *a, **k: {}
+    try:
+        engine_module.run_unlearning(model, original, scenario, "coun", hp, batch_size=batch_size, seed=seed,
+                                     on_epoch=lambda e, m, _ckpt: walls.append(m["wall_seconds"]))
+    finally:
+        engine_module.evaluate_scenario = saved
+    return [walls[0]] + [b - a for a, b in zip(walls, walls[1:])]
+
+
+def bench_regression(cfg, device: torch.device, quick: bool) -> tuple[float, float, float, bool]:
+    """Part 1: (engine img/s, legacy img/s, legacy / engine median epoch time, identical weights)."""
+    batch, n, epochs, runs = cfg["regression"]["quick" if quick else device.type]
+    rng = np.random.default_rng(SEED)
+    x = torch.from_numpy(rng.integers(0, 256, size=(n + 8, *cfg["shape"]), dtype=np.uint8)).to(device)
+    y = torch.from_numpy(rng.integers(0, 10, size=n + 8).astype(np.int64)).to(device)
+    split = DeviceSplit(x[:n], y[:n])
+    scen = engine_module.ScenarioData(retain=split, forget=DeviceSplit(x[n:], y[n:]), test=DeviceSplit(x[n:], y[n:]),
+                                      augmenter=Augmenter(cfg["policy"], device), num_classes=10,
+                                      image_shape=cfg["shape"], split_hash="benchmark")
+    hp = {**REGRESSION_HP, "epochs": epochs}
+    torch.manual_seed(SEED)
+    init = cfg["model"]().to(device)
+    times = {"engine": [], "legacy": []}
+    finals = {}
+    for r in range(runs):
+        for name, loop in (("engine", engine_unlearning), ("legacy", legacy_unlearning)) if r % 2 == 0 else \
+                (("legacy", legacy_unlearning), ("engine", engine_unlearning)):
+            model = copy.deepcopy(init).train()
+            seconds = loop(model, init, scen, hp, batch, SEED)
+            times[name] += seconds[1:] if len(seconds) > 1 else seconds  # the first epoch warms up
+            finals[name] = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    identical = all(torch.equal(finals["engine"][k], finals["legacy"][k]) for k in finals["legacy"])
+    eng, leg = float(np.median(times["engine"])), float(np.median(times["legacy"]))
+    return n / eng, n / leg, leg / eng, identical
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
@@ -198,6 +295,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     ap.add_argument("--amp", action="store_true", help="CUDA only: also time the engine under bf16 autocast")
     ap.add_argument("--workers", default="0,1,2", help="DataLoader num_workers values for the reference")
+    ap.add_argument("--only", choices=["regression", "dataloader"], help="run one part only")
     args = ap.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     torch.set_num_threads(args.threads)
@@ -208,12 +306,27 @@ def main() -> None:
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"synthetic uint8 images | cl_weight {CL_WEIGHT}, tau {TAU}")
     if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > os.cpu_count():
-        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other jobs skew these numbers")
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: "
+              "other jobs skew these numbers")
+    t_start, regression = time.perf_counter(), {}
+    if args.only != "dataloader":
+        print("part 1: the engine (FastPath defaults) vs the pre-change loop, images/s from median epoch times")
+        print(f"{'config':<16} {'engine':>8} {'legacy':>8} {'ratio':>6}  identical weights")
+        for cfg in CONFIGS:
+            eng, leg, ratio, identical = bench_regression(cfg, device, args.quick)
+            regression[cfg["key"]] = ratio
+            print(f"{cfg['name']:<16} {eng:>8.1f} {leg:>8.1f} {ratio:>6.2f}  {identical}", flush=True)
+        if args.only == "regression":
+            print(f"total wall time {time.perf_counter() - t_start:.1f} s")
+            print(f"resnet18 no-regression ratio: {regression['resnet18']:.2f}")
+            print(f"no-regression ratio: {regression['small_cnn']:.2f}")
+            return
+        print("part 2: the engine's step vs a DataLoader + PIL loop")
     refs_head = " ".join(f"{f'ref w={w}':>8}" for w in workers)
     head = f"{'config':<16} {'batch':>5} {'steps':>5} {'engine':>8} {refs_head} {'best ref':>8} {'ratio':>6}"
     stat = "images / total time" if device.type == "cuda" else "batch / median step time"
     print(f"{head}   (img/s = {stat})")
-    t_start, ratios, amp_lines = time.perf_counter(), {}, []
+    ratios, amp_lines = {}, []
     for cfg in CONFIGS:
         batch, warmup, steps = cfg["quick"] if args.quick else cfg["cuda" if device.type == "cuda" else "cpu"]
         n_images = max(MIN_IMAGES, batch * (warmup + steps))  # the measurement stays in one epoch
@@ -238,6 +351,8 @@ def main() -> None:
         print("--amp ignored: bf16 autocast is timed on CUDA only")
     load = f", load average now {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"total wall time {time.perf_counter() - t_start:.1f} s{load}")
+    for key, r in regression.items():
+        print(f"{'' if key == 'small_cnn' else key + ' '}no-regression ratio: {r:.2f}")
     print(f"resnet18 ratio: {ratios['resnet18']:.2f}")
     print(f"ratio: {ratios['small_cnn']:.2f}")
 

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -52,7 +53,7 @@ class FastPath:
     cudnn_benchmark: bool | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "FastPath":
+    def from_dict(cls, d: dict[str, Any] | None) -> FastPath:
         """From a spec's or a flag's mapping; unknown keys or wrong types raise UsageError."""
         names = [f.name for f in dataclasses.fields(cls)]
         d = dict(d or {})
@@ -67,7 +68,7 @@ class FastPath:
                 raise UsageError(f"fast_path.{k} must be true or false, got {v!r}")
         return cls(**d)
 
-    def resolve(self, device: torch.device | str) -> "FastPath":
+    def resolve(self, device: torch.device | str) -> FastPath:
         """Every field concrete for `device`; raises UsageError for an option the device lacks."""
         device = torch.device(device)
         cuda = device.type == "cuda"
@@ -100,9 +101,6 @@ class FastPath:
         if self.bf16_autocast:
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
 def fused_features(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
