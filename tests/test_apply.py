@@ -80,10 +80,10 @@ def tiny_model(small_digits):
 
 
 def _config(path: Path, arch="small_cnn", epochs=1, method="coun", batch_size=64,
-            header="abc123, trial t_0001 (MLflow run 0123abcd)") -> Path:
+            header="abc123, trial t_0001 (MLflow run 0123abcd)", **extra) -> Path:
     doc = {"scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0, "arch": arch, "recipe": "tiny"},
            "method": method, "hparams": {"temperature": 0.1, "cl_weight": 1.0, "lr": 0.05, "epochs": epochs},
-           "batch_size": batch_size, "seed": 0}
+           "batch_size": batch_size, "seed": 0, **extra}
     path.write_text(f"# exported by coun-tune from search run {header}\n" + yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -194,14 +194,18 @@ def test_image_folder_dataset(tmp_path, cli, small_digits):
     model = _fit(build_model("small_cnn", 1, 10), data[0], data[1], steps=60)
     torch.save(model.state_dict(), tmp_path / "model.pt")
     ids = np.array([0, 7, 30, 31, 64, 90, 119])
-    code, out, err = cli(["apply", "--config", _config(tmp_path / "picked.yaml", batch_size=32), "--model", "model.pt",
+    # the augmentation declared in the config's data: section this time, not by flags
+    picked = _config(tmp_path / "picked.yaml", batch_size=32, data={"crop_padding": 1, "flip": False})
+    code, out, err = cli(["apply", "--config", picked, "--model", "model.pt",
                           "--forget", f"ids:{_request(tmp_path / 'r.parquet', ids)}", "--data", "imgs",
-                          "--crop-padding", "1", "--no-flip", "--output", "out"], tmp_path)
+                          "--output", "out"], tmp_path)
     assert code == 0, err
     after = build_model("small_cnn", 1, 10)
     after.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["data"]["classes"] == order and metrics["data"]["format"] == "image_folder"
+    assert metrics["config"]["data"] == {"crop_padding": 1, "flip": False, "mean": [DIGITS_NORM[0]],
+                                         "std": [DIGITS_NORM[1]], "num_classes": 10}
     _check_report(metrics, model, after, data, ids)
 
 
