@@ -1,7 +1,7 @@
 """Orchestration: how busy a search keeps its trial slots, and what each trial costs beyond its
 own training and evaluation, on a real TWO-NODE Ray cluster on loopback (CPU, a real search).
 
-    .venv/bin/python benchmarks/orchestration.py --trials 6 --epochs 8
+    .venv/bin/python benchmarks/orchestration.py --trials 6 --epochs 12
 
 Setup: two `ray start` nodes (head + worker, one CPU each, bounded --memory and
 --object-store-memory, token auth, temp dirs of their own) and `coun-tune search SPEC --address`
@@ -211,6 +211,32 @@ def trial_records(storage: Path, name: str, tracking_uri: str) -> list[dict]:
     return sorted(out, key=lambda r: r["start"])
 
 
+def idle_split(recs: list[dict], slots: int) -> dict:
+    """Where the slots' idle time went. handover: each trial after the first `slots` takes the
+    slot the (i - slots)-th trial to end freed (Tune starts no more than `slots` at once), so
+    its wait is start_i - that end (a new actor: worker process, imports, the trainable).
+    Idle slot-seconds before the last trial start (work was waiting) vs after it (the drain:
+    nothing left to start while the last trials finish)."""
+    starts = sorted(r["start"] for r in recs)
+    ends = sorted(r["end"] for r in recs)
+    handover = [starts[i] - ends[i - slots] for i in range(slots, len(starts))]
+    last_start, first = starts[-1], starts[0]
+    events = sorted([(t, 1) for t in starts] + [(t, -1) for t in ends])
+    idle_before = idle_after = 0.0
+    running, prev = 0, first
+    for t, d in events:
+        gap = (slots - running) * (t - prev)
+        if t <= last_start:
+            idle_before += gap
+        elif prev >= last_start:
+            idle_after += gap
+        else:
+            idle_before += (slots - running) * (last_start - prev)
+            idle_after += (slots - running) * (t - last_start)
+        running, prev = running + d, t
+    return {"handover_s": handover, "idle_before_last_start": idle_before, "idle_drain": idle_after}
+
+
 def first_line(lines: list, needle: str) -> float | None:
     return next((t for t, line in lines if needle in line), None)
 
@@ -231,7 +257,7 @@ def write_spec(path: Path, name: str, work: Path, trials: int, epochs: int, slot
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=6, help="num_samples of the search")
-    ap.add_argument("--epochs", type=int, default=8, help="epochs per trial (a trial should last >= 30 s)")
+    ap.add_argument("--epochs", type=int, default=12, help="epochs per trial (a trial should last >= 30 s)")
     ap.add_argument("--quick", action="store_true", help="2 trials of 1 epoch (a smoke run, not a measurement)")
     ap.add_argument("--json", default=None, help="also write every figure here")
     args = ap.parse_args(argv)
@@ -310,10 +336,18 @@ def _measure(base: Path, sessions: list[int], trials: int, epochs: int, slots: i
                "mean_trial_s": trial_time, "overhead_pct_of_trial": 100 * overhead / trial_time,
                "min_trial_s": min(r["tune_wall"] for r in recs), "fixed": fixed, "eval": ev, "trials_detail": recs,
                "left_running": left, "cli_lines": [(round(t - exec_t, 2), line) for t, line in lines]}
-    if json_path:
-        Path(json_path).write_text(json.dumps(figures, indent=1, default=str))
     print(f"\nsearch span (first trial start -> last trial end): {span:.1f} s; mean trial (tune_wall) "
           f"{trial_time:.1f} s, shortest {figures['min_trial_s']:.1f} s")
+    idle = idle_split(recs, slots)
+    figures["idle"] = idle
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=1, default=str))
+    hand = idle["handover_s"]
+    if hand:
+        print(f"slot handover (a trial ends -> the next starts in its slot): mean {statistics.mean(hand):.1f} s "
+              f"({', '.join(f'{h:.1f}' for h in hand)})")
+    print(f"idle slot-seconds: {idle['idle_before_last_start']:.1f} while trials waited to start, "
+          f"{idle['idle_drain']:.1f} in the drain after the last start")
     print(f"busy fraction of trial slots: {busy:.3f}")
     print(f"useful fraction (training + evaluation / slot time): {useful:.3f}")
     print(f"overhead per trial: {overhead:.2f} s ({figures['overhead_pct_of_trial']:.1f}% of trial time)")
