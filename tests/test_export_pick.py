@@ -108,3 +108,24 @@ def test_a_constraint_no_front_point_meets_is_a_usage_error(store):
     with pytest.raises(UsageError, match="no Pareto trial satisfies"):
         export_config(client, parent, "retain_acc>=99.9", root / "none.yaml")
     assert not (root / "none.yaml").exists()
+
+
+def test_model_uris_resolve_through_the_given_store_only(store, tmp_path, monkeypatch):
+    """MLflow's own models:/ and runs:/ resolution reads the process-global tracking URI (and
+    creates ./mlflow.db); ours must use the store it is given, and say what is wrong in one line."""
+    from coun_tune.errors import UsageError
+    from coun_tune.tracking.models import MODEL_NAME, load_model_uri
+    from coun_tune.tracking.review import export_config
+
+    root, uri, client, parent, run_ids = store
+    monkeypatch.chdir(tmp_path)
+    export_config(client, parent, "best:retain_acc", tmp_path / "p.yaml")
+    uris = ("models:/exportable@best_retain_acc", f"runs:/{run_ids[3]}/{MODEL_NAME}", f"runs:/{run_ids[3]}/model")
+    for model_uri in uris:
+        state, _ = load_model_uri(model_uri, uri)
+        assert torch.equal(state["fc.weight"], trial_weights(4)["fc.weight"]), model_uri
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    for bad in ("models:/exportable@nope", "models:/missing/1", "runs:/0123/model", "s3://bucket/model.pt",
+                "models:/exportable"):
+        with pytest.raises(UsageError):
+            load_model_uri(bad, uri)

@@ -32,8 +32,12 @@ def pareto_figure(rows: list[dict], names: Sequence[str], modes: Sequence[str], 
     ax.scatter(x[~mask], y[~mask], s=28, c=COLORS["dominated"], label="dominated trial", zorder=2)
     order = np.argsort(x[mask], kind="stable")
     ax.plot(x[mask][order], y[mask][order], "o-", ms=6, c=COLORS["pareto"], label="Pareto front", zorder=3)
+    labels: dict[tuple[float, float], tuple[list[str], bool]] = {}  # trials on one point share a label
     for r, xi, yi, on in zip(rows, x, y, mask):
-        ax.annotate(trial_label(r), (xi, yi), textcoords="offset points", xytext=(4, 4),
+        names_here, front_here = labels.setdefault((round(xi, 9), round(yi, 9)), ([], False))
+        labels[(round(xi, 9), round(yi, 9))] = ([*names_here, trial_label(r)], front_here or bool(on))
+    for (xi, yi), (names_here, on) in labels.items():
+        ax.annotate(", ".join(names_here), (xi, yi), textcoords="offset points", xytext=(4, 4),
                     fontsize=8, color=COLORS["pareto"] if on else "0.35")
     for label, marker in (("original", "s"), ("oracle", "*")):
         b = baselines.get(label)

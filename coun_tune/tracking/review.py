@@ -203,7 +203,7 @@ def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None 
                            json.dumps([*logged, {"path": "trials.json", "type": "table"}]))
         as_text = {c: str for c in ["trial", "run_id", *[p[6:] for p in params]]}
         trials.astype(as_text).to_parquet(Path(d) / "trials.parquet")
-        title = f"{name}: Pareto front of {len(rows)} trials, hypervolume {hv:.3f} (normalised)"
+        title = f"{name}: Pareto front of {len(rows)} trials (labels: trial numbers), hypervolume {hv:.3f}"
         svg = pareto_figure(rows, names, modes, mask, baselines, Path(d) / "pareto.png", title)
         (Path(d) / "pareto.html").write_text(pareto_page(svg, headers, front_rows, title,
                                                          f"reference point {hv_info['reference']}"))
