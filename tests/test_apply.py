@@ -168,6 +168,19 @@ def test_user_architecture_by_import_path(tmp_path, cli, small_digits, tiny_mode
     assert state.keys() == after.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in after.state_dict().items())
 
+    # the next request starts from the registry: the architecture comes from the model, no --arch
+    ids2 = np.array([10, 11, 290])
+    code, out, err = cli(["apply", "--config", picked, "--model", "models:/user-model@unlearned",
+                          "--forget", f"ids:{_request(tmp_path / 'r2.parquet', ids2)}",
+                          "--data", "d.npz", "--layout", "nhwc", "--crop-padding", "1", "--no-flip",
+                          "--output", "out2", "--tracking-uri", uri], tmp_path)
+    assert code == 0, err
+    second = json.loads((tmp_path / "out2" / "metrics.json").read_text())
+    tx, ty = small_digits[0], small_digits[1]
+    assert second["before"]["forget_acc"] == pytest.approx(_acc(after, tx[ids2], ty[ids2]), abs=1e-9)
+    assert second["model"] == {"source": "models:/user-model@unlearned", "arch": "_apply_arch:tiny_net"}
+    assert str(client.get_model_version_by_alias("user-model", "unlearned").version) == "2"
+
 
 def test_image_folder_dataset(tmp_path, cli, small_digits):
     """PNG files written here (class folders named, not numbered); a coun-tune small_cnn state
