@@ -51,7 +51,7 @@ def run_one(base_doc: dict, work: Path, name: str, **overrides) -> dict:
     counts and wall seconds."""
     from coun_tune.config.search_spec import validate_search_spec
     from coun_tune.search.runner import run_search
-    from coun_tune.tracking.mlflow_store import child_runs, client_for
+    from coun_tune.tracking.mlflow_store import ROLE, child_runs, client_for
 
     doc = {**base_doc, "name": name, "storage_path": str(work / "results"),
            "tracking_uri": f"sqlite:///{work}/mlflow.db", "cache_dir": str(work / "cache"), **overrides}
@@ -60,7 +60,8 @@ def run_one(base_doc: dict, work: Path, name: str, **overrides) -> dict:
     outcome = run_search(spec, out=io.StringIO())
     wall = time.perf_counter() - t0
     client = client_for(spec.tracking_uri)
-    runs = child_runs(client, client.get_run(outcome.parent_run_id))
+    runs = [r for r in child_runs(client, client.get_run(outcome.parent_run_id))
+            if r.data.tags.get(ROLE) == "trial"]  # not the review's original / oracle baseline runs
     epochs = sum(len(client.get_metric_history(r.info.run_id, "retain_acc")) for r in runs)
     pruned = sum(r.info.status == "KILLED" and "pruned_at_epoch" in r.data.metrics for r in runs)
     points = [tuple(r.data.metrics[k] for k in OBJECTIVES) for r in runs
