@@ -50,17 +50,22 @@ def run_one(base_doc: dict, work: Path, name: str, **overrides) -> dict:
     """One real search; returns its finished trials' objective values, epochs spent, trial
     counts and wall seconds."""
     from coun_tune.config.search_spec import validate_search_spec
+    from coun_tune.errors import UsageError
     from coun_tune.search.runner import run_search
-    from coun_tune.tracking.mlflow_store import ROLE, child_runs, client_for
+    from coun_tune.tracking.mlflow_store import ROLE, child_runs, client_for, find_parent_run
 
     doc = {**base_doc, "name": name, "storage_path": str(work / "results"),
            "tracking_uri": f"sqlite:///{work}/mlflow.db", "cache_dir": str(work / "cache"), **overrides}
     spec = validate_search_spec(doc, name)
     t0 = time.perf_counter()
-    outcome = run_search(spec, out=io.StringIO())
+    try:
+        parent = client_for(spec.tracking_uri).get_run(run_search(spec, out=io.StringIO()).parent_run_id)
+    except UsageError as e:  # the trials ran and are in MLflow; only a step after them (export) failed
+        print(f"  {name}: the search raised after its trials: {e}", flush=True)
+        parent = find_parent_run(client_for(spec.tracking_uri), name)
     wall = time.perf_counter() - t0
     client = client_for(spec.tracking_uri)
-    runs = [r for r in child_runs(client, client.get_run(outcome.parent_run_id))
+    runs = [r for r in child_runs(client, parent)
             if r.data.tags.get(ROLE) == "trial"]  # not the review's original / oracle baseline runs
     epochs = sum(len(client.get_metric_history(r.info.run_id, "retain_acc")) for r in runs)
     pruned = sum(r.info.status == "KILLED" and "pruned_at_epoch" in r.data.metrics for r in runs)
@@ -79,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search (sampler) seeds")
     ap.add_argument("--concurrent", type=int, default=2, help="trials at once (one CPU each)")
     ap.add_argument("--json", default=None, help="also write every search's results here (after each search)")
+    ap.add_argument("--only", nargs="+", default=None, help="run only these searches (labels below); ratios "
+                    "whose searches did not run are skipped")
     args = ap.parse_args(argv)
     base = yaml.safe_load(SPEC.read_text())
     base.update(max_concurrent_trials=args.concurrent)
@@ -86,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(s, {"sampler": s, "num_samples": args.trials}) for s in SAMPLERS]
     plan += [("random_2N", {"sampler": "random", "num_samples": 2 * args.trials}),
              ("nsga2_mo_asha", {"sampler": "nsga2", "num_samples": args.trials, "scheduler": MO_ASHA})]
+    if args.only:
+        plan = [(label, o) for label, o in plan if label in args.only]
     with tempfile.TemporaryDirectory(prefix="ctune-bench-") as tmp, RaySession(None, log=lambda s: None):
         work = Path(tmp)
         for seed in args.seeds:
@@ -107,13 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.mean(results[(label, s)][key] for s in args.seeds)
 
     def ratio(a: str, b: str, key: str = "hypervolume") -> str:
+        if (a, args.seeds[0]) not in results or (b, args.seeds[0]) not in results:
+            return "not run"
         per_seed = [results[(a, s)][key] / results[(b, s)][key] for s in args.seeds if results[(b, s)][key]]
         return f"{statistics.mean(per_seed):.3f} (per seed {', '.join(f'{x:.3f}' for x in per_seed)})"
 
     print(f"\nN = {args.trials} trials, seeds {args.seeds}, {args.concurrent} concurrent; reference point "
           f"forget_gap {ref[0]:.3f}, retain_acc {-ref[1]:.3f}; mean hypervolume:")
     for label, _ in plan:
-        print(f"  {label:14s} {mean(label, 'hypervolume'):8.2f}   epochs {mean(label, 'epochs'):6.1f}")
+        print(f"  {label:14s} {mean(label, 'hypervolume'):8.4f}   epochs {mean(label, 'epochs'):6.1f}")
     print("\nratios (mean over seeds of per-seed ratios):")
     for s in ("nsga2", "tpe", "gp", "random_2N"):
         print(f"  hypervolume {s:>9s} / random at N:  {ratio(s, 'random')}")
