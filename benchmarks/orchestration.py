@@ -279,8 +279,16 @@ def _measure(base: Path, sessions: list[int], trials: int, epochs: int, slots: i
     work.mkdir()
     env = child_env(work / "cache")
     ev = warm_cache_and_time_eval(work / "cache")
-    t0 = time.time()
-    address = start_cluster(base, env, sessions)
+    for attempt in (1, 2):  # on a loaded box `ray start` may time out waiting for its GCS: once more
+        t0 = time.time()
+        try:
+            address = start_cluster(base / f"c{attempt}", env, sessions)
+            break
+        except RuntimeError as e:
+            stop(sessions, str(base))
+            if attempt == 2:
+                raise
+            print(f"cluster start failed, retrying: {str(e).splitlines()[-1]}", file=sys.stderr)
     ray_start_s = time.time() - t0
     spec = write_spec(work / "spec.yaml", name, work, trials, epochs, slots)
     lines = run_cli_stamped(["search", str(spec), "--address", address], work, env, sessions, timeout=3600)
