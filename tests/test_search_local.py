@@ -43,7 +43,7 @@ def env():
     return {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 
 
-def cli(args, cwd, timeout=400):
+def cli(args, cwd, timeout=900):
     return subprocess.run([sys.executable, "-m", "coun_tune", *args], cwd=cwd, capture_output=True, text=True,
                           env=env(), timeout=timeout)
 

@@ -94,7 +94,7 @@ def test_search_logs_to_mlflow_server_then_export_and_unlearn(mlflow_server, tmp
                       tracking_uri=f"sqlite:///{decoy_db}", num_samples=NUM_SAMPLES, max_concurrent_trials=2)
 
     t0 = time.monotonic()
-    search = run_cli(["search", str(spec), "--tracking-uri", url], cwd=tmp_path, timeout=420)
+    search = run_cli(["search", str(spec), "--tracking-uri", url], cwd=tmp_path, timeout=900)
     search_s = time.monotonic() - t0
     assert not decoy_db.exists(), "the search wrote to the spec's tracking_uri despite --tracking-uri"
     assert "Pareto front" in search.stdout
@@ -111,8 +111,13 @@ def test_search_logs_to_mlflow_server_then_export_and_unlearn(mlflow_server, tmp
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"trials.parquet", "pareto.png"} <= parent_files, parent_files
 
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 1 + NUM_SAMPLES, "runs that are neither the parent nor its children"
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [r for r in nested if r.data.tags.get("coun_tune.role") == "trial"]
+    # the review adds the original and the oracle as baseline runs under the search
+    baselines = sorted(r.data.tags.get("coun_tune.baseline") for r in nested
+                       if r.data.tags.get("coun_tune.role") == "baseline")
+    assert baselines == ["oracle", "original"]
+    assert len(runs) == 1 + NUM_SAMPLES + 2, "runs that are neither the parent nor its children"
     assert len(children) == NUM_SAMPLES
     trial_ids = [c.data.tags.get("coun_tune.trial_id") for c in children]
     assert all(trial_ids) and len(set(trial_ids)) == NUM_SAMPLES, f"one child per trial expected: {trial_ids}"
