@@ -137,9 +137,12 @@ def test_search_logs_to_mlflow_server_then_export_and_unlearn(mlflow_server, tmp
         assert {"model/model.pt", "model/config.yaml", "model/metrics.json"} <= model_files, model_files
         assert c.data.tags.get("pareto") in ("true", "false"), (rid, c.data.tags.get("pareto"))
 
-    # artifacts went through the server's proxy into --artifacts-destination
+    # artifacts went through the server's proxy into --artifacts-destination: each trial's
+    # model/ files under its run, and its MLflow logged model under models/
     stored = list(mlflow_server["artifacts"].rglob("model.pt"))
-    assert len(stored) == NUM_SAMPLES, stored
+    in_runs = sorted(p.relative_to(mlflow_server["artifacts"]).parts[1] for p in stored if "models" not in p.parts)
+    assert in_runs == sorted(c.info.run_id for c in children), stored
+    assert len(stored) - len(in_runs) == NUM_SAMPLES, stored
 
     # pareto tags == the brute-force non-dominated set of the final metrics
     points = {c.info.run_id: {m: c.data.metrics[m] for m in OBJECTIVES} for c in children}
