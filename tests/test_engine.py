@@ -225,7 +225,8 @@ def test_resume_is_bit_identical(prepared):
 # ------------------------------------------------------------------------ base models
 
 def test_second_prepare_reads_the_cache(prepared, scenario, session_cache_dir, digits):
-    assert prepared.base.from_cache == {"original": False, "oracle": False}
+    # `prepared` may or may not have trained (another test can fill the session cache first);
+    # what is pinned here is that a prepare after it trains nothing and reads the same models.
     logs = []
     again = prepare(scenario, cache_dir=session_cache_dir, device="cpu", log=logs.append, data=digits)
     assert again.base.from_cache == {"original": True, "oracle": True}

@@ -65,18 +65,21 @@ def test_sequential_unlearning_measures_each_request_against_its_oracle(digits, 
         assert r["unlearned"]["forget_gap"] == pytest.approx(abs(r["unlearned"]["unlearn_acc"] - r["oracle"]["unlearn_acc"]))
 
 
-def test_coun_beats_the_original_forget_gap_on_digits(tmp_path_factory):
-    """The issue's acceptance check with the shipped digits recipe (40 epochs) and a sensible
-    config (measured: original forget_gap 1.39 -> CoUn 0.69 at random 10%, seed 0, 2 threads)."""
+def test_coun_beats_the_original_gaps_on_digits_half(tmp_path_factory):
+    """The acceptance check with the shipped digits recipe on a scenario where the original's
+    gaps stand above the oracle's seed noise (random 50%; at 10% the original is already within
+    it, so "beats the original" there is a coin flip). Measured (seed 0, CPU): original
+    forget_gap 1.39 / avg_gap 1.57 -> CoUn (tau 0.3, lambda 1, lr 0.05, 10 epochs) 0.00 / 0.38."""
     cache = tmp_path_factory.mktemp("digits_recipe")
-    prep = prepare(Scenario(dataset="digits", forget="random:0.1", seed=0), cache, "cpu", log=lambda s: None)
-    original_gap = prep.base.original_metrics["forget_gap"]
-    assert prep.base.original_metrics["retain_acc"] >= 99.0  # the original memorized D
-    assert original_gap > 0
-    _, metrics = unlearn(prep, "coun", {"temperature": 0.05, "cl_weight": 1.0, "lr": 0.1, "epochs": 10})
-    assert metrics["forget_gap"] < original_gap
+    prep = prepare(Scenario(dataset="digits", forget="random:0.5", seed=0), cache, "cpu", log=lambda s: None)
+    original = prep.base.original_metrics
+    assert original["retain_acc"] >= 99.0  # the original memorized D
+    assert original["forget_gap"] > 1.0 and original["avg_gap"] > 1.0
+    _, metrics = unlearn(prep, "coun", {"temperature": 0.3, "cl_weight": 1.0, "lr": 0.05, "epochs": 10})
+    assert metrics["forget_gap"] < original["forget_gap"] - 0.5
+    assert metrics["avg_gap"] < original["avg_gap"] - 0.5
     assert metrics["retain_acc"] >= 97.0
-    second = prepare(Scenario(dataset="digits", forget="random:0.1", seed=0), cache, "cpu", log=lambda s: None)
+    second = prepare(Scenario(dataset="digits", forget="random:0.5", seed=0), cache, "cpu", log=lambda s: None)
     assert second.base.from_cache == {"original": True, "oracle": True}
     assert second.base.oracle_metrics == prep.base.oracle_metrics
 
