@@ -79,15 +79,29 @@ CL_WEIGHT, TAU, MIN_IMAGES, SEED = 1.0, 0.1, 4096, 0
 
 # name, model factory, (C, H, W), augmentation; (batch, warm-up steps, timed steps) on cpu / cuda / --quick
 CONFIGS = [
-    dict(name="small_cnn 28x28", key="small_cnn", model=lambda: SmallCNN(1, 10), shape=(1, 28, 28),
-         policy=AugmentPolicy(crop_padding=2, flip=True, mean=(0.286,), std=(0.353,)),
-         cpu=(256, 2, 8), cuda=(256, 10, 200), quick=(256, 1, 4),
-         # part 1: (batch, retain images, epochs per run, runs of each loop)
-         regression=dict(cpu=(256, 2048, 4, 3), cuda=(256, 25600, 3, 2), quick=(64, 128, 2, 1))),
-    dict(name="resnet18 32x32", key="resnet18", model=lambda: ResNet18(3, 10), shape=(3, 32, 32),
-         policy=AugmentPolicy(crop_padding=4, flip=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-         cpu=(16, 1, 3), cuda=(128, 5, 64), quick=(16, 1, 1),
-         regression=dict(cpu=(16, 64, 3, 2), cuda=(256, 12800, 3, 2), quick=(8, 16, 2, 1))),
+    dict(
+        name="small_cnn 28x28",
+        key="small_cnn",
+        model=lambda: SmallCNN(1, 10),
+        shape=(1, 28, 28),
+        policy=AugmentPolicy(crop_padding=2, flip=True, mean=(0.286,), std=(0.353,)),
+        cpu=(256, 2, 8),
+        cuda=(256, 10, 200),
+        quick=(256, 1, 4),
+        # part 1: (batch, retain images, epochs per run, runs of each loop)
+        regression=dict(cpu=(256, 2048, 4, 3), cuda=(256, 25600, 3, 2), quick=(64, 128, 2, 1)),
+    ),
+    dict(
+        name="resnet18 32x32",
+        key="resnet18",
+        model=lambda: ResNet18(3, 10),
+        shape=(3, 32, 32),
+        policy=AugmentPolicy(crop_padding=4, flip=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+        cpu=(16, 1, 3),
+        cuda=(128, 5, 64),
+        quick=(16, 1, 1),
+        regression=dict(cpu=(16, 64, 3, 2), cuda=(256, 12800, 3, 2), quick=(8, 16, 2, 1)),
+    ),
 ]
 REGRESSION_HP = {"epochs": 1, "lr": LR, "cl_weight": CL_WEIGHT, "temperature": TAU}  # epochs set per config
 
@@ -133,8 +147,16 @@ def engine_unlearning(model, original, scenario, hp: dict, batch_size: int, seed
     saved = engine_module.evaluate_scenario
     engine_module.evaluate_scenario = lambda *a, **k: {}
     try:
-        engine_module.run_unlearning(model, original, scenario, "coun", hp, batch_size=batch_size, seed=seed,
-                                     on_epoch=lambda e, m, _ckpt: walls.append(m["wall_seconds"]))
+        engine_module.run_unlearning(
+            model,
+            original,
+            scenario,
+            "coun",
+            hp,
+            batch_size=batch_size,
+            seed=seed,
+            on_epoch=lambda e, m, _ckpt: walls.append(m["wall_seconds"]),
+        )
     finally:
         engine_module.evaluate_scenario = saved
     return [walls[0]] + [b - a for a, b in zip(walls, walls[1:])]
@@ -147,17 +169,26 @@ def bench_regression(cfg, device: torch.device, quick: bool) -> tuple[float, flo
     x = torch.from_numpy(rng.integers(0, 256, size=(n + 8, *cfg["shape"]), dtype=np.uint8)).to(device)
     y = torch.from_numpy(rng.integers(0, 10, size=n + 8).astype(np.int64)).to(device)
     split = DeviceSplit(x[:n], y[:n])
-    scen = engine_module.ScenarioData(retain=split, forget=DeviceSplit(x[n:], y[n:]), test=DeviceSplit(x[n:], y[n:]),
-                                      augmenter=Augmenter(cfg["policy"], device), num_classes=10,
-                                      image_shape=cfg["shape"], split_hash="benchmark")
+    scen = engine_module.ScenarioData(
+        retain=split,
+        forget=DeviceSplit(x[n:], y[n:]),
+        test=DeviceSplit(x[n:], y[n:]),
+        augmenter=Augmenter(cfg["policy"], device),
+        num_classes=10,
+        image_shape=cfg["shape"],
+        split_hash="benchmark",
+    )
     hp = {**REGRESSION_HP, "epochs": epochs}
     torch.manual_seed(SEED)
     init = cfg["model"]().to(device)
     times = {"engine": [], "legacy": []}
     finals = {}
     for r in range(runs):
-        for name, loop in (("engine", engine_unlearning), ("legacy", legacy_unlearning)) if r % 2 == 0 else \
-                (("legacy", legacy_unlearning), ("engine", engine_unlearning)):
+        for name, loop in (
+            (("engine", engine_unlearning), ("legacy", legacy_unlearning))
+            if r % 2 == 0
+            else (("legacy", legacy_unlearning), ("engine", engine_unlearning))
+        ):
             model = copy.deepcopy(init).train()
             seconds = loop(model, init, scen, hp, batch, SEED)
             times[name] += seconds[1:] if len(seconds) > 1 else seconds  # the first epoch warms up
@@ -173,12 +204,14 @@ class TwoViewDataset(torch.utils.data.Dataset):
     def __init__(self, x_nchw: np.ndarray, y: np.ndarray, policy: AugmentPolicy):
         self.x = np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1))  # stored HWC, as torchvision's CIFAR10 does
         self.y = y
-        self.transform = transforms.Compose([
-            transforms.RandomCrop(self.x.shape[1], padding=policy.crop_padding),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(policy.mean, policy.std),
-        ])
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomCrop(self.x.shape[1], padding=policy.crop_padding),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(policy.mean, policy.std),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -262,8 +295,13 @@ def bench_reference(cfg, x_u8, y, init_state, device, batch, warmup, steps, work
     """(b): Dataset with per-sample PIL transforms + DataLoader + plain loop."""
     model, opt, sched = make_training(init_state, cfg["model"], device, warmup + steps)
     loader = torch.utils.data.DataLoader(
-        TwoViewDataset(x_u8, y, cfg["policy"]), batch_size=batch, shuffle=True, num_workers=workers,
-        persistent_workers=False, pin_memory=device.type == "cuda")
+        TwoViewDataset(x_u8, y, cfg["policy"]),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=device.type == "cuda",
+    )
 
     def step(x1: torch.Tensor, x2: torch.Tensor, yb: torch.Tensor) -> int:
         x1, x2, yb = (t.to(device, non_blocking=True) for t in (x1, x2, yb))
@@ -303,11 +341,14 @@ def main() -> None:
     heavy = sorted({m.split(".")[0] for m in sys.modules} & {"sklearn", "ray", "optuna", "mlflow", "pyarrow"})
     if heavy:
         print(f"warning: importing coun_tune.core pulled in {', '.join(heavy)}")
-    print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"synthetic uint8 images | cl_weight {CL_WEIGHT}, tau {TAU}")
+    print(
+        f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"synthetic uint8 images | cl_weight {CL_WEIGHT}, tau {TAU}"
+    )
     if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > os.cpu_count():
-        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: "
-              "other jobs skew these numbers")
+        print(
+            f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other jobs skew these numbers"
+        )
     t_start, regression = time.perf_counter(), {}
     if args.only != "dataloader":
         print("part 1: the engine (FastPath defaults) vs the pre-change loop, images/s from median epoch times")
@@ -340,8 +381,12 @@ def main() -> None:
         refs = [bench_reference(*common, workers=w) for w in workers]
         best = max(refs)
         ratios[cfg["key"]] = engine / best
-        print(f"{cfg['name']:<16} {batch:>5} {steps:>5} {engine:>8.1f} " + " ".join(f"{r:>8.1f}" for r in refs)
-              + f" {best:>8.1f} {engine / best:>6.2f}", flush=True)
+        print(
+            f"{cfg['name']:<16} {batch:>5} {steps:>5} {engine:>8.1f} "
+            + " ".join(f"{r:>8.1f}" for r in refs)
+            + f" {best:>8.1f} {engine / best:>6.2f}",
+            flush=True,
+        )
         if args.amp and device.type == "cuda":
             amp = bench_engine(*common, amp=True)
             amp_lines.append(f"{cfg['key']} engine bf16 autocast: {amp:.1f} img/s ({amp / best:.2f}x best reference)")

@@ -43,15 +43,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="fused_views_") as tmp:
-        prep = prepare(Scenario(dataset=args.dataset, forget=args.forget, seed=0, recipe=args.recipe),
-                       cache_dir=args.cache_dir or tmp, log=lambda s: None)
+        prep = prepare(
+            Scenario(dataset=args.dataset, forget=args.forget, seed=0, recipe=args.recipe),
+            cache_dir=args.cache_dir or tmp,
+            log=lambda s: None,
+        )
         runs: dict[str, list[dict]] = {"two forwards": [], "fused": []}
         for seed in range(args.seeds):
             for name, fast in (("two forwards", FastPath(fused_views=False)), ("fused", FastPath(fused_views=True))):
                 _, met = unlearn(prep, "coun", {"epochs": args.epochs}, seed=seed, fast_path=fast)
                 runs[name].append(met)
-    print(f"{args.dataset} {args.forget}, CoUn defaults, {args.epochs} epochs, seeds 0..{args.seeds - 1}, "
-          f"{prep.scen_data.retain.x.device}")
+    print(
+        f"{args.dataset} {args.forget}, CoUn defaults, {args.epochs} epochs, seeds 0..{args.seeds - 1}, "
+        f"{prep.scen_data.retain.x.device}"
+    )
     print(f"{'metric':<14} {'two fwd':>8} {'fused':>8} {'diff':>7} {'seed std':>8} {'|diff|/std':>10}")
     worst = 0.0
     for k in METRICS:

@@ -69,28 +69,62 @@ TARGET_EPOCH_S = 3.0  # issue 8: a CIFAR-10 ResNet-18 CoUn epoch in at most 3 s 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched
 # against torch.cuda.get_device_name() in this order (first match wins).
 PEAK_BF16_TFLOPS = (
-    ("H200 NVL", 835.0), ("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4),
-    ("GH200", 989.4), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.4),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
 )
 
 SETTINGS = (  # name, FastPath; every field explicit, so the CPU quick run takes the same paths
     ("fp32 baseline", FastPath(channels_last=False, bf16_autocast=False, check_every=1, cudnn_benchmark=False)),
     ("channels_last+bf16", FastPath(channels_last=True, bf16_autocast=True, check_every=0, cudnn_benchmark=True)),
-    ("+fused views", FastPath(channels_last=True, bf16_autocast=True, fused_views=True, check_every=0,
-                              cudnn_benchmark=True)),
+    (
+        "+fused views",
+        FastPath(channels_last=True, bf16_autocast=True, fused_views=True, check_every=0, cudnn_benchmark=True),
+    ),
     ("+compile", FastPath(channels_last=True, bf16_autocast=True, compile=True, check_every=0, cudnn_benchmark=True)),
-    ("+fused+compile", FastPath(channels_last=True, bf16_autocast=True, fused_views=True, compile=True,
-                                check_every=0, cudnn_benchmark=True)),
+    (
+        "+fused+compile",
+        FastPath(
+            channels_last=True, bf16_autocast=True, fused_views=True, compile=True, check_every=0, cudnn_benchmark=True
+        ),
+    ),
 )
 DEFAULT_CUDA = SETTINGS[1][1]  # what FastPath() resolves to on a CUDA device
 
 
 def sizes(quick: bool) -> dict:
     if quick:  # seconds on a CPU: a smoke test of every path, not a measurement
-        return dict(n_train=80, n_retain=48, n_test=16, batch=16, arch="small_cnn", ref_warmup=1, ref_steps=2,
-                    workers=[0, 2], procs=[1, 2], proc_steps=2)
-    return dict(n_train=50_000, n_retain=45_000, n_test=1_000, batch=256, arch="resnet18", ref_warmup=10,
-                ref_steps=60, workers=[0, 4, 8, 16], procs=[1, 2, 4], proc_steps=80)
+        return dict(
+            n_train=80,
+            n_retain=48,
+            n_test=16,
+            batch=16,
+            arch="small_cnn",
+            ref_warmup=1,
+            ref_steps=2,
+            workers=[0, 2],
+            procs=[1, 2],
+            proc_steps=2,
+        )
+    return dict(
+        n_train=50_000,
+        n_retain=45_000,
+        n_test=1_000,
+        batch=256,
+        arch="resnet18",
+        ref_warmup=10,
+        ref_steps=60,
+        workers=[0, 4, 8, 16],
+        procs=[1, 2, 4],
+        proc_steps=80,
+    )
 
 
 def peak_bf16_flops(device: torch.device) -> tuple[float | None, str]:
@@ -114,9 +148,15 @@ def scenario_on(device: torch.device, x: np.ndarray, y: np.ndarray, n_retain: in
     def put(a: slice) -> DeviceSplit:
         return DeviceSplit(torch.from_numpy(x[a]).to(device), torch.from_numpy(y[a]).to(device))
 
-    return engine.ScenarioData(retain=put(slice(0, n_retain)), forget=put(slice(n_retain, n_train)),
-                               test=put(slice(n_train, None)), augmenter=Augmenter(CIFAR_POLICY, device),
-                               num_classes=10, image_shape=(3, 32, 32), split_hash="synthetic")
+    return engine.ScenarioData(
+        retain=put(slice(0, n_retain)),
+        forget=put(slice(n_retain, n_train)),
+        test=put(slice(n_train, None)),
+        augmenter=Augmenter(CIFAR_POLICY, device),
+        num_classes=10,
+        image_shape=(3, 32, 32),
+        split_hash="synthetic",
+    )
 
 
 @contextlib.contextmanager
@@ -149,13 +189,15 @@ def run_engine(arch: str, init: dict, scen, fast: FastPath, batch: int, on_epoch
             on_epoch(epoch)
 
     with no_evaluation():
-        engine.run_unlearning(model.train(), original, scen, "coun", HPARAMS, batch_size=batch, seed=0,
-                              on_epoch=record, fast_path=fast)
+        engine.run_unlearning(
+            model.train(), original, scen, "coun", HPARAMS, batch_size=batch, seed=0, on_epoch=record, fast_path=fast
+        )
     return [walls[0]] + [b - a for a, b in zip(walls, walls[1:])]
 
 
-def bench_settings(arch, init, scen, batch, flops_per_image, peak, deadline, log, skip_compile: str = "",
-                   compiled: bool = False) -> list[dict]:
+def bench_settings(
+    arch, init, scen, batch, flops_per_image, peak, deadline, log, skip_compile: str = "", compiled: bool = False
+) -> list[dict]:
     """The rows of SETTINGS with compile == `compiled` (compiling rows run last: they are the
     slowest to start and the budget may skip them)."""
     rows = []
@@ -163,8 +205,13 @@ def bench_settings(arch, init, scen, batch, flops_per_image, peak, deadline, log
     for name, fast in SETTINGS:
         if fast.compile != compiled:
             continue
-        row = {"name": name, **{k: getattr(fast, k) for k in ("channels_last", "bf16_autocast", "compile",
-                                                              "fused_views", "check_every", "cudnn_benchmark")}}
+        row = {
+            "name": name,
+            **{
+                k: getattr(fast, k)
+                for k in ("channels_last", "bf16_autocast", "compile", "fused_views", "check_every", "cudnn_benchmark")
+            },
+        }
         need = 120 if fast.compile else 20
         if fast.compile and skip_compile:
             row["skipped"] = skip_compile
@@ -174,8 +221,12 @@ def bench_settings(arch, init, scen, batch, flops_per_image, peak, deadline, log
             try:
                 epochs = run_engine(arch, init, scen, fast, batch)
                 sec = epochs[-1]
-                row.update(first_epoch_seconds=epochs[0], epoch_seconds=sec, images_per_s=n / sec,
-                           mfu=(flops_per_image * n / sec / peak) if peak else None)
+                row.update(
+                    first_epoch_seconds=epochs[0],
+                    epoch_seconds=sec,
+                    images_per_s=n / sec,
+                    mfu=(flops_per_image * n / sec / peak) if peak else None,
+                )
             except Exception as e:  # one failed setting (e.g. no compiler for torch.compile) must not lose the rest
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
         rows.append(row)
@@ -191,9 +242,14 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
         self.x = np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1))  # stored HWC, as torchvision's CIFAR10
         self.y = y
-        self.transform = transforms.Compose([
-            transforms.RandomCrop(32, padding=CIFAR_POLICY.crop_padding), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(CIFAR_POLICY.mean, CIFAR_POLICY.std)])
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=CIFAR_POLICY.crop_padding),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(CIFAR_POLICY.mean, CIFAR_POLICY.std),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -219,8 +275,9 @@ def bench_dataloader(arch, init, x, y, n_retain, batch, warmup, steps, workers, 
         fast.prepare(device, model)  # channels_last weights, cuDNN autotuning, as the engine does
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=w, drop_last=True,
-                                             pin_memory=device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch, shuffle=True, num_workers=w, drop_last=True, pin_memory=device.type == "cuda"
+        )
         it = iter(loader)
         t0 = 0.0
         for i in range(warmup + steps):
@@ -240,10 +297,15 @@ def bench_dataloader(arch, init, x, y, n_retain, batch, warmup, steps, workers, 
         log(f"  dataloader workers={w}: {per[str(w)]:.0f} img/s")
     measured = {int(k): v for k, v in per.items() if isinstance(v, float)}
     best = max(measured, key=measured.get) if measured else None
-    return {"per_workers_images_per_s": per, "best_workers": best,
-            "best_images_per_s": measured.get(best) if best is not None else None,
-            "epoch_seconds_at_best": n_retain / measured[best] if best is not None else None,
-            "setting": "channels_last+bf16", "warmup_steps": warmup, "timed_steps": steps}
+    return {
+        "per_workers_images_per_s": per,
+        "best_workers": best,
+        "best_images_per_s": measured.get(best) if best is not None else None,
+        "epoch_seconds_at_best": n_retain / measured[best] if best is not None else None,
+        "setting": "channels_last+bf16",
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+    }
 
 
 def worker_main(args) -> None:
@@ -284,13 +346,36 @@ def bench_concurrency(args, sz, deadline, log) -> list[dict]:
         with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
             tmp = Path(tmp)
             go = tmp / "go"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--device", args.device,
-                   "--worker-steps", str(sz["proc_steps"]), "--go", str(go)] + (["--quick"] if args.quick else [])
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                "--device",
+                args.device,
+                "--worker-steps",
+                str(sz["proc_steps"]),
+                "--go",
+                str(go),
+            ] + (["--quick"] if args.quick else [])
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-            procs = [subprocess.Popen(cmd + ["--worker-index", str(i), "--ready", str(tmp / f"ready{i}"),
-                                             "--result", str(tmp / f"result{i}.json")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                     for i in range(k)]
+            procs = [
+                subprocess.Popen(
+                    cmd
+                    + [
+                        "--worker-index",
+                        str(i),
+                        "--ready",
+                        str(tmp / f"ready{i}"),
+                        "--result",
+                        str(tmp / f"result{i}.json"),
+                    ],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                for i in range(k)
+            ]
             limit = time.monotonic() + 300
             while not all((tmp / f"ready{i}").exists() for i in range(k)):
                 if time.monotonic() > limit or any(p.poll() not in (None, 0) for p in procs):
@@ -306,14 +391,25 @@ def bench_concurrency(args, sz, deadline, log) -> list[dict]:
                 rows.append({"procs": k, "error": "timed out"})
                 continue
             if any(p.returncode != 0 for p in procs):
-                rows.append({"procs": k, "error": "; ".join(o.strip().splitlines()[-1] for o, p in zip(outs, procs)
-                                                             if p.returncode != 0 and o.strip())[:500]})
+                rows.append(
+                    {
+                        "procs": k,
+                        "error": "; ".join(
+                            o.strip().splitlines()[-1] for o, p in zip(outs, procs) if p.returncode != 0 and o.strip()
+                        )[:500],
+                    }
+                )
                 continue
             res = [json.loads((tmp / f"result{i}.json").read_text()) for i in range(k)]
         span = max(r["end"] for r in res) - min(r["start"] for r in res)
-        rows.append({"procs": k, "aggregate_images_per_s": sum(r["images"] for r in res) / span,
-                     "per_process_images_per_s": [r["images"] / r["epoch_seconds"] for r in res],
-                     "heavy_modules": sorted({m for r in res for m in r["heavy"]})})
+        rows.append(
+            {
+                "procs": k,
+                "aggregate_images_per_s": sum(r["images"] for r in res) / span,
+                "per_process_images_per_s": [r["images"] / r["epoch_seconds"] for r in res],
+                "heavy_modules": sorted({m for r in res for m in r["heavy"]}),
+            }
+        )
         log(f"  {k} processes: {rows[-1]['aggregate_images_per_s']:.0f} img/s aggregate")
     one = next((r.get("aggregate_images_per_s") for r in rows if r["procs"] == 1), None)
     for r in rows:
@@ -323,26 +419,33 @@ def bench_concurrency(args, sz, deadline, log) -> list[dict]:
 
 def print_table(out: dict) -> None:
     print(f"\n{out['device']['name']} | torch {out['device']['torch']} | {out['device']['peak_source']}")
-    print(f"{out['config']['arch']}, {out['config']['n_retain']} retain images, batch {out['config']['batch']}, CoUn "
-          f"two views, {out['config']['flops_per_image'] / 1e9:.2f} GFLOP per image-step")
+    print(
+        f"{out['config']['arch']}, {out['config']['n_retain']} retain images, batch {out['config']['batch']}, CoUn "
+        f"two views, {out['config']['flops_per_image'] / 1e9:.2f} GFLOP per image-step"
+    )
     print(f"{'setting':<20} {'epoch s':>8} {'img/s':>9} {'MFU':>6} {'x base':>7} {'1st epoch s':>11}")
     for r in out["settings"]:
         if "epoch_seconds" not in r:
             print(f"{r['name']:<20} {r.get('skipped') or r.get('error')}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['name']:<20} {r['epoch_seconds']:>8.2f} {r['images_per_s']:>9.0f} {mfu:>6} "
-              f"{r['speedup_vs_baseline']:>7.2f} {r['first_epoch_seconds']:>11.2f}")
+        print(
+            f"{r['name']:<20} {r['epoch_seconds']:>8.2f} {r['images_per_s']:>9.0f} {mfu:>6} "
+            f"{r['speedup_vs_baseline']:>7.2f} {r['first_epoch_seconds']:>11.2f}"
+        )
     d = out["dataloader"]
     if "error" in d:
         d = {"per_workers_images_per_s": {}, "best_workers": d["error"]}
-    per = ", ".join(f"w={k}: {v:.0f}" if isinstance(v, float) else f"w={k}: {v}"
-                    for k, v in d["per_workers_images_per_s"].items())
+    per = ", ".join(
+        f"w={k}: {v:.0f}" if isinstance(v, float) else f"w={k}: {v}" for k, v in d["per_workers_images_per_s"].items()
+    )
     print(f"DataLoader+PIL (channels_last+bf16): {per} img/s; best w={d['best_workers']}")
     for r in out["concurrency"] if isinstance(out["concurrency"], list) else [{"procs": "?", **out["concurrency"]}]:
         if "aggregate_images_per_s" in r:
-            print(f"{r['procs']} concurrent trial processes: {r['aggregate_images_per_s']:.0f} img/s aggregate "
-                  f"({r['speedup_vs_1']:.2f}x one)")
+            print(
+                f"{r['procs']} concurrent trial processes: {r['aggregate_images_per_s']:.0f} img/s aggregate "
+                f"({r['speedup_vs_1']:.2f}x one)"
+            )
         else:
             print(f"{r['procs']} concurrent trial processes: {r.get('skipped') or r.get('error')}")
     for k, v in out["summary"].items():
@@ -354,10 +457,16 @@ def main() -> None:
     ap.add_argument("--out", default="gpu_check.json", help="the JSON file to write")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and small_cnn: a smoke test on any CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--budget-s", type=float, help="skip what would not end within this many seconds "
-                    "(default 450; none with --quick)")
-    ap.add_argument("--cpu-compile", action="store_true",
-                    help="with --quick on a CPU, also time torch.compile (minutes of C++ compilation)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        help="skip what would not end within this many seconds (default 450; none with --quick)",
+    )
+    ap.add_argument(
+        "--cpu-compile",
+        action="store_true",
+        help="with --quick on a CPU, also time torch.compile (minutes of C++ compilation)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--worker-steps", type=int, default=0, help=argparse.SUPPRESS)
@@ -385,15 +494,28 @@ def main() -> None:
     macs = count_forward_macs(build_model(sz["arch"], 3, 10), (3, 32, 32))
     flops_per_image = 12 * macs
     out = {
-        "device": {"name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                   or "cpu", "type": device.type, "torch": torch.__version__, "python": platform.python_version(),
-                   "peak_bf16_flops": peak, "peak_source": peak_source},
-        "config": {"quick": args.quick, "arch": sz["arch"], "n_train": sz["n_train"], "n_retain": sz["n_retain"],
-                   "batch": sz["batch"], "hparams": HPARAMS, "macs_per_forward": macs,
-                   "flops_per_image": flops_per_image,
-                   "flops_convention": "12 x MACs per retain image: FLOPs = 2 x MACs, forward + backward = 3 "
-                                       "forwards, two views; MFU against the dense bf16 peak for every row"},
+        "device": {
+            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "type": device.type,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "peak_bf16_flops": peak,
+            "peak_source": peak_source,
+        },
+        "config": {
+            "quick": args.quick,
+            "arch": sz["arch"],
+            "n_train": sz["n_train"],
+            "n_retain": sz["n_retain"],
+            "batch": sz["batch"],
+            "hparams": HPARAMS,
+            "macs_per_forward": macs,
+            "flops_per_image": flops_per_image,
+            "flops_convention": "12 x MACs per retain image: FLOPs = 2 x MACs, forward + backward = 3 "
+            "forwards, two views; MFU against the dense bf16 peak for every row",
+        },
     }
+
     def save() -> None:  # after every section: a run cut short still leaves what it measured
         Path(args.out).write_text(json.dumps(out, indent=1))
 
@@ -405,22 +527,45 @@ def main() -> None:
             log(f"  {name} failed: {type(e).__name__}: {e}")
             return {"error": f"{type(e).__name__}: {e}"[:500]}
 
-    skip_compile = ("--quick on a CPU: inductor's C++ compilation takes minutes on a small box (--cpu-compile "
-                    "times it; tests/test_fastpath.py runs the compile option)"
-                    if args.quick and device.type == "cpu" and not args.cpu_compile else "")
+    skip_compile = (
+        "--quick on a CPU: inductor's C++ compilation takes minutes on a small box (--cpu-compile "
+        "times it; tests/test_fastpath.py runs the compile option)"
+        if args.quick and device.type == "cpu" and not args.cpu_compile
+        else ""
+    )
     # order: eager settings, the DataLoader reference, concurrency, then the compiling settings
-    eager = section(f"settings ({sz['arch']}, {sz['n_retain']} retain images)", lambda: bench_settings(
-        sz["arch"], init, scen, sz["batch"], flops_per_image, peak, deadline - 240, log))
+    eager = section(
+        f"settings ({sz['arch']}, {sz['n_retain']} retain images)",
+        lambda: bench_settings(sz["arch"], init, scen, sz["batch"], flops_per_image, peak, deadline - 240, log),
+    )
     out["settings"] = eager if isinstance(eager, list) else []
     save()
-    out["dataloader"] = section("dataloader reference", lambda: bench_dataloader(
-        sz["arch"], init, x, y, sz["n_retain"], sz["batch"], sz["ref_warmup"], sz["ref_steps"], sz["workers"],
-        device, deadline - 200, log))
+    out["dataloader"] = section(
+        "dataloader reference",
+        lambda: bench_dataloader(
+            sz["arch"],
+            init,
+            x,
+            y,
+            sz["n_retain"],
+            sz["batch"],
+            sz["ref_warmup"],
+            sz["ref_steps"],
+            sz["workers"],
+            device,
+            deadline - 200,
+            log,
+        ),
+    )
     save()
     out["concurrency"] = section("concurrent trial processes", lambda: bench_concurrency(args, sz, deadline - 150, log))
     save()
-    comp = section("compiled settings", lambda: bench_settings(
-        sz["arch"], init, scen, sz["batch"], flops_per_image, peak, deadline, log, skip_compile, compiled=True))
+    comp = section(
+        "compiled settings",
+        lambda: bench_settings(
+            sz["arch"], init, scen, sz["batch"], flops_per_image, peak, deadline, log, skip_compile, compiled=True
+        ),
+    )
     out["settings"] += comp if isinstance(comp, list) else [{"name": "compile", "error": comp["error"]}]
     order = [name for name, _ in SETTINGS]
     out["settings"].sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
@@ -435,11 +580,16 @@ def main() -> None:
         "fastest_setting": fastest["name"] if fastest else None,
         "fastest_epoch_seconds": fastest["epoch_seconds"] if fastest else None,
         "target_epoch_seconds": TARGET_EPOCH_S,
-        "target_met": (bool(fastest and fastest["epoch_seconds"] <= TARGET_EPOCH_S)
-                       if device.type == "cuda" and not args.quick else None),  # a CIFAR-sized GPU run only
-        "engine_vs_best_dataloader": (default["images_per_s"] / out["dataloader"]["best_images_per_s"]
-                                      if "images_per_s" in default and out["dataloader"].get("best_images_per_s")
-                                      else None),
+        "target_met": (
+            bool(fastest and fastest["epoch_seconds"] <= TARGET_EPOCH_S)
+            if device.type == "cuda" and not args.quick
+            else None
+        ),  # a CIFAR-sized GPU run only
+        "engine_vs_best_dataloader": (
+            default["images_per_s"] / out["dataloader"]["best_images_per_s"]
+            if "images_per_s" in default and out["dataloader"].get("best_images_per_s")
+            else None
+        ),
         "heavy_modules_loaded": sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY)),
         "wall_seconds": time.monotonic() - t_start,
     }

@@ -55,12 +55,13 @@ NODE_OBJECT_STORE = 100 * 1024**2
 
 # --- processes (everything started here is a session leader: stop its session by PID) -------
 
+
 def _session_of(pid: int) -> int | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    f = raw[raw.rindex(")") + 2:].split()
+    f = raw[raw.rindex(")") + 2 :].split()
     return None if f[0] in ("Z", "X") else int(f[3])
 
 
@@ -74,8 +75,9 @@ def _cmdline(pid: int) -> str:
 def ours(sessions: list[int], fragment: str) -> list[int]:
     """Live processes in one of `sessions` or naming `fragment` (our unique temp dir)."""
     pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()]
-    return sorted(p for p in pids if _session_of(p) is not None
-                  and (_session_of(p) in sessions or fragment in _cmdline(p)))
+    return sorted(
+        p for p in pids if _session_of(p) is not None and (_session_of(p) in sessions or fragment in _cmdline(p))
+    )
 
 
 def stop(sessions: list[int], fragment: str, grace: float = 8.0) -> list[int]:
@@ -109,10 +111,18 @@ def free_ports(n: int) -> list[int]:
 
 
 def child_env(cache: Path) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
-    env.update(RAY_AUTH_MODE="token", MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONUNBUFFERED="1", COUN_TUNE_CACHE=str(cache))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    }
+    env.update(
+        RAY_AUTH_MODE="token",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+        COUN_TUNE_CACHE=str(cache),
+    )
     return env
 
 
@@ -120,15 +130,52 @@ def start_cluster(base: Path, env: dict, sessions: list[int]) -> str:
     """`ray start --head` and one `ray start --address` node, one CPU each. Returns the address."""
     ray = str(Path(sys.executable).with_name("ray"))
     gcs, agent_h, agent_w, metrics_h, metrics_w = free_ports(5)
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--memory", str(NODE_MEMORY),
-              "--object-store-memory", str(NODE_OBJECT_STORE), "--disable-usage-stats"]
-    nodes = [["--head", "--port", str(gcs), "--include-dashboard=false", "--dashboard-agent-listen-port", str(agent_h),
-              "--metrics-export-port", str(metrics_h), "--temp-dir", str(base / "h"), *common],
-             ["--address", f"127.0.0.1:{gcs}", "--dashboard-agent-listen-port", str(agent_w),
-              "--metrics-export-port", str(metrics_w), "--temp-dir", str(base / "w"), *common]]
+    common = [
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        "1",
+        "--memory",
+        str(NODE_MEMORY),
+        "--object-store-memory",
+        str(NODE_OBJECT_STORE),
+        "--disable-usage-stats",
+    ]
+    nodes = [
+        [
+            "--head",
+            "--port",
+            str(gcs),
+            "--include-dashboard=false",
+            "--dashboard-agent-listen-port",
+            str(agent_h),
+            "--metrics-export-port",
+            str(metrics_h),
+            "--temp-dir",
+            str(base / "h"),
+            *common,
+        ],
+        [
+            "--address",
+            f"127.0.0.1:{gcs}",
+            "--dashboard-agent-listen-port",
+            str(agent_w),
+            "--metrics-export-port",
+            str(metrics_w),
+            "--temp-dir",
+            str(base / "w"),
+            *common,
+        ],
+    ]
     for args in nodes:
-        proc = subprocess.Popen([ray, "start", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [ray, "start", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         sessions.append(proc.pid)  # its daemons keep this session id after `ray start` exits
         out, _ = proc.communicate(timeout=180)
         if proc.returncode != 0:
@@ -139,8 +186,15 @@ def start_cluster(base: Path, env: dict, sessions: list[int]) -> str:
 def run_cli_stamped(args: list[str], cwd: Path, env: dict, sessions: list[int], timeout: float) -> list:
     """`coun-tune ARGS`; returns [(time.time() at arrival, stdout line)], the exit time last."""
     exe = Path(sys.executable).with_name("coun-tune")
-    proc = subprocess.Popen([str(exe), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=open(cwd / "cli_stderr.txt", "w"), text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(exe), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=open(cwd / "cli_stderr.txt", "w"),
+        text=True,
+        start_new_session=True,
+    )
     sessions.append(proc.pid)
     lines = [(time.time(), "<exec>")]
 
@@ -160,6 +214,7 @@ def run_cli_stamped(args: list[str], cwd: Path, env: dict, sessions: list[int], 
 
 
 # --- measurements ------------------------------------------------------------------------------
+
 
 def warm_cache_and_time_eval(cache: Path) -> dict:
     """Train the base models into the cache (untimed: not part of the search), then time one
@@ -195,19 +250,32 @@ def trial_records(storage: Path, name: str, tracking_uri: str) -> list[dict]:
         meta[t["trial_id"]] = r
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(name)
-    runs = {r.data.tags.get("coun_tune.trial_id"): r for r in client.search_runs([exp.experiment_id], max_results=100)
-            if r.data.tags.get("coun_tune.role") == "trial"}
+    runs = {
+        r.data.tags.get("coun_tune.trial_id"): r
+        for r in client.search_runs([exp.experiment_id], max_results=100)
+        if r.data.tags.get("coun_tune.role") == "trial"
+    }
     out = []
     for f in sorted(exp_dir.glob("*/result.json")):
         results = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         tid = results[-1]["trial_id"]
         run = runs[tid]
-        out.append({"trial": tid, "start": meta[tid]["start_time"], "last_result": meta[tid]["last_result_time"],
-                    "end": run.info.end_time / 1000, "status": run.info.status, "epochs": results[-1]["epoch"],
-                    "time_total_s": results[-1]["time_total_s"], "training_s": results[-1]["wall_seconds"],
-                    "iter_s": [r["time_this_iter_s"] for r in results],
-                    "train_epoch_s": [b["wall_seconds"] - a for a, b in
-                                      zip([0.0] + [r["wall_seconds"] for r in results[:-1]], results)]})
+        out.append(
+            {
+                "trial": tid,
+                "start": meta[tid]["start_time"],
+                "last_result": meta[tid]["last_result_time"],
+                "end": run.info.end_time / 1000,
+                "status": run.info.status,
+                "epochs": results[-1]["epoch"],
+                "time_total_s": results[-1]["time_total_s"],
+                "training_s": results[-1]["wall_seconds"],
+                "iter_s": [r["time_this_iter_s"] for r in results],
+                "train_epoch_s": [
+                    b["wall_seconds"] - a for a, b in zip([0.0] + [r["wall_seconds"] for r in results[:-1]], results)
+                ],
+            }
+        )
     return sorted(out, key=lambda r: r["start"])
 
 
@@ -244,12 +312,21 @@ def first_line(lines: list, needle: str) -> float | None:
 def write_spec(path: Path, name: str, work: Path, trials: int, epochs: int, slots: int) -> Path:
     import yaml
 
-    doc = {"name": name, "scenario": dict(SCENARIO), "method": "coun",
-           "objectives": {"forget_gap": "min", "retain_acc": "max"},
-           "space": {"temperature": {"choice": [TEMPERATURE]}, **HPARAMS, "epochs": epochs}, "sampler": "random",
-           "num_samples": trials, "max_concurrent_trials": slots, "resources_per_trial": {"cpu": 1, "gpu": 0},
-           "seed": 0, "cache_dir": str(work / "cache"), "storage_path": str(work / "results"),
-           "tracking_uri": f"sqlite:///{work}/mlflow.db"}
+    doc = {
+        "name": name,
+        "scenario": dict(SCENARIO),
+        "method": "coun",
+        "objectives": {"forget_gap": "min", "retain_acc": "max"},
+        "space": {"temperature": {"choice": [TEMPERATURE]}, **HPARAMS, "epochs": epochs},
+        "sampler": "random",
+        "num_samples": trials,
+        "max_concurrent_trials": slots,
+        "resources_per_trial": {"cpu": 1, "gpu": 0},
+        "seed": 0,
+        "cache_dir": str(work / "cache"),
+        "storage_path": str(work / "results"),
+        "tracking_uri": f"sqlite:///{work}/mlflow.db",
+    }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -310,26 +387,65 @@ def _measure(base: Path, sessions: list[int], trials: int, epochs: int, slots: i
     exec_t, exit_t = lines[0][0], lines[-1][0]
     base_done = first_line(lines, "oracle:") or exec_t
     export_t = first_line(lines, "exported the knee config") or exit_t
-    fixed = {"ray_start_s (2 nodes)": ray_start_s,
-             "cli start -> base models from cache": base_done - exec_t,
-             "base models -> first trial start (MLflow parent, tuner)": first - base_done,
-             "last trial end -> export written (review, export)": export_t - last,
-             "export -> cli exit (disconnect)": exit_t - export_t,
-             "ray_stop_s (by PID)": ray_stop_s}
+    fixed = {
+        "ray_start_s (2 nodes)": ray_start_s,
+        "cli start -> base models from cache": base_done - exec_t,
+        "base models -> first trial start (MLflow parent, tuner)": first - base_done,
+        "last trial end -> export written (review, export)": export_t - last,
+        "export -> cli exit (disconnect)": exit_t - export_t,
+        "ray_stop_s (by PID)": ray_stop_s,
+    }
 
     from coun_tune.report import table
 
-    print(f"\nload average (1/5/15 min): before {'/'.join(f'{x:.1f}' for x in load_before)}, "
-          f"after {'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} CPUs (box shared)")
-    print(f"{len(recs)} trials x {epochs} epochs, {slots} slots on 2 nodes; evaluation measured here: "
-          f"{ev['eval_s']:.2f} s, with MIA {ev['eval_mia_s']:.2f} s")
-    rows = [[r["trial"], r["status"], f"{r['start'] - first:.1f}", f"{r['end'] - first:.1f}", f"{r['tune_wall']:.1f}",
-             f"{r['time_total_s']:.1f}", f"{r['training_s']:.1f}", f"{r['eval_s']:.1f}", f"{r['overhead']:.1f}",
-             f"{r['outside']:.1f}", f"{r['setup']:.1f}", f"{r['logging']:.1f}"] for r in recs]
-    print(table(["trial", "status", "start", "end", "tune_wall", "time_total", "training", "eval", "overhead",
-                 "outside_fn", "setup", "log_end"], rows))
-    print("(seconds; start/end from the first trial's start; outside_fn = tune_wall - time_total_s; setup = "
-          "first epoch's time beyond its training and evaluation; log_end = last result -> MLflow run ended)")
+    print(
+        f"\nload average (1/5/15 min): before {'/'.join(f'{x:.1f}' for x in load_before)}, "
+        f"after {'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} CPUs (box shared)"
+    )
+    print(
+        f"{len(recs)} trials x {epochs} epochs, {slots} slots on 2 nodes; evaluation measured here: "
+        f"{ev['eval_s']:.2f} s, with MIA {ev['eval_mia_s']:.2f} s"
+    )
+    rows = [
+        [
+            r["trial"],
+            r["status"],
+            f"{r['start'] - first:.1f}",
+            f"{r['end'] - first:.1f}",
+            f"{r['tune_wall']:.1f}",
+            f"{r['time_total_s']:.1f}",
+            f"{r['training_s']:.1f}",
+            f"{r['eval_s']:.1f}",
+            f"{r['overhead']:.1f}",
+            f"{r['outside']:.1f}",
+            f"{r['setup']:.1f}",
+            f"{r['logging']:.1f}",
+        ]
+        for r in recs
+    ]
+    print(
+        table(
+            [
+                "trial",
+                "status",
+                "start",
+                "end",
+                "tune_wall",
+                "time_total",
+                "training",
+                "eval",
+                "overhead",
+                "outside_fn",
+                "setup",
+                "log_end",
+            ],
+            rows,
+        )
+    )
+    print(
+        "(seconds; start/end from the first trial's start; outside_fn = tune_wall - time_total_s; setup = "
+        "first epoch's time beyond its training and evaluation; log_end = last result -> MLflow run ended)"
+    )
     cached = not any("trained now" in line for _, line in lines)
     print(f"\ndriver fixed costs (base models {'from the cache' if cached else 'TRAINED in the search'}):")
     print(table(["phase", "s"], [[k, f"{v:.1f}"] for k, v in fixed.items()]))
@@ -339,23 +455,43 @@ def _measure(base: Path, sessions: list[int], trials: int, epochs: int, slots: i
     useful = sum(r["training_s"] + r["eval_s"] for r in recs) / (slots * span)
     overhead = sum(r["overhead"] for r in recs) / n
     trial_time = sum(r["tune_wall"] for r in recs) / n
-    figures = {"load_before": load_before, "load_after": load_after, "trials": n, "epochs": epochs, "slots": slots,
-               "span_s": span, "busy_fraction": busy, "useful_fraction": useful, "overhead_s_per_trial": overhead,
-               "mean_trial_s": trial_time, "overhead_pct_of_trial": 100 * overhead / trial_time,
-               "min_trial_s": min(r["tune_wall"] for r in recs), "fixed": fixed, "eval": ev, "trials_detail": recs,
-               "left_running": left, "cli_lines": [(round(t - exec_t, 2), line) for t, line in lines]}
-    print(f"\nsearch span (first trial start -> last trial end): {span:.1f} s; mean trial (tune_wall) "
-          f"{trial_time:.1f} s, shortest {figures['min_trial_s']:.1f} s")
+    figures = {
+        "load_before": load_before,
+        "load_after": load_after,
+        "trials": n,
+        "epochs": epochs,
+        "slots": slots,
+        "span_s": span,
+        "busy_fraction": busy,
+        "useful_fraction": useful,
+        "overhead_s_per_trial": overhead,
+        "mean_trial_s": trial_time,
+        "overhead_pct_of_trial": 100 * overhead / trial_time,
+        "min_trial_s": min(r["tune_wall"] for r in recs),
+        "fixed": fixed,
+        "eval": ev,
+        "trials_detail": recs,
+        "left_running": left,
+        "cli_lines": [(round(t - exec_t, 2), line) for t, line in lines],
+    }
+    print(
+        f"\nsearch span (first trial start -> last trial end): {span:.1f} s; mean trial (tune_wall) "
+        f"{trial_time:.1f} s, shortest {figures['min_trial_s']:.1f} s"
+    )
     idle = idle_split(recs, slots)
     figures["idle"] = idle
     if json_path:
         Path(json_path).write_text(json.dumps(figures, indent=1, default=str))
     hand = idle["handover_s"]
     if hand:
-        print(f"slot handover (a trial ends -> the next starts in its slot): mean {statistics.mean(hand):.1f} s "
-              f"({', '.join(f'{h:.1f}' for h in hand)})")
-    print(f"idle slot-seconds: {idle['idle_before_last_start']:.1f} while trials waited to start, "
-          f"{idle['idle_drain']:.1f} in the drain after the last start")
+        print(
+            f"slot handover (a trial ends -> the next starts in its slot): mean {statistics.mean(hand):.1f} s "
+            f"({', '.join(f'{h:.1f}' for h in hand)})"
+        )
+    print(
+        f"idle slot-seconds: {idle['idle_before_last_start']:.1f} while trials waited to start, "
+        f"{idle['idle_drain']:.1f} in the drain after the last start"
+    )
     print(f"busy fraction of trial slots: {busy:.3f}")
     print(f"useful fraction (training + evaluation / slot time): {useful:.3f}")
     print(f"overhead per trial: {overhead:.2f} s ({figures['overhead_pct_of_trial']:.1f}% of trial time)")

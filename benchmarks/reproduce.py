@@ -32,11 +32,27 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-VARIANTS = [("ft", False), ("coun", False), ("neggrad_plus", False), ("neggrad_plus", True), ("l1_sparse", False),
-            ("l1_sparse", True), ("salun", False), ("salun", True), ("scrub", False), ("not", False), ("not", True),
-            ("rl", False)]
-COLUMNS = [("RA", "retain_acc"), ("UA", "unlearn_acc"), ("TA", "test_acc"), ("MIA", "mia_efficacy"),
-           ("Avg. Gap", "avg_gap")]
+VARIANTS = [
+    ("ft", False),
+    ("coun", False),
+    ("neggrad_plus", False),
+    ("neggrad_plus", True),
+    ("l1_sparse", False),
+    ("l1_sparse", True),
+    ("salun", False),
+    ("salun", True),
+    ("scrub", False),
+    ("not", False),
+    ("not", True),
+    ("rl", False),
+]
+COLUMNS = [
+    ("RA", "retain_acc"),
+    ("UA", "unlearn_acc"),
+    ("TA", "test_acc"),
+    ("MIA", "mia_efficacy"),
+    ("Avg. Gap", "avg_gap"),
+]
 GAPS = ["retain_gap", "forget_gap", "test_gap", "mia_gap", "avg_gap"]
 
 
@@ -54,11 +70,18 @@ def variant_spec(base: dict, method: str, cl: bool, trials: int, epochs: tuple[i
     space["epochs"] = {"int": [int(epochs[0]), int(epochs[1])]}
     slug = variant_name(method, cl).replace("+CL", "_cl")
     return {
-        "name": f"repro_{base['name']}_{slug}", "scenario": base["scenario"], "method": method,
-        "objectives": base["objectives"], "space": space, "sampler": base.get("sampler", "nsga2"),
-        "num_samples": trials, "max_concurrent_trials": base.get("max_concurrent_trials", 2),
-        "resources_per_trial": base.get("resources_per_trial", {"cpu": 1, "gpu": 0}), "seed": base.get("seed", 0),
-        "storage_path": str(workdir / "tune"), "cache_dir": str(workdir / "cache"),
+        "name": f"repro_{base['name']}_{slug}",
+        "scenario": base["scenario"],
+        "method": method,
+        "objectives": base["objectives"],
+        "space": space,
+        "sampler": base.get("sampler", "nsga2"),
+        "num_samples": trials,
+        "max_concurrent_trials": base.get("max_concurrent_trials", 2),
+        "resources_per_trial": base.get("resources_per_trial", {"cpu": 1, "gpu": 0}),
+        "seed": base.get("seed", 0),
+        "storage_path": str(workdir / "tune"),
+        "cache_dir": str(workdir / "cache"),
         "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}",
     }
 
@@ -98,8 +121,14 @@ def held_out(config_path: Path, seeds: list[int], cache_dir: Path, datasets: dic
     for s in seeds:
         prep = prepare(replace(cfg.scenario, split_seed=s), cache_dir, "cpu", log=lambda _: None, data=datasets[key])
         _, m = unlearn(prep, cfg.method, cfg.hparams, batch_size=cfg.batch_size, seed=cfg.seed)
-        out.append({"split_seed": s, **{k: float(v) for k, v in m.items() if isinstance(v, (int, float))},
-                    "oracle": prep.base.oracle_metrics, "original": prep.base.original_metrics})
+        out.append(
+            {
+                "split_seed": s,
+                **{k: float(v) for k, v in m.items() if isinstance(v, (int, float))},
+                "oracle": prep.base.oracle_metrics,
+                "original": prep.base.original_metrics,
+            }
+        )
     return out
 
 
@@ -117,10 +146,19 @@ def reference_rows(base: dict, seeds: list[int], cache_dir: Path, datasets: dict
     for s in seeds:
         prep = prepare(replace(scenario, split_seed=s), cache_dir, "cpu", log=lambda _: None, data=datasets[key])
         rows["oracle"].append(dict(prep.base.oracle_metrics, avg_gap=0.0))
-        rows["original"].append({**prep.base.original_metrics, **gaps(prep.base.original_metrics,
-                                                                      prep.base.oracle_metrics)})
-        noise = oracle_seed_spread(prep.data, prep.split, prep.scenario, prep.scen_data, cache_dir,
-                                   prep.base.oracle_metrics, oracle_seeds, log=lambda _: None)
+        rows["original"].append(
+            {**prep.base.original_metrics, **gaps(prep.base.original_metrics, prep.base.oracle_metrics)}
+        )
+        noise = oracle_seed_spread(
+            prep.data,
+            prep.split,
+            prep.scenario,
+            prep.scen_data,
+            cache_dir,
+            prep.base.oracle_metrics,
+            oracle_seeds,
+            log=lambda _: None,
+        )
         rows["noise"].append({g: noise[f"oracle_noise_{g}"] for g in GAPS})
     return rows
 
@@ -133,27 +171,40 @@ def mean_std(records: list[dict], key: str) -> str:
 def render(base: dict, args, results: dict, refs: dict, hv: dict, wall: float) -> str:
     seeds = ", ".join(map(str, args.held_out_seeds))
     lines = [
-        f"# Equal-budget comparison on `{base['name']}`", "",
+        f"# Equal-budget comparison on `{base['name']}`",
+        "",
         f"Produced by `python benchmarks/reproduce.py --spec {args.spec} --trials {args.trials} "
         f"--epochs {args.epochs} --held-out-seeds {','.join(map(str, args.held_out_seeds))}` "
-        f"({time.strftime('%Y-%m-%d')}, {wall / 60:.0f} min on {os.cpu_count()} CPU cores).", "",
+        f"({time.strftime('%Y-%m-%d')}, {wall / 60:.0f} min on {os.cpu_count()} CPU cores).",
+        "",
         f"Scenario: {json.dumps(base['scenario'])}. Each method: {args.trials} trials of "
         f"`{base.get('sampler', 'nsga2')}` (search seed {base.get('seed', 0)}), epochs in [{args.epochs}], objectives "
         f"{json.dumps(base['objectives'])}; its knee config re-run on held-out forget sets (split seeds {seeds}), "
         "each against its own oracle. Cells: mean +- std over those seeds, in percent. UA = 100 - forget accuracy. "
         "Metrics are the last epoch's (the paper likely reports the best epoch chosen against the oracle). "
         "HV: the front's hypervolume on the calibration split, normalised, all fronts against one reference point.",
-        "", "| method | RA | UA | TA | MIA | Avg. Gap | forget_gap | HV (front) |", "|---|---|---|---|---|---|---|---|",
+        "",
+        "| method | RA | UA | TA | MIA | Avg. Gap | forget_gap | HV (front) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines.append("| Retrain (oracle) | " + " | ".join(mean_std(refs["oracle"], k) for _, k in COLUMNS) + " | 0 | - |")
-    lines.append("| Original (no unlearning) | " + " | ".join(mean_std(refs["original"], k) for _, k in COLUMNS)
-                 + f" | {mean_std(refs['original'], 'forget_gap')} | - |")
+    lines.append(
+        "| Original (no unlearning) | "
+        + " | ".join(mean_std(refs["original"], k) for _, k in COLUMNS)
+        + f" | {mean_std(refs['original'], 'forget_gap')} | - |"
+    )
     for name, recs in results.items():
-        lines.append(f"| {name} | " + " | ".join(mean_std(recs, k) for _, k in COLUMNS)
-                     + f" | {mean_std(recs, 'forget_gap')} | {hv[name]:.3f} |")
-    lines += ["", f"Oracle noise floor (gaps of oracles retrained with {args.oracle_seeds - 1} other seed(s) to the "
-              "scenario's oracle, per held-out split): " + ", ".join(f"{g} {mean_std(refs['noise'], g)}" for g in GAPS),
-              ""]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(mean_std(recs, k) for _, k in COLUMNS)
+            + f" | {mean_std(recs, 'forget_gap')} | {hv[name]:.3f} |"
+        )
+    lines += [
+        "",
+        f"Oracle noise floor (gaps of oracles retrained with {args.oracle_seeds - 1} other seed(s) to the "
+        "scenario's oracle, per held-out split): " + ", ".join(f"{g} {mean_std(refs['noise'], g)}" for g in GAPS),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -181,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
         coun_tune("search", str(spec_path))
         export = workdir / f"{spec['name']}_knee.yaml"
-        coun_tune("export", spec["name"], "--pick", "knee", "--output", str(export), "--tracking-uri",
-                  spec["tracking_uri"])
+        coun_tune(
+            "export", spec["name"], "--pick", "knee", "--output", str(export), "--tracking-uri", spec["tracking_uri"]
+        )
         name = variant_name(method, cl)
         fronts[name] = front_rows(spec["tracking_uri"], spec["name"], base["objectives"])
         results[name] = held_out(export, args.held_out_seeds, workdir / "cache", datasets)
@@ -203,8 +255,9 @@ def shared_hypervolumes(fronts: dict, objectives: dict[str, str]) -> dict[str, f
     from coun_tune import pareto
 
     modes = list(objectives.values())
-    every = np.vstack([np.array([[r[k] for k in objectives] for r in rows], dtype=float)
-                       for rows, _ in fronts.values()])
+    every = np.vstack(
+        [np.array([[r[k] for k in objectives] for r in rows], dtype=float) for rows, _ in fronts.values()]
+    )
     lo_all, hi_all = every.min(axis=0), every.max(axis=0)
     span = np.where(hi_all > lo_all, hi_all - lo_all, 1.0)
     out = {}
@@ -221,8 +274,11 @@ def log_to_mlflow(tracking_uri: str, base: dict, args, results: dict, hv: dict, 
 
     client = client_for(tracking_uri)
     exp = ensure_experiment(client, tracking_uri, f"reproduce_{base['name']}")
-    run = client.create_run(exp, run_name=f"reproduce {base['name']} {args.trials} trials",
-                            tags={"coun_tune.role": "reproduce", "mlflow.note.content": text})
+    run = client.create_run(
+        exp,
+        run_name=f"reproduce {base['name']} {args.trials} trials",
+        tags={"coun_tune.role": "reproduce", "mlflow.note.content": text},
+    )
     for name, recs in results.items():
         slug = name.replace("+CL", "_cl")
         for k in ["avg_gap", "forget_gap", "retain_acc", "test_acc"]:

@@ -54,8 +54,14 @@ def run_one(base_doc: dict, work: Path, name: str, **overrides) -> dict:
     from coun_tune.search.runner import run_search
     from coun_tune.tracking.mlflow_store import ROLE, child_runs, client_for, find_parent_run
 
-    doc = {**base_doc, "name": name, "storage_path": str(work / "results"),
-           "tracking_uri": f"sqlite:///{work}/mlflow.db", "cache_dir": str(work / "cache"), **overrides}
+    doc = {
+        **base_doc,
+        "name": name,
+        "storage_path": str(work / "results"),
+        "tracking_uri": f"sqlite:///{work}/mlflow.db",
+        "cache_dir": str(work / "cache"),
+        **overrides,
+    }
     spec = validate_search_spec(doc, name)
     t0 = time.perf_counter()
     try:
@@ -65,12 +71,16 @@ def run_one(base_doc: dict, work: Path, name: str, **overrides) -> dict:
         parent = find_parent_run(client_for(spec.tracking_uri), name)
     wall = time.perf_counter() - t0
     client = client_for(spec.tracking_uri)
-    runs = [r for r in child_runs(client, parent)
-            if r.data.tags.get(ROLE) == "trial"]  # not the review's original / oracle baseline runs
+    runs = [
+        r for r in child_runs(client, parent) if r.data.tags.get(ROLE) == "trial"
+    ]  # not the review's original / oracle baseline runs
     epochs = sum(len(client.get_metric_history(r.info.run_id, "retain_acc")) for r in runs)
     pruned = sum(r.info.status == "KILLED" and "pruned_at_epoch" in r.data.metrics for r in runs)
-    points = [tuple(r.data.metrics[k] for k in OBJECTIVES) for r in runs
-              if r.info.status == "FINISHED" and all(k in r.data.metrics for k in OBJECTIVES)]
+    points = [
+        tuple(r.data.metrics[k] for k in OBJECTIVES)
+        for r in runs
+        if r.info.status == "FINISHED" and all(k in r.data.metrics for k in OBJECTIVES)
+    ]
     return {"points": points, "epochs": epochs, "trials": len(runs), "pruned": pruned, "wall_s": wall}
 
 
@@ -84,15 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search (sampler) seeds")
     ap.add_argument("--concurrent", type=int, default=2, help="trials at once (one CPU each)")
     ap.add_argument("--json", default=None, help="also write every search's results here (after each search)")
-    ap.add_argument("--only", nargs="+", default=None, help="run only these searches (labels below); ratios "
-                    "whose searches did not run are skipped")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="run only these searches (labels below); ratios whose searches did not run are skipped",
+    )
     args = ap.parse_args(argv)
     base = yaml.safe_load(SPEC.read_text())
     base.update(max_concurrent_trials=args.concurrent)
     results: dict[tuple[str, int], dict] = {}
     plan = [(s, {"sampler": s, "num_samples": args.trials}) for s in SAMPLERS]
-    plan += [("random_2N", {"sampler": "random", "num_samples": 2 * args.trials}),
-             ("nsga2_mo_asha", {"sampler": "nsga2", "num_samples": args.trials, "scheduler": MO_ASHA})]
+    plan += [
+        ("random_2N", {"sampler": "random", "num_samples": 2 * args.trials}),
+        ("nsga2_mo_asha", {"sampler": "nsga2", "num_samples": args.trials, "scheduler": MO_ASHA}),
+    ]
     if args.only:
         plan = [(label, o) for label, o in plan if label in args.only]
     with tempfile.TemporaryDirectory(prefix="ctune-bench-") as tmp, RaySession(None, log=lambda s: None):
@@ -103,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                 results[(label, seed)] = r
                 if args.json:
                     Path(args.json).write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in results.items()}))
-                print(f"{label:14s} seed {seed}: epochs {r['epochs']:3d}  trials {r['trials']:2d} "
-                      f"(pruned {r['pruned']})  {r['wall_s']:5.0f} s", flush=True)
+                print(
+                    f"{label:14s} seed {seed}: epochs {r['epochs']:3d}  trials {r['trials']:2d} "
+                    f"(pruned {r['pruned']})  {r['wall_s']:5.0f} s",
+                    flush=True,
+                )
     import numpy as np
 
     pooled = np.array([p for r in results.values() for p in r["points"]], dtype=float)
@@ -121,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         per_seed = [results[(a, s)][key] / results[(b, s)][key] for s in args.seeds if results[(b, s)][key]]
         return f"{statistics.mean(per_seed):.3f} (per seed {', '.join(f'{x:.3f}' for x in per_seed)})"
 
-    print(f"\nN = {args.trials} trials, seeds {args.seeds}, {args.concurrent} concurrent; reference point "
-          f"forget_gap {ref[0]:.3f}, retain_acc {-ref[1]:.3f}; mean hypervolume:")
+    print(
+        f"\nN = {args.trials} trials, seeds {args.seeds}, {args.concurrent} concurrent; reference point "
+        f"forget_gap {ref[0]:.3f}, retain_acc {-ref[1]:.3f}; mean hypervolume:"
+    )
     for label, _ in plan:
         print(f"  {label:14s} {mean(label, 'hypervolume'):8.4f}   epochs {mean(label, 'epochs'):6.1f}")
     print("\nratios (mean over seeds of per-seed ratios):")

@@ -1,12 +1,12 @@
 """`coun-tune` commands. Bad input anywhere: one line on stderr, exit code 2, nothing written.
 
-  coun-tune unlearn  [--config FILE] [--dataset D --forget SPEC --seed S] [--method M] [hparams]
-                     --output DIR [--overwrite]
-  coun-tune search   SPEC.yaml [--address A] [--tracking-uri URI] [--resume]
-  coun-tune pareto   EXPERIMENT_OR_RUN_ID [--tracking-uri URI]
-  coun-tune export   EXPERIMENT_OR_RUN_ID --pick knee|best:METRIC|METRIC>=X --output FILE
-  coun-tune transfer EXPERIMENT_OR_RUN_ID [--split-seeds 1,2,3]
-  coun-tune apply    --config picked.yaml --model PATH|models:/NAME@ALIAS --forget ids:FILE.parquet --data DIR|FILE
+coun-tune unlearn  [--config FILE] [--dataset D --forget SPEC --seed S] [--method M] [hparams]
+                   --output DIR [--overwrite]
+coun-tune search   SPEC.yaml [--address A] [--tracking-uri URI] [--resume]
+coun-tune pareto   EXPERIMENT_OR_RUN_ID [--tracking-uri URI]
+coun-tune export   EXPERIMENT_OR_RUN_ID --pick knee|best:METRIC|METRIC>=X --output FILE
+coun-tune transfer EXPERIMENT_OR_RUN_ID [--split-seeds 1,2,3]
+coun-tune apply    --config picked.yaml --model PATH|models:/NAME@ALIAS --forget ids:FILE.parquet --data DIR|FILE
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from coun_tune.cli_checks import check_device, check_output_dir
 from coun_tune.errors import UsageError
@@ -39,16 +39,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="coun-tune", description="Distributed hyperparameter search for contrastive machine unlearning (CoUn).")
+    p = _Parser(
+        prog="coun-tune", description="Distributed hyperparameter search for contrastive machine unlearning (CoUn)."
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     u = sub.add_parser("unlearn", help="run one unlearning job and print its metrics against the oracle")
     u.add_argument("--config", help="YAML config (as written by `coun-tune export`); flags override it")
     u.add_argument("--dataset")
-    u.add_argument("--forget", action="append",
-                   help="random:F | class:K | class:K:F | ids:FILE.parquet; give it several times for sequential requests")
+    u.add_argument(
+        "--forget",
+        action="append",
+        help="random:F | class:K | class:K:F | ids:FILE.parquet; give it several times for sequential requests",
+    )
     u.add_argument("--seed", type=int, help="scenario seed: draws the forget set and initialises the base models")
-    u.add_argument("--split-seed", type=int, help="draws the forget set (default: --seed); vary it for held-out forget sets")
+    u.add_argument(
+        "--split-seed", type=int, help="draws the forget set (default: --seed); vary it for held-out forget sets"
+    )
     u.add_argument("--arch")
     u.add_argument("--recipe", help="recipe of the original/oracle (default: the dataset's)")
     u.add_argument("--data-root", help="where the dataset's files are")
@@ -56,17 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--batch-size", type=int)
     u.add_argument("--unlearn-seed", type=int, help="augmentation/batch-order seed (default: --seed)")
     for name, h in _all_hparams().items():
-        u.add_argument("--" + name.replace("_", "-"), dest="hp_" + name, type=int if h.kind == "int" else float,
-                       help=f"{h.help} (default {h.default})")
+        u.add_argument(
+            "--" + name.replace("_", "-"),
+            dest="hp_" + name,
+            type=int if h.kind == "int" else float,
+            help=f"{h.help} (default {h.default})",
+        )
     u.add_argument("--output", default="out", help="output directory (default: out)")
     u.add_argument("--overwrite", action="store_true", help="write into --output even if it holds files")
     u.add_argument("--cache-dir", help="base-model cache (default: $COUN_TUNE_CACHE or ~/.cache/coun-tune)")
     u.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     u.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
     u.add_argument("--threads", type=int, help="CPU threads for torch (a search trial uses its CPU share)")
-    u.add_argument("--oracle-seeds", type=int, default=1,
-                   help="train this many oracles (other seeds, same D_r) and report their gaps to the "
-                        "scenario's oracle: the noise floor of every gap (default 1: none)")
+    u.add_argument(
+        "--oracle-seeds",
+        type=int,
+        default=1,
+        help="train this many oracles (other seeds, same D_r) and report their gaps to the "
+        "scenario's oracle: the noise floor of every gap (default 1: none)",
+    )
 
     from coun_tune import cli_search
 
@@ -81,8 +96,21 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from coun_tune.config.unlearn_config import build_unlearn_config, read_yaml
 
     doc = read_yaml(args.config) if args.config else {}
-    overrides = {k: getattr(args, k) for k in ("dataset", "forget", "seed", "split_seed", "arch", "recipe", "data_root", "method",
-                                               "batch_size", "unlearn_seed")}
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "dataset",
+            "forget",
+            "seed",
+            "split_seed",
+            "arch",
+            "recipe",
+            "data_root",
+            "method",
+            "batch_size",
+            "unlearn_seed",
+        )
+    }
     overrides["hparams"] = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None}
     if args.forget is not None and len(args.forget) == 1:
         overrides["forget"] = args.forget[0]
@@ -109,8 +137,15 @@ def write_outputs(out: Path, result: dict, model, cfg) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, download: bool = False,
-                threads: int | None = None, oracle_seeds: int = 1) -> dict:
+def run_unlearn(
+    cfg,
+    out: Path,
+    cache_dir: str | None,
+    device: str | None,
+    download: bool = False,
+    threads: int | None = None,
+    oracle_seeds: int = 1,
+) -> dict:
     import torch
 
     from coun_tune.core.base_models import default_cache_dir, oracle_seed_spread
@@ -128,8 +163,16 @@ def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, downl
     prep = prepare(cfg.scenario, cache_dir, device, log=log, data=data)
     log(f"unlearning with {cfg.method} {json.dumps(cfg.hparams)}")
     model, metrics = unlearn(prep, cfg.method, cfg.hparams, batch_size=cfg.batch_size, seed=cfg.seed)
-    noise = oracle_seed_spread(prep.data, prep.split, cfg.scenario, prep.scen_data, cache_dir or default_cache_dir(),
-                               prep.base.oracle_metrics, oracle_seeds, log)
+    noise = oracle_seed_spread(
+        prep.data,
+        prep.split,
+        cfg.scenario,
+        prep.scen_data,
+        cache_dir or default_cache_dir(),
+        prep.base.oracle_metrics,
+        oracle_seeds,
+        log,
+    )
     result = {
         "config": cfg.to_dict(),
         "split_hash": prep.split.split_hash,
@@ -145,7 +188,7 @@ def run_unlearn(cfg, out: Path, cache_dir: str | None, device: str | None, downl
     write_outputs(out, result, model, cfg)
     columns = {"original": prep.base.original_metrics, "oracle": prep.base.oracle_metrics, cfg.method: metrics}
     if noise:  # gaps of oracles retrained with other seeds: what a gap below this means
-        columns[f"oracle seeds (n={oracle_seeds - 1})"] = {k[len("oracle_noise_"):]: v for k, v in noise.items()}
+        columns[f"oracle seeds (n={oracle_seeds - 1})"] = {k[len("oracle_noise_") :]: v for k, v in noise.items()}
     print(metrics_table(columns))
     print(f"\nwrote {out / 'metrics.json'} and {out / 'model.pt'}")
     return result
@@ -155,15 +198,31 @@ def run_unlearn_sequential(cfg, out: Path, cache_dir, device, data, log) -> dict
     from coun_tune.core.pipeline import unlearn_sequential
     from coun_tune.report import MAIN_ROWS, table
 
-    model, records = unlearn_sequential(cfg.scenario, cfg.method, cfg.hparams, cfg.batch_size, cfg.seed,
-                                        cache_dir, device, log, data)
-    result = {"config": cfg.to_dict(), "requests": records, "unlearned": records[-1]["unlearned"],
-              "original": records[-1]["original"], "oracle": records[-1]["oracle"]}
+    model, records = unlearn_sequential(
+        cfg.scenario, cfg.method, cfg.hparams, cfg.batch_size, cfg.seed, cache_dir, device, log, data
+    )
+    result = {
+        "config": cfg.to_dict(),
+        "requests": records,
+        "unlearned": records[-1]["unlearned"],
+        "original": records[-1]["original"],
+        "oracle": records[-1]["oracle"],
+    }
     write_outputs(out, result, model, cfg)
     rows = [r for r in MAIN_ROWS if r not in ("wall_seconds", "flops")]
-    print(table(["request", "removed", *rows],
-                [[f"{r['request']}: {r['spec'].split(' then ')[-1]}", r["num_forget"], *[r["unlearned"].get(m) for m in rows]]
-                 for r in records]))
+    print(
+        table(
+            ["request", "removed", *rows],
+            [
+                [
+                    f"{r['request']}: {r['spec'].split(' then ')[-1]}",
+                    r["num_forget"],
+                    *[r["unlearned"].get(m) for m in rows],
+                ]
+                for r in records
+            ],
+        )
+    )
     print("\n(each row: the model after that request, against the oracle of the data remaining then)")
     print(f"\nwrote {out / 'metrics.json'} and {out / 'model.pt'}")
     return result

@@ -29,27 +29,46 @@ from coun_tune.errors import UsageError
 # Keys of an exported config that are provenance or data declarations, not unlearning settings.
 DATA_KEYS = {"crop_padding", "flip", "mean", "std", "layout", "num_classes"}
 # What `coun-tune export` writes in its comment header (comments keep the YAML a valid config).
-HEADER = {"search_run_id": r"^# exported by coun-tune from search run (\w+)", "trial_run_id": r"\(MLflow run (\w+)\)",
-          "trial_id": r"\(Tune id ([^)\s]+)\)|, trial (\S+) \(MLflow run", "model_uri": r"^# model_uri: (\S+)",
-          "trial_metrics": r"^# trial metrics: (\{.*\})$"}
-REPORTED = ("retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy", "mia_efficacy_resample_min",
-            "mia_efficacy_resample_max", "mia_loss_attack_acc")
+HEADER = {
+    "search_run_id": r"^# exported by coun-tune from search run (\w+)",
+    "trial_run_id": r"\(MLflow run (\w+)\)",
+    "trial_id": r"\(Tune id ([^)\s]+)\)|, trial (\S+) \(MLflow run",
+    "model_uri": r"^# model_uri: (\S+)",
+    "trial_metrics": r"^# trial metrics: (\{.*\})$",
+}
+REPORTED = (
+    "retain_acc",
+    "forget_acc",
+    "unlearn_acc",
+    "test_acc",
+    "mia_efficacy",
+    "mia_efficacy_resample_min",
+    "mia_efficacy_resample_max",
+    "mia_loss_attack_acc",
+)
 
 
 def add_command(sub) -> None:
     a = sub.add_parser("apply", help="apply an exported config to your own model and deletion request (no oracle)")
     a.add_argument("--config", required=True, help="YAML written by `coun-tune export`")
-    a.add_argument("--model", required=True, help="state dict file, or models:/NAME@ALIAS, models:/NAME/VERSION, "
-                   "runs:/ID/model")
+    a.add_argument(
+        "--model", required=True, help="state dict file, or models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model"
+    )
     a.add_argument("--forget", required=True, help="ids:FILE.parquet: integer column `index` into the training data")
-    a.add_argument("--data", required=True, help="image folder (train/<class>/, test/<class>/), FILE.npz or "
-                   "FILE.parquet")
+    a.add_argument(
+        "--data", required=True, help="image folder (train/<class>/, test/<class>/), FILE.npz or FILE.parquet"
+    )
     a.add_argument("--arch", help="coun-tune architecture or package.module:factory (default: the config's)")
     a.add_argument("--layout", choices=("nhwc", "nchw"), help="layout of 4-D image arrays (NPZ, Parquet tensors)")
-    a.add_argument("--crop-padding", type=int,
-                   help="zero padding of the random crop the model was trained with (0: none)")
-    a.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="whether the model was trained with random horizontal flips")
+    a.add_argument(
+        "--crop-padding", type=int, help="zero padding of the random crop the model was trained with (0: none)"
+    )
+    a.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the model was trained with random horizontal flips",
+    )
     a.add_argument("--mean", help="per-channel normalisation mean, comma-separated (default: the config dataset's)")
     a.add_argument("--std", help="per-channel normalisation std, comma-separated")
     a.add_argument("--num-classes", type=int, help="the model's outputs (default: from the labels)")
@@ -144,7 +163,7 @@ def _registered_name(prov: dict) -> str | None:
             return prov[key]
     for v in prov.values():
         if isinstance(v, str) and v.startswith("models:/") and not v.startswith("models:/m-"):
-            return re.split(r"[/@]", v[len("models:/"):], maxsplit=1)[0] or None
+            return re.split(r"[/@]", v[len("models:/") :], maxsplit=1)[0] or None
     return None
 
 
@@ -221,8 +240,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
         model_cfg = model_cfg or {}
         if args.model.startswith("models:/") and not args.model.startswith("models:/m-"):
             src = model_uri_details(client_for(tracking_uri), args.model)
-            prov.update({"input_model_name": src["name"], "input_model_version": src["version"],
-                         "input_model_run_id": src["run_id"]})
+            prov.update(
+                {
+                    "input_model_name": src["name"],
+                    "input_model_version": src["version"],
+                    "input_model_run_id": src["run_id"],
+                }
+            )
             register = register or src["name"]  # a new version of the model it came from
     else:
         state_dict = load_state_dict_file(args.model)
@@ -239,11 +263,26 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if len(arrays.train_y) - len(forget_idx) < 2:
         raise UsageError("the request leaves fewer than 2 training samples to retain")
     seed = cfg.seed if cfg.seed is not None else cfg.scenario.seed
-    plan = Plan(cfg=cfg, provenance=prov, data=data, data_path=str(args.data), forget_idx=np.asarray(forget_idx),
-                request_sha256=request_hash(forget_idx), request_path=args.forget[4:], model=model.to(device),
-                arch=arch,
-                model_source=args.model, batch_size=int(batch_size), seed=int(seed), out=out, device=device,
-                tracking_uri=tracking_uri, experiment=args.experiment, register=register, alias=args.alias)
+    plan = Plan(
+        cfg=cfg,
+        provenance=prov,
+        data=data,
+        data_path=str(args.data),
+        forget_idx=np.asarray(forget_idx),
+        request_sha256=request_hash(forget_idx),
+        request_path=args.forget[4:],
+        model=model.to(device),
+        arch=arch,
+        model_source=args.model,
+        batch_size=int(batch_size),
+        seed=int(seed),
+        out=out,
+        device=device,
+        tracking_uri=tracking_uri,
+        experiment=args.experiment,
+        register=register,
+        alias=args.alias,
+    )
     if tracking_uri is not None:
         from coun_tune.tracking.apply_run import search_records
 
@@ -278,29 +317,59 @@ def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
 
     arrays = plan.data.arrays
     retain_idx = np.setdiff1d(np.arange(len(arrays.train_y), dtype=np.int64), plan.forget_idx)
-    split = Split("user", f"ids:{plan.request_path}", 0, plan.forget_idx, retain_idx,
-                  np.arange(len(arrays.test_y), dtype=np.int64), plan.request_sha256)
+    split = Split(
+        "user",
+        f"ids:{plan.request_path}",
+        0,
+        plan.forget_idx,
+        retain_idx,
+        np.arange(len(arrays.test_y), dtype=np.int64),
+        plan.request_sha256,
+    )
     scen = ScenarioData.build(arrays, split, plan.device)
     before = evaluate_scenario(plan.model, scen)
     original = copy.deepcopy(plan.model)
     model = plan.model.train().requires_grad_(True)
-    log(f"unlearning {len(plan.forget_idx)} of {len(arrays.train_y)} training samples with {plan.cfg.method} "
-        f"{json.dumps(plan.cfg.hparams)}")
-    after = run_unlearning(model, original, scen, plan.cfg.method, plan.cfg.hparams, plan.batch_size, plan.seed,
-                           oracle_metrics=None)
+    log(
+        f"unlearning {len(plan.forget_idx)} of {len(arrays.train_y)} training samples with {plan.cfg.method} "
+        f"{json.dumps(plan.cfg.hparams)}"
+    )
+    after = run_unlearning(
+        model, original, scen, plan.cfg.method, plan.cfg.hparams, plan.batch_size, plan.seed, oracle_metrics=None
+    )
     policy = arrays.augment
-    applied = {**plan.cfg.to_dict(), "data": {"crop_padding": policy.crop_padding, "flip": policy.flip,
-                                              "mean": list(policy.mean), "std": list(policy.std),
-                                              "num_classes": arrays.num_classes}}
+    applied = {
+        **plan.cfg.to_dict(),
+        "data": {
+            "crop_padding": policy.crop_padding,
+            "flip": policy.flip,
+            "mean": list(policy.mean),
+            "std": list(policy.std),
+            "num_classes": arrays.num_classes,
+        },
+    }
     applied["scenario"] = {**applied["scenario"], "arch": plan.arch}
     result = {
-        "request": {"path": plan.request_path, "sha256": plan.request_sha256, "num_forget": int(len(plan.forget_idx)),
-                    "num_retain": int(len(retain_idx)), "num_test": int(len(arrays.test_y))},
-        "data": {"path": plan.data_path, "format": plan.data.source, "image_shape": list(arrays.image_shape),
-                 "classes": list(plan.data.classes) if plan.data.classes else None},
+        "request": {
+            "path": plan.request_path,
+            "sha256": plan.request_sha256,
+            "num_forget": int(len(plan.forget_idx)),
+            "num_retain": int(len(retain_idx)),
+            "num_test": int(len(arrays.test_y)),
+        },
+        "data": {
+            "path": plan.data_path,
+            "format": plan.data.source,
+            "image_shape": list(arrays.image_shape),
+            "classes": list(plan.data.classes) if plan.data.classes else None,
+        },
         "model": {"source": plan.model_source, "arch": plan.arch},
-        "config": applied, "provenance": {k: v for k, v in plan.provenance.items() if not isinstance(v, dict)},
-        "before": before, "after": after, "calibration": plan.calibration, "transfer": plan.transfer,
+        "config": applied,
+        "provenance": {k: v for k, v in plan.provenance.items() if not isinstance(v, dict)},
+        "before": before,
+        "after": after,
+        "calibration": plan.calibration,
+        "transfer": plan.transfer,
     }
     plan.out.mkdir(parents=True, exist_ok=True)
     exported = user_module(model)  # the user's own class and keys (a split-off Linear put back)
@@ -323,14 +392,18 @@ def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
         print("\nwhat the search measured for this config against an oracle (none exists for this request):")
         extra = [[k, plan.calibration[k]] for k in ("forget_gap", "avg_gap") if k in plan.calibration]
         print(table(["metric", "value"], [[f"calibration {k}", v] for k, v in extra] + gap_rows))
-    print(f"\nrequest {plan.request_sha256[:12]}: {len(plan.forget_idx)} samples; a forgotten random request "
-          "shows forget_acc near test_acc (not 0)")
+    print(
+        f"\nrequest {plan.request_sha256[:12]}: {len(plan.forget_idx)} samples; a forgotten random request "
+        "shows forget_acc near test_acc (not 0)"
+    )
     print(f"wrote {plan.out / 'model.pt'} and {plan.out / 'metrics.json'}")
     if plan.tracking_uri is not None and not plan.register:
         print("not registered: give --register NAME (neither the config nor the model names a registered model)")
     if result.get("mlflow"):
-        print(f"MLflow run {result['mlflow']['run_id']}" + (f", registered {result['mlflow']['registered_uri']}"
-                                                            if result["mlflow"].get("registered_uri") else ""))
+        print(
+            f"MLflow run {result['mlflow']['run_id']}"
+            + (f", registered {result['mlflow']['registered_uri']}" if result["mlflow"].get("registered_uri") else "")
+        )
     return result
 
 
@@ -345,7 +418,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     try:
         execute(plan)
     except DivergedError as e:  # raised while training, before anything is written
-        print(f"coun-tune: error: the unlearning run diverged ({e}); nothing was written. Try a smaller lr.",
-              file=sys.stderr)
+        print(
+            f"coun-tune: error: the unlearning run diverged ({e}); nothing was written. Try a smaller lr.",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -24,8 +24,9 @@ def add_commands(sub) -> None:
     e.add_argument("--output", required=True, help="YAML file to write")
     e.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
 
-    t = sub.add_parser("transfer",
-                       help="re-run the Pareto configs on held-out forget sets, each against its own oracle")
+    t = sub.add_parser(
+        "transfer", help="re-run the Pareto configs on held-out forget sets, each against its own oracle"
+    )
     t.add_argument("search", help="experiment name (its latest search) or parent run id")
     t.add_argument("--split-seeds", default="1,2,3", help="comma-separated seeds of the held-out forget sets")
     t.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
@@ -75,8 +76,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
         from coun_tune.tracking.transfer import transfer_check
 
-        transfer_check(client, parent.info.run_id, seeds, args.cache_dir, args.device,
-                       log=lambda s: print(s, file=sys.stderr, flush=True))
+        transfer_check(
+            client,
+            parent.info.run_id,
+            seeds,
+            args.cache_dir,
+            args.device,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
     else:
         path = export_config(client, parent.info.run_id, args.pick, args.output)
         print(f"wrote {path}\napply it: coun-tune unlearn --config {path} --output out/")

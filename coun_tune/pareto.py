@@ -16,10 +16,30 @@ import numpy as np
 # is bounded below by 0 (-> 0 after negation), a gap or percent metric to minimise by 100.
 # pareto stays pure numpy (core.metrics imports torch), so these facts of the metric registry
 # core.metrics.METRICS are restated here; tests/test_pareto.py checks that the two agree.
-PERCENT_METRICS = {"retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy", "mia_loss_attack_acc",
-                   "retain_gap", "forget_gap", "test_gap", "mia_gap", "avg_gap"}
-BETTER = {"retain_acc": "max", "test_acc": "max", "retain_gap": "min", "forget_gap": "min", "test_gap": "min",
-          "mia_gap": "min", "avg_gap": "min", "wall_seconds": "min", "flops": "min"}
+PERCENT_METRICS = {
+    "retain_acc",
+    "forget_acc",
+    "unlearn_acc",
+    "test_acc",
+    "mia_efficacy",
+    "mia_loss_attack_acc",
+    "retain_gap",
+    "forget_gap",
+    "test_gap",
+    "mia_gap",
+    "avg_gap",
+}
+BETTER = {
+    "retain_acc": "max",
+    "test_acc": "max",
+    "retain_gap": "min",
+    "forget_gap": "min",
+    "test_gap": "min",
+    "mia_gap": "min",
+    "avg_gap": "min",
+    "wall_seconds": "min",
+    "flops": "min",
+}
 
 
 def to_minimisation(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:
@@ -119,8 +139,12 @@ def ideal_point(metrics: Sequence[str], modes: Sequence[str], values: np.ndarray
     """The best corner in the minimised space: the percent scale's best end for percent
     metrics (0 for a gap, -100 for an accuracy to maximise), else the best value seen."""
     v = to_minimisation(values, modes)
-    return np.array([(0.0 if mode == "min" else -100.0) if m in PERCENT_METRICS
-                     else (np.nanmin(v[:, j]) if len(v) else 0.0) for j, (m, mode) in enumerate(zip(metrics, modes))])
+    return np.array(
+        [
+            (0.0 if mode == "min" else -100.0) if m in PERCENT_METRICS else (np.nanmin(v[:, j]) if len(v) else 0.0)
+            for j, (m, mode) in enumerate(zip(metrics, modes))
+        ]
+    )
 
 
 def normalised_hypervolume(points: np.ndarray, ref: np.ndarray, ideal: np.ndarray) -> float:
@@ -176,12 +200,15 @@ def pick_index(rows: list[dict], objectives: dict[str, str], pick: str) -> int:
     if kind == "best":
         mode = objectives.get(metric) or BETTER.get(metric)
         if mode is None:
-            raise UsageError(f"best:{metric}: {metric} has no better direction (it should match the oracle's); "
-                             "pick by its gap or by a constraint instead")
+            raise UsageError(
+                f"best:{metric}: {metric} has no better direction (it should match the oracle's); "
+                "pick by its gap or by a constraint instead"
+            )
         return int(front[np.nanargmin(col) if mode == "min" else np.nanargmax(col)])
     ok = {">=": col >= value, "<=": col <= value, ">": col > value, "<": col < value}[op]
     if not ok.any():
-        raise UsageError(f"no Pareto trial satisfies {pick} "
-                         f"(range on the front: {np.nanmin(col):.2f}..{np.nanmax(col):.2f})")
+        raise UsageError(
+            f"no Pareto trial satisfies {pick} (range on the front: {np.nanmin(col):.2f}..{np.nanmax(col):.2f})"
+        )
     sub = front[ok]
     return int(sub[knee_index(values[sub], modes)])

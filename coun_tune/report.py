@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-MAIN_ROWS = ("retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy",
-             "retain_gap", "forget_gap", "test_gap", "mia_gap", "avg_gap", "wall_seconds", "flops")
+MAIN_ROWS = (
+    "retain_acc",
+    "forget_acc",
+    "unlearn_acc",
+    "test_acc",
+    "mia_efficacy",
+    "retain_gap",
+    "forget_gap",
+    "test_gap",
+    "mia_gap",
+    "avg_gap",
+    "wall_seconds",
+    "flops",
+)
 
 
 def fmt(v) -> str:

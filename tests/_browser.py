@@ -49,11 +49,28 @@ def mlflow_server(tracking_uri: str, timeout: float = 180):
 
     port = free_port()
     exe = Path(sys.executable).with_name("mlflow")
-    cmd = [str(exe) if exe.is_file() else sys.executable, *([] if exe.is_file() else ["-m", "mlflow"]),
-           "server", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(exe) if exe.is_file() else sys.executable,
+        *([] if exe.is_file() else ["-m", "mlflow"]),
+        "server",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, env=child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log, stderr=log,
-                            start_new_session=True, cwd=tempfile.gettempdir())
+    proc = subprocess.Popen(
+        cmd,
+        env=child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+        cwd=tempfile.gettempdir(),
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -104,8 +121,9 @@ def open_page(b, url: str, wait_for: str, timeout_ms: int = 120_000, width: int 
 
 def image_loaded(page, timeout_ms: int = 60_000) -> bool:
     """An <img> of the artifact viewer with real pixels (naturalWidth > 0)."""
-    page.wait_for_function("() => [...document.images].some(i => i.complete && i.naturalWidth > 100)",
-                           timeout=timeout_ms)
+    page.wait_for_function(
+        "() => [...document.images].some(i => i.complete && i.naturalWidth > 100)", timeout=timeout_ms
+    )
     return True
 
 
@@ -121,8 +139,12 @@ def take_screenshots(base: str, fragment: str, experiment_id: str, parent_run_id
         shots.append(out / "review_chart.png")
         page.screenshot(path=str(shots[-1]))
         page.close()
-        page = open_page(b, f"{base}/#/experiments/{experiment_id}/runs/{parent_run_id}?workflowType=machine_learning",
-                         "Pareto front", height=1400)
+        page = open_page(
+            b,
+            f"{base}/#/experiments/{experiment_id}/runs/{parent_run_id}?workflowType=machine_learning",
+            "Pareto front",
+            height=1400,
+        )
         more = page.get_by_text("Show more", exact=True)
         if more.count():
             more.first.click()
@@ -138,8 +160,15 @@ def tiny_search(root: Path, name: str = "review_demo", num_samples: int = 4) -> 
     from tests._search_helpers import run_cli, write_spec
 
     uri = f"sqlite:///{root}/mlflow.db"
-    write_spec(root / "spec.yaml", name, cache_dir=root / "cache", storage_path=root / "results",
-               tracking_uri=uri, num_samples=num_samples, max_concurrent_trials=2)
+    write_spec(
+        root / "spec.yaml",
+        name,
+        cache_dir=root / "cache",
+        storage_path=root / "results",
+        tracking_uri=uri,
+        num_samples=num_samples,
+        max_concurrent_trials=2,
+    )
     return uri, run_cli(["search", "spec.yaml"], cwd=root, timeout=900).stdout
 
 
@@ -161,9 +190,12 @@ def main(argv=None) -> int:
 
             uri = args.tracking_uri
             client = client_for(uri)
-            parent = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                        filter_string="tags.`coun_tune.role` = 'search'",
-                                        order_by=["attributes.start_time DESC"], max_results=1)[0]
+            parent = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                filter_string="tags.`coun_tune.role` = 'search'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )[0]
             buf = io.StringIO()
             review_pareto(client, parent.info.run_id, out=buf)
             stdout = buf.getvalue()

@@ -16,10 +16,10 @@ import yaml
 OBJECTIVES = {"forget_gap": "min", "retain_acc": "max"}
 SCENARIO = {"dataset": "digits", "forget": "random:0.1", "seed": 0, "arch": "small_cnn", "recipe": "tiny"}
 # forget_acc 100 vs the oracle's 90: the original's forget_gap is 10 (|unlearn_acc - unlearn_acc*|)
-BASE_MODELS = {"original": {"retain_acc": 100.0, "forget_acc": 100.0, "unlearn_acc": 0.0, "test_acc": 97.0,
-                            "mia_efficacy": 5.0},
-               "oracle": {"retain_acc": 99.0, "forget_acc": 90.0, "unlearn_acc": 10.0, "test_acc": 96.0,
-                          "mia_efficacy": 15.0}}
+BASE_MODELS = {
+    "original": {"retain_acc": 100.0, "forget_acc": 100.0, "unlearn_acc": 0.0, "test_acc": 97.0, "mia_efficacy": 5.0},
+    "oracle": {"retain_acc": 99.0, "forget_acc": 90.0, "unlearn_acc": 10.0, "test_acc": 96.0, "mia_efficacy": 15.0},
+}
 
 
 def trial_weights(i: int) -> dict[str, torch.Tensor]:
@@ -38,18 +38,30 @@ def make_search(root: Path, trials: list[dict[str, float]], *, name: str = "fake
     uri = f"sqlite:///{root}/mlflow.db"
     client = client_for(uri)
     exp = ensure_experiment(client, uri, name)
-    parent = client.create_run(exp, run_name=f"{name}_search", tags={
-        ROLE: "search", "coun_tune.method": "coun", "coun_tune.objectives": json.dumps(OBJECTIVES)}).info.run_id
-    log_params(client, parent, {"method": "coun", "split_hash": "feedbeef",
-                                **{f"scenario.{k}": v for k, v in SCENARIO.items()}})
-    spec = {"name": name, "scenario": SCENARIO, "method": "coun", "objectives": OBJECTIVES,
-            "space": {"lr": {"log": [0.001, 0.1]}, "epochs": 1}}
+    parent = client.create_run(
+        exp,
+        run_name=f"{name}_search",
+        tags={ROLE: "search", "coun_tune.method": "coun", "coun_tune.objectives": json.dumps(OBJECTIVES)},
+    ).info.run_id
+    log_params(
+        client,
+        parent,
+        {"method": "coun", "split_hash": "feedbeef", **{f"scenario.{k}": v for k, v in SCENARIO.items()}},
+    )
+    spec = {
+        "name": name,
+        "scenario": SCENARIO,
+        "method": "coun",
+        "objectives": OBJECTIVES,
+        "space": {"lr": {"log": [0.001, 0.1]}, "epochs": 1},
+    }
     client.log_dict(parent, spec, "spec.yaml")
     client.log_dict(parent, BASE_MODELS, "base_models.json")
     run_ids = []
     for i, metrics in enumerate(trials, start=1):
-        run = client.create_run(exp, run_name=f"trial {i}", tags={PARENT: parent, ROLE: "trial", TRIAL_ID: f"t{i}",
-                                                                  TRIAL_NUMBER: str(i)}).info.run_id
+        run = client.create_run(
+            exp, run_name=f"trial {i}", tags={PARENT: parent, ROLE: "trial", TRIAL_ID: f"t{i}", TRIAL_NUMBER: str(i)}
+        ).info.run_id
         log_params(client, run, {"method": "coun", "lr": i / 100, "epochs": 1})
         for k, v in metrics.items():
             client.log_metric(run, k, v, step=1)
@@ -57,8 +69,11 @@ def make_search(root: Path, trials: list[dict[str, float]], *, name: str = "fake
             ck = root / f"ck{i}"
             ck.mkdir()
             torch.save(trial_weights(i), ck / "model.pt")
-            (ck / "config.yaml").write_text(yaml.safe_dump(
-                {"scenario": SCENARIO, "method": "coun", "hparams": {"lr": i / 100, "epochs": 1}, "seed": 0}))
+            (ck / "config.yaml").write_text(
+                yaml.safe_dump(
+                    {"scenario": SCENARIO, "method": "coun", "hparams": {"lr": i / 100, "epochs": 1}, "seed": 0}
+                )
+            )
             (ck / "metrics.json").write_text(json.dumps(metrics))
             for f in ("model.pt", "config.yaml", "metrics.json"):  # as the trial logger does
                 client.log_artifact(run, str(ck / f), artifact_path="model")

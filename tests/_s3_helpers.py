@@ -33,8 +33,13 @@ def _free_port() -> int:
 
 def aws_env(endpoint: str) -> dict[str, str]:
     """The environment that points pyarrow, boto3 (MLflow) and coun-tune at the server."""
-    return {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
 
 
 def _up(endpoint: str) -> bool:
@@ -59,14 +64,16 @@ def moto_server(log_dir: Path):
     log_path = Path(log_dir) / "moto.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(_moto_command(port), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            _moto_command(port), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while not _up(endpoint):
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto_server did not come up (exit {proc.poll()}):\n"
-                            f"{log_path.read_text(errors='replace')[-2000:]}")
+                pytest.fail(
+                    f"moto_server did not come up (exit {proc.poll()}):\n{log_path.read_text(errors='replace')[-2000:]}"
+                )
             time.sleep(0.2)
         yield endpoint
     finally:
@@ -81,8 +88,11 @@ def moto_server(log_dir: Path):
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
-        yield {"endpoint": endpoint, "env": aws_env(endpoint),
-               "objects": lambda bucket, prefix="": s3_objects(endpoint, bucket, prefix)}
+        yield {
+            "endpoint": endpoint,
+            "env": aws_env(endpoint),
+            "objects": lambda bucket, prefix="": s3_objects(endpoint, bucket, prefix),
+        }
 
 
 @pytest.fixture
@@ -98,8 +108,13 @@ def s3_objects(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
     through coun_tune.core.storage, so tests do not check the code with itself)."""
     from pyarrow import fs
 
-    s3 = fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[1], scheme="http", access_key="testing",
-                         secret_key="testing", region="us-east-1")
+    s3 = fs.S3FileSystem(
+        endpoint_override=endpoint.split("://", 1)[1],
+        scheme="http",
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+    )
     base = f"{bucket}/{prefix}".rstrip("/")
     infos = s3.get_file_info(fs.FileSelector(base, recursive=True, allow_not_found=True))
-    return sorted(i.path[len(bucket) + 1:] for i in infos if i.type == fs.FileType.File)
+    return sorted(i.path[len(bucket) + 1 :] for i in infos if i.type == fs.FileType.File)

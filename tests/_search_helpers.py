@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-SPACE = {"temperature": {"log": [0.03, 0.3]}, "cl_weight": {"log": [0.1, 6.0]}, "lr": {"log": [0.01, 0.1]},
-         "epochs": 1}
+SPACE = {"temperature": {"log": [0.03, 0.3]}, "cl_weight": {"log": [0.1, 6.0]}, "lr": {"log": [0.01, 0.1]}, "epochs": 1}
 SEARCHED = ("temperature", "cl_weight", "lr")
 OBJECTIVES = {"forget_gap": "min", "retain_acc": "max"}
 
@@ -49,13 +48,32 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def write_spec(path: Path, name: str, *, cache_dir: Path, storage_path: Path, tracking_uri: str,
-               num_samples: int = 3, max_concurrent_trials: int = 2, **extra) -> Path:
-    doc = {"name": name, "scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0, "recipe": "tiny"},
-           "method": "coun", "objectives": dict(OBJECTIVES), "space": SPACE, "sampler": "nsga2",
-           "num_samples": num_samples, "max_concurrent_trials": max_concurrent_trials,
-           "resources_per_trial": {"cpu": 1, "gpu": 0}, "seed": 0,
-           "cache_dir": str(cache_dir), "storage_path": str(storage_path), "tracking_uri": tracking_uri}
+def write_spec(
+    path: Path,
+    name: str,
+    *,
+    cache_dir: Path,
+    storage_path: Path,
+    tracking_uri: str,
+    num_samples: int = 3,
+    max_concurrent_trials: int = 2,
+    **extra,
+) -> Path:
+    doc = {
+        "name": name,
+        "scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0, "recipe": "tiny"},
+        "method": "coun",
+        "objectives": dict(OBJECTIVES),
+        "space": SPACE,
+        "sampler": "nsga2",
+        "num_samples": num_samples,
+        "max_concurrent_trials": max_concurrent_trials,
+        "resources_per_trial": {"cpu": 1, "gpu": 0},
+        "seed": 0,
+        "cache_dir": str(cache_dir),
+        "storage_path": str(storage_path),
+        "tracking_uri": tracking_uri,
+    }
     doc.update(extra)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -65,8 +83,14 @@ def child_env(**extra: str) -> dict:
     env = dict(os.environ)
     for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
         env.pop(var, None)  # nothing from the caller's shell may redirect the run
-    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -80,27 +104,40 @@ def _tail(text: str, n: int = 4000) -> str:
     return text if len(text) <= n else "..." + text[-n:]
 
 
-def run_cli(args: list[str], *, cwd: Path, env: dict | None = None, timeout: float = 300,
-            expect_rc: int = 0) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], *, cwd: Path, env: dict | None = None, timeout: float = 300, expect_rc: int = 0
+) -> subprocess.CompletedProcess:
     """`coun-tune ARGS` in its own session; fails the test (with the output's tail) on an exit
     code other than `expect_rc` or a timeout. Whatever the command leaves running in its
     session (a local Ray it started, say) is stopped afterwards."""
-    proc = subprocess.Popen(cli_command() + list(args), cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cli_command() + list(args),
+        cwd=cwd,
+        env=env or child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         stop_session(proc.pid)
         out, err = proc.communicate()
-        pytest.fail(f"`coun-tune {' '.join(args)}` ran over {timeout:.0f} s\n--- stdout\n{_tail(out)}\n--- stderr\n{_tail(err)}")
+        pytest.fail(
+            f"`coun-tune {' '.join(args)}` ran over {timeout:.0f} s\n--- stdout\n{_tail(out)}\n--- stderr\n{_tail(err)}"
+        )
     finally:
         stop_session(proc.pid, grace=10)
     if proc.returncode != expect_rc:
-        pytest.fail(f"`coun-tune {' '.join(args)}` exited {proc.returncode}\n--- stdout\n{_tail(out)}\n--- stderr\n{_tail(err)}")
+        pytest.fail(
+            f"`coun-tune {' '.join(args)}` exited {proc.returncode}\n--- stdout\n{_tail(out)}\n--- stderr\n{_tail(err)}"
+        )
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 # --- processes ------------------------------------------------------------------------------
+
 
 def _stat(pid: int) -> tuple[str, int] | None:
     """(state, session id) of a live process, None if gone."""
@@ -108,7 +145,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2:].split()
+    fields = raw[raw.rindex(")") + 2 :].split()
     return fields[0], int(fields[3])
 
 
@@ -138,8 +175,11 @@ def cmdline(pid: int) -> str:
 
 def pids_with_arg(fragment: str) -> list[int]:
     """Live processes whose command line contains `fragment` (a unique temp dir, say)."""
-    return sorted(int(e) for e in os.listdir("/proc")
-                  if e.isdigit() and int(e) != os.getpid() and fragment in cmdline(int(e)) and _alive(int(e)))
+    return sorted(
+        int(e)
+        for e in os.listdir("/proc")
+        if e.isdigit() and int(e) != os.getpid() and fragment in cmdline(int(e)) and _alive(int(e))
+    )
 
 
 def stop_pids(pids: list[int], grace: float = 15.0) -> list[int]:
@@ -182,6 +222,7 @@ def stop_session(sid: int, grace: float = 15.0) -> list[int]:
 
 # --- Pareto ---------------------------------------------------------------------------------
 
+
 def brute_force_front(points: dict[str, dict[str, float]], objectives: dict[str, str]) -> set[str]:
     """Keys of the non-dominated points, by comparing every pair. points: key -> {metric: value}.
 
@@ -195,9 +236,11 @@ def brute_force_front(points: dict[str, dict[str, float]], objectives: dict[str,
     vals = {k: as_min(p) for k, p in points.items()}
     front = set()
     for k, a in vals.items():
-        dominated = any(all(bj <= aj for aj, bj in zip(a, b)) and any(bj < aj for aj, bj in zip(a, b))
-                        for j, b in vals.items() if j != k)
+        dominated = any(
+            all(bj <= aj for aj, bj in zip(a, b)) and any(bj < aj for aj, bj in zip(a, b))
+            for j, b in vals.items()
+            if j != k
+        )
         if not dominated:
             front.add(k)
     return front
-

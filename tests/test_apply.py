@@ -47,8 +47,9 @@ def small_digits():
     return d.train_x[:300], d.train_y[:300], d.test_x[:90], d.test_y[:90]
 
 
-def _fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 150, mean=DIGITS_NORM[0],
-         std=DIGITS_NORM[1]) -> torch.nn.Module:
+def _fit(
+    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 150, mean=DIGITS_NORM[0], std=DIGITS_NORM[1]
+) -> torch.nn.Module:
     """The user's own training: full-batch Adam, no augmentation."""
     torch.manual_seed(0)
     xt, yt = (torch.from_numpy(x).float() / 255 - mean) / std, torch.from_numpy(y)
@@ -79,11 +80,23 @@ def tiny_model(small_digits):
     return _fit(_apply_arch.tiny_net(10, 1), small_digits[0], small_digits[1])
 
 
-def _config(path: Path, arch="small_cnn", epochs=1, method="coun", batch_size=64,
-            header="abc123, trial t_0001 (MLflow run 0123abcd)", **extra) -> Path:
-    doc = {"scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0, "arch": arch, "recipe": "tiny"},
-           "method": method, "hparams": {"temperature": 0.1, "cl_weight": 1.0, "lr": 0.05, "epochs": epochs},
-           "batch_size": batch_size, "seed": 0, **extra}
+def _config(
+    path: Path,
+    arch="small_cnn",
+    epochs=1,
+    method="coun",
+    batch_size=64,
+    header="abc123, trial t_0001 (MLflow run 0123abcd)",
+    **extra,
+) -> Path:
+    doc = {
+        "scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0, "arch": arch, "recipe": "tiny"},
+        "method": method,
+        "hparams": {"temperature": 0.1, "cl_weight": 1.0, "lr": 0.05, "epochs": epochs},
+        "batch_size": batch_size,
+        "seed": 0,
+        **extra,
+    }
     path.write_text(f"# exported by coun-tune from search run {header}\n" + yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -132,18 +145,44 @@ def test_user_architecture_by_import_path(tmp_path, cli, small_digits, tiny_mode
     exp = client.create_experiment("calibration", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp, tags={"coun_tune.role": "search"}).info.run_id
     trial = client.create_run(exp, tags={"mlflow.parentRunId": parent, "coun_tune.role": "trial"}).info.run_id
-    for k, v in {"forget_gap": 1.25, "avg_gap": 0.8, "transfer_forget_gap_mean": 1.5,
-                 "transfer_forget_gap_std": 0.25}.items():
+    for k, v in {
+        "forget_gap": 1.25,
+        "avg_gap": 0.8,
+        "transfer_forget_gap_mean": 1.5,
+        "transfer_forget_gap_std": 0.25,
+    }.items():
         client.log_metric(trial, k, v)
 
     torch.save(tiny_model.state_dict(), tmp_path / "user.pt")
     ids = np.array([250, 3, 17, 120, 121, 5, 299, 64, 80, 81, 200, 150])  # unsorted on purpose
     picked = _config(tmp_path / "picked.yaml", epochs=2, header=f"{parent}, trial t_0001 (MLflow run {trial})")
-    code, out, err = cli(["apply", "--config", picked, "--model", "user.pt",
-                          "--arch", "_apply_arch:tiny_net", "--forget", f"ids:{_request(tmp_path / 'r.parquet', ids)}",
-                          "--data", _npz(tmp_path / "d.npz", small_digits, "nhwc"), "--layout", "nhwc",
-                          "--crop-padding", "1", "--no-flip", "--output", "out", "--tracking-uri", uri,
-                          "--register", "user-model"], tmp_path)
+    code, out, err = cli(
+        [
+            "apply",
+            "--config",
+            picked,
+            "--model",
+            "user.pt",
+            "--arch",
+            "_apply_arch:tiny_net",
+            "--forget",
+            f"ids:{_request(tmp_path / 'r.parquet', ids)}",
+            "--data",
+            _npz(tmp_path / "d.npz", small_digits, "nhwc"),
+            "--layout",
+            "nhwc",
+            "--crop-padding",
+            "1",
+            "--no-flip",
+            "--output",
+            "out",
+            "--tracking-uri",
+            uri,
+            "--register",
+            "user-model",
+        ],
+        tmp_path,
+    )
     assert code == 0, err
     after = _apply_arch.tiny_net(10, 1)
     after.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True))  # strict: the user's keys
@@ -170,10 +209,29 @@ def test_user_architecture_by_import_path(tmp_path, cli, small_digits, tiny_mode
 
     # the next request starts from the registry: the architecture comes from the model, no --arch
     ids2 = np.array([10, 11, 290])
-    code, out, err = cli(["apply", "--config", picked, "--model", "models:/user-model@unlearned",
-                          "--forget", f"ids:{_request(tmp_path / 'r2.parquet', ids2)}",
-                          "--data", "d.npz", "--layout", "nhwc", "--crop-padding", "1", "--no-flip",
-                          "--output", "out2", "--tracking-uri", uri], tmp_path)
+    code, out, err = cli(
+        [
+            "apply",
+            "--config",
+            picked,
+            "--model",
+            "models:/user-model@unlearned",
+            "--forget",
+            f"ids:{_request(tmp_path / 'r2.parquet', ids2)}",
+            "--data",
+            "d.npz",
+            "--layout",
+            "nhwc",
+            "--crop-padding",
+            "1",
+            "--no-flip",
+            "--output",
+            "out2",
+            "--tracking-uri",
+            uri,
+        ],
+        tmp_path,
+    )
     assert code == 0, err
     second = json.loads((tmp_path / "out2" / "metrics.json").read_text())
     tx, ty = small_digits[0], small_digits[1]
@@ -209,16 +267,34 @@ def test_image_folder_dataset(tmp_path, cli, small_digits):
     ids = np.array([0, 7, 30, 31, 64, 90, 119])
     # the augmentation declared in the config's data: section this time, not by flags
     picked = _config(tmp_path / "picked.yaml", batch_size=32, data={"crop_padding": 1, "flip": False})
-    code, out, err = cli(["apply", "--config", picked, "--model", "model.pt",
-                          "--forget", f"ids:{_request(tmp_path / 'r.parquet', ids)}", "--data", "imgs",
-                          "--output", "out"], tmp_path)
+    code, out, err = cli(
+        [
+            "apply",
+            "--config",
+            picked,
+            "--model",
+            "model.pt",
+            "--forget",
+            f"ids:{_request(tmp_path / 'r.parquet', ids)}",
+            "--data",
+            "imgs",
+            "--output",
+            "out",
+        ],
+        tmp_path,
+    )
     assert code == 0, err
     after = build_model("small_cnn", 1, 10)
     after.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["data"]["classes"] == order and metrics["data"]["format"] == "image_folder"
-    assert metrics["config"]["data"] == {"crop_padding": 1, "flip": False, "mean": [DIGITS_NORM[0]],
-                                         "std": [DIGITS_NORM[1]], "num_classes": 10}
+    assert metrics["config"]["data"] == {
+        "crop_padding": 1,
+        "flip": False,
+        "mean": [DIGITS_NORM[0]],
+        "std": [DIGITS_NORM[1]],
+        "num_classes": 10,
+    }
     _check_report(metrics, model, after, data, ids)
 
 
@@ -238,26 +314,53 @@ def test_torchvision_resnet18_state_dict(tmp_path, cli):
     _fit(net, x[:36], y[:36], steps=8, mean=torch.tensor(mean).view(1, 3, 1, 1), std=0.3)
     torch.save(net.state_dict(), tmp_path / "rn18.pt")
     tensors = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
-    table = pa.table({"image": tensors,
-                      "label": y, "split": ["train"] * 36 + ["test"] * 12})
+    table = pa.table({"image": tensors, "label": y, "split": ["train"] * 36 + ["test"] * 12})
     pq.write_table(table, tmp_path / "d.parquet")
     ids = np.array([1, 2, 20, 33])
-    code, out, err = cli(["apply", "--config", _config(tmp_path / "p.yaml", batch_size=16, method="ft"),
-                          "--model", "rn18.pt", "--arch", "torchvision.models:resnet18", "--forget",
-                          f"ids:{_request(tmp_path / 'r.parquet', ids)}", "--data", "d.parquet", "--layout", "nhwc",
-                          "--crop-padding", "2", "--flip", "--mean", "0.3,0.3,0.3", "--std", "0.3,0.3,0.3",
-                          "--output", "out"], tmp_path)
+    code, out, err = cli(
+        [
+            "apply",
+            "--config",
+            _config(tmp_path / "p.yaml", batch_size=16, method="ft"),
+            "--model",
+            "rn18.pt",
+            "--arch",
+            "torchvision.models:resnet18",
+            "--forget",
+            f"ids:{_request(tmp_path / 'r.parquet', ids)}",
+            "--data",
+            "d.parquet",
+            "--layout",
+            "nhwc",
+            "--crop-padding",
+            "2",
+            "--flip",
+            "--mean",
+            "0.3,0.3,0.3",
+            "--std",
+            "0.3,0.3,0.3",
+            "--output",
+            "out",
+        ],
+        tmp_path,
+    )
     assert code == 0, err
     after = torchvision.models.resnet18(num_classes=4)
     after.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     _check_report(metrics, net, after, (x[:36], y[:36], x[36:], y[36:]), ids, mean=mean, std=std)
     assert not torch.equal(after.layer1[0].conv1.weight, net.layer1[0].conv1.weight)
-    assert metrics["config"]["data"] == {"crop_padding": 2, "flip": True, "mean": list(mean), "std": list(std),
-                                         "num_classes": 4}
+    assert metrics["config"]["data"] == {
+        "crop_padding": 2,
+        "flip": True,
+        "mean": list(mean),
+        "std": list(std),
+        "num_classes": 4,
+    }
 
 
 # --- bad input: one line, exit 2, nothing written or logged -------------------------------------------
+
 
 def _bad_setup(tmp_path: Path, case: str, small_digits, tiny_model) -> list:
     from coun_tune.core.models import build_model
@@ -265,9 +368,16 @@ def _bad_setup(tmp_path: Path, case: str, small_digits, tiny_model) -> list:
     torch.save(tiny_model.state_dict(), tmp_path / "user.pt")
     torch.save(build_model("small_cnn", 1, 10).state_dict(), tmp_path / "cnn.pt")
     data = _npz(tmp_path / "d.npz", small_digits)
-    args = {"--config": _config(tmp_path / "picked.yaml"), "--model": "user.pt", "--arch": "_apply_arch:tiny_net",
-            "--forget": f"ids:{_request(tmp_path / 'r.parquet', [1, 2, 3])}", "--data": data, "--layout": "nchw",
-            "--crop-padding": "1", "--no-flip": None}
+    args = {
+        "--config": _config(tmp_path / "picked.yaml"),
+        "--model": "user.pt",
+        "--arch": "_apply_arch:tiny_net",
+        "--forget": f"ids:{_request(tmp_path / 'r.parquet', [1, 2, 3])}",
+        "--data": data,
+        "--layout": "nchw",
+        "--crop-padding": "1",
+        "--no-flip": None,
+    }
     if case == "shapes":  # a small_cnn with 5 classes, data with 10
         torch.save(build_model("small_cnn", 1, 5).state_dict(), tmp_path / "cnn5.pt")
         args.update({"--model": "cnn5.pt", "--arch": "small_cnn"})
@@ -317,14 +427,22 @@ def _bad_setup(tmp_path: Path, case: str, small_digits, tiny_model) -> list:
 
 
 BAD = {
-    "shapes": "do not match small_cnn", "wrong_arch": "do not match _apply_arch:tiny_net",
-    "ids_outside": "index 300 is out of range [0, 300)", "ids_duplicate": "duplicate indices",
-    "factory_import": "cannot import 'no_such_package.models'", "factory_attr": "has no 'no_such_factory'",
-    "image_size": "does not take (1, 10, 10)", "mixed_sizes": "train images are (1, 8, 8)",
+    "shapes": "do not match small_cnn",
+    "wrong_arch": "do not match _apply_arch:tiny_net",
+    "ids_outside": "index 300 is out of range [0, 300)",
+    "ids_duplicate": "duplicate indices",
+    "factory_import": "cannot import 'no_such_package.models'",
+    "factory_attr": "has no 'no_such_factory'",
+    "image_size": "does not take (1, 10, 10)",
+    "mixed_sizes": "train images are (1, 8, 8)",
     "corrupt_model": "is not a state dict torch.load(weights_only=True) can read",
-    "corrupt_request": "not a readable Parquet file", "corrupt_config": "is not valid YAML",
-    "missing_data": "does not exist", "missing_model": "does not exist", "not_ids": "a real request is ids:",
-    "no_augmentation": "declare the augmentation", "registry_model_not_found": "not found",
+    "corrupt_request": "not a readable Parquet file",
+    "corrupt_config": "is not valid YAML",
+    "missing_data": "does not exist",
+    "missing_model": "does not exist",
+    "not_ids": "a real request is ids:",
+    "no_augmentation": "declare the augmentation",
+    "registry_model_not_found": "not found",
 }
 
 
@@ -338,8 +456,9 @@ def test_bad_input_exits_2_with_nothing_written(tmp_path, cli, small_digits, tin
         db.unlink(missing_ok=True)
         client_for(f"sqlite:///{db}").search_experiments()
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
-    code, out, err = cli(["apply", *args, "--output", "out", "--tracking-uri", f"sqlite:///{db}", "--register", "m"],
-                         tmp_path)
+    code, out, err = cli(
+        ["apply", *args, "--output", "out", "--tracking-uri", f"sqlite:///{db}", "--register", "m"], tmp_path
+    )
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and BAD[case] in lines[0], err
@@ -350,6 +469,7 @@ def test_bad_input_exits_2_with_nothing_written(tmp_path, cli, small_digits, tin
 
 # --- the whole path: search -> export -> registry -> apply ---------------------------------------------
 
+
 def _registered_knee(client, picked: Path) -> tuple[str, str]:
     """(registered name, the knee trial's run id), from the header `coun-tune export` writes:
     `(MLflow run ID)` and `# model_uri: models:/NAME/VERSION`."""
@@ -357,7 +477,7 @@ def _registered_knee(client, picked: Path) -> tuple[str, str]:
     trial_run = text.split("(MLflow run ", 1)[1].split(")", 1)[0]
     recorded = [w for w in text.split() if w.startswith("models:/")]
     assert recorded, f"export recorded no registered model:\n{text}"
-    return recorded[0][len("models:/"):].split("@")[0].split("/")[0], trial_run
+    return recorded[0][len("models:/") :].split("@")[0].split("/")[0], trial_run
 
 
 @pytest.mark.slow
@@ -371,8 +491,15 @@ def test_search_export_register_knee_then_apply_from_registry(tmp_path, cli):
     from coun_tune.tracking.models import load_model_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = write_spec(tmp_path / "spec.yaml", "apply_e2e", cache_dir=tmp_path / "cache",
-                      storage_path=tmp_path / "results", tracking_uri=uri, num_samples=2, max_concurrent_trials=2)
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        "apply_e2e",
+        cache_dir=tmp_path / "cache",
+        storage_path=tmp_path / "results",
+        tracking_uri=uri,
+        num_samples=2,
+        max_concurrent_trials=2,
+    )
     run_cli(["search", str(spec)], cwd=tmp_path, timeout=600)
     run_cli(["export", "apply_e2e", "--pick", "knee", "--output", "picked.yaml", "--tracking-uri", uri], cwd=tmp_path)
     client = client_for(uri)
@@ -385,10 +512,29 @@ def test_search_export_register_knee_then_apply_from_registry(tmp_path, cli):
     d = load_dataset("digits")
     data = (d.train_x, d.train_y, d.test_x, d.test_y)
     ids = np.random.default_rng(7).choice(len(d.train_y), 40, replace=False)
-    code, out, err = cli(["apply", "--config", "picked.yaml", "--model", f"models:/{name}@knee",
-                          "--forget", f"ids:{_request(tmp_path / 'request.parquet', ids)}",
-                          "--data", _npz(tmp_path / "digits.npz", data), "--layout", "nchw",
-                          "--crop-padding", "1", "--no-flip", "--output", "applied", "--tracking-uri", uri], tmp_path)
+    code, out, err = cli(
+        [
+            "apply",
+            "--config",
+            "picked.yaml",
+            "--model",
+            f"models:/{name}@knee",
+            "--forget",
+            f"ids:{_request(tmp_path / 'request.parquet', ids)}",
+            "--data",
+            _npz(tmp_path / "digits.npz", data),
+            "--layout",
+            "nchw",
+            "--crop-padding",
+            "1",
+            "--no-flip",
+            "--output",
+            "applied",
+            "--tracking-uri",
+            uri,
+        ],
+        tmp_path,
+    )
     assert code == 0, err
     metrics = json.loads((tmp_path / "applied" / "metrics.json").read_text())
     after = build_model("small_cnn", 1, 10)
@@ -408,8 +554,9 @@ def test_search_export_register_knee_then_apply_from_registry(tmp_path, cli):
     assert tags["coun_tune.search_run"] == parent.info.run_id and tags["coun_tune.trial_run"] == trial_run
     assert tags["coun_tune.request_sha256"] == hashlib.sha256(np.sort(ids).astype("<i8").tobytes()).hexdigest()
     exported = yaml.safe_load((tmp_path / "picked.yaml").read_text())
-    assert {k: float(v) for k, v in exported["hparams"].items()} == \
-           {k[3:]: float(v) for k, v in run.data.params.items() if k.startswith("hp.")}
+    assert {k: float(v) for k, v in exported["hparams"].items()} == {
+        k[3:]: float(v) for k, v in run.data.params.items() if k.startswith("hp.")
+    }
     new = client.get_model_version_by_alias(name, "unlearned")
     assert int(new.version) == int(knee_version.version) + 1 and new.run_id == run.info.run_id
     assert metrics["mlflow"]["registered_uri"] == f"models:/{name}/{new.version}"

@@ -54,12 +54,19 @@ def _cells(top: np.ndarray, left: np.ndarray, flip: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- exact crop/flip
 
+
 @pytest.mark.parametrize("padding", [1, 4])
 def test_crop_flip_equals_torchvision_functional(padding):
     g = torch.Generator().manual_seed(padding)
     x = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
-    combos = [(0, 0, False), (2 * padding, 2 * padding, True), (padding, padding, False),
-              (0, 2 * padding, True), (2 * padding, 0, False), (1, padding, True)]
+    combos = [
+        (0, 0, False),
+        (2 * padding, 2 * padding, True),
+        (padding, padding, False),
+        (0, 2 * padding, True),
+        (2 * padding, 0, False),
+        (1, padding, True),
+    ]
     top = torch.tensor([c[0] for c in combos])
     left = torch.tensor([c[1] for c in combos])
     flip = torch.tensor([c[2] for c in combos])
@@ -94,6 +101,7 @@ def test_padding_zero_only_flips():
 
 
 # ------------------------------------------------------------------------------ distribution
+
 
 def test_distribution_matches_torchvision():
     img = _unique_image()
@@ -173,6 +181,7 @@ def test_same_seed_same_views():
 
 # ------------------------------------------------------------------------------- normalize
 
+
 def test_normalize_matches_totensor_normalize():
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     aug = Augmenter(AugmentPolicy(crop_padding=4, flip=True, mean=mean, std=std), "cpu")
@@ -188,6 +197,7 @@ def test_normalize_matches_totensor_normalize():
 
 
 # ----------------------------------------------------------------------------- batching
+
 
 @pytest.mark.parametrize("n,bs", [(10, 4), (12, 4), (64, 64), (100, 7), (5, 3), (2, 2)])
 def test_shuffled_batches_cover_every_index_once(n, bs):

@@ -25,8 +25,9 @@ num_samples: 2
 def run_cli(args, cwd):
     """The real entry point in a fresh process: exit code and stderr as a user sees them."""
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "COUN_TUNE_CACHE": str(Path(cwd) / "cache")}
-    return subprocess.run([sys.executable, "-m", "coun_tune", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "coun_tune", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @pytest.fixture
@@ -53,31 +54,40 @@ def assert_clean_failure(proc, cwd, needle):
     assert leftovers == [], f"bad input wrote {leftovers}"
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda s: s.replace("num_samples: 2", "num_sampels: 2"), "unknown key 'num_sampels'"),
-    (lambda s: s.replace("sampler: nsga2", "sampler: annealing"), "unknown sampler 'annealing'"),
-    (lambda s: s + "objectives: {forget_gap: min, happiness: max}\n", "objective 'happiness'"),
-    (lambda s: s.replace("{log: [0.01, 0.1]}", "{log: [0.1, 0.01]}"), "space.lr: empty domain"),
-    (lambda s: s.replace("epochs: 1", "epochs: {choice: []}"), "space.epochs: empty domain"),
-    (lambda s: s.replace("  epochs: 1", "  momentum: 0.8"), "no hyperparameter 'momentum'"),
-    (lambda s: s.replace("method: coun", "method: magic"), "unknown method 'magic'"),
-    (lambda s: s.replace("random:0.1", "random:1.5"), "fraction must be in (0, 1)"),
-    (lambda s: s + "objectives: {forget_gap: min}\n", "two or three"),
-    (lambda s: s.replace("{log: [0.03, 0.3]}", "{log: [0.0, 0.3]}"), "log domain needs low > 0"),
-    (lambda s: s + "tracking_uri: ./mlflow.db\n", "tracking_uri"),
-    (lambda s: "name: [unclosed\n", "not valid YAML"),
-    (lambda s: s.replace("sampler: nsga2", "sampler: nsga2\nsampler: tpe"), "key 'sampler' appears twice (line 9)"),
-    (lambda s: s + "objectives: {forget_gap: min, forget_gap: max}\n", "key 'forget_gap' appears twice (line 10)"),
-    (lambda s: s.replace("lr: {log: [0.01, 0.1]}", "lr: 0"), "space.lr: lr must be >"),
-    (lambda s: s.replace("epochs: 1", "epochs: 0"), "space.epochs: epochs must be >= 1"),
-    (lambda s: s + "storage_path: ftp://host/x\n", "storage_path 'ftp://host/x'"),
-    (lambda s: s + "cache_dir: s3:///nobucket\n", "needs a bucket"),
-    (lambda s: s + "storage_endpoint: 127.0.0.1:9000\n", "storage_endpoint"),
-    (lambda s: s + "scheduler: {type: hyperband}\n", "scheduler must be {type: mo_asha"),
-    (lambda s: s + "scheduler: {type: mo_asha, grace: 1}\n", "unknown key 'grace' in scheduler"),
-    (lambda s: s + "scheduler: {type: mo_asha, reduction_factor: 1}\n", "scheduler.reduction_factor must be an integer >= 2"),
-    (lambda s: s + "scheduler: {type: mo_asha, grace_epochs: 0}\n", "scheduler.grace_epochs must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda s: s.replace("num_samples: 2", "num_sampels: 2"), "unknown key 'num_sampels'"),
+        (lambda s: s.replace("sampler: nsga2", "sampler: annealing"), "unknown sampler 'annealing'"),
+        (lambda s: s + "objectives: {forget_gap: min, happiness: max}\n", "objective 'happiness'"),
+        (lambda s: s.replace("{log: [0.01, 0.1]}", "{log: [0.1, 0.01]}"), "space.lr: empty domain"),
+        (lambda s: s.replace("epochs: 1", "epochs: {choice: []}"), "space.epochs: empty domain"),
+        (lambda s: s.replace("  epochs: 1", "  momentum: 0.8"), "no hyperparameter 'momentum'"),
+        (lambda s: s.replace("method: coun", "method: magic"), "unknown method 'magic'"),
+        (lambda s: s.replace("random:0.1", "random:1.5"), "fraction must be in (0, 1)"),
+        (lambda s: s + "objectives: {forget_gap: min}\n", "two or three"),
+        (lambda s: s.replace("{log: [0.03, 0.3]}", "{log: [0.0, 0.3]}"), "log domain needs low > 0"),
+        (lambda s: s + "tracking_uri: ./mlflow.db\n", "tracking_uri"),
+        (lambda s: "name: [unclosed\n", "not valid YAML"),
+        (lambda s: s.replace("sampler: nsga2", "sampler: nsga2\nsampler: tpe"), "key 'sampler' appears twice (line 9)"),
+        (lambda s: s + "objectives: {forget_gap: min, forget_gap: max}\n", "key 'forget_gap' appears twice (line 10)"),
+        (lambda s: s.replace("lr: {log: [0.01, 0.1]}", "lr: 0"), "space.lr: lr must be >"),
+        (lambda s: s.replace("epochs: 1", "epochs: 0"), "space.epochs: epochs must be >= 1"),
+        (lambda s: s + "storage_path: ftp://host/x\n", "storage_path 'ftp://host/x'"),
+        (lambda s: s + "cache_dir: s3:///nobucket\n", "needs a bucket"),
+        (lambda s: s + "storage_endpoint: 127.0.0.1:9000\n", "storage_endpoint"),
+        (lambda s: s + "scheduler: {type: hyperband}\n", "scheduler must be {type: mo_asha"),
+        (lambda s: s + "scheduler: {type: mo_asha, grace: 1}\n", "unknown key 'grace' in scheduler"),
+        (
+            lambda s: s + "scheduler: {type: mo_asha, reduction_factor: 1}\n",
+            "scheduler.reduction_factor must be an integer >= 2",
+        ),
+        (
+            lambda s: s + "scheduler: {type: mo_asha, grace_epochs: 0}\n",
+            "scheduler.grace_epochs must be an integer >= 1",
+        ),
+    ],
+)
 def test_bad_search_spec(tmp_path, cli, edit, needle):
     (tmp_path / "spec.yaml").write_text(edit(GOOD_SPEC))
     assert_clean_failure(cli(["search", "spec.yaml"], tmp_path), tmp_path, needle)
@@ -92,26 +102,29 @@ def test_missing_spec_file(tmp_path, cli):
     assert_clean_failure(cli(["search", "nope.yaml"], tmp_path), tmp_path, "does not exist")
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--method", "magic"], "unknown method 'magic'"),
-    (["--temperature", "-0.1"], "temperature must be > 0"),
-    (["--cl-weight", "-1"], "cl_weight must be >= 0"),
-    (["--forget", "random:0"], "fraction must be in (0, 1)"),
-    (["--forget", "random:1.0"], "fraction must be in (0, 1)"),
-    (["--forget", "class:12"], "classes 0..9"),
-    (["--forget", "sometimes"], "bad forget spec"),
-    (["--forget", "ids:req.parquet"], "out of range"),
-    (["--forget", "ids:missing.parquet"], "does not exist"),
-    (["--dataset", "fashion_mnist", "--data-root", "no/such/dir"], "does not exist"),
-    (["--epochs", "0"], "epochs must be >= 1"),
-    (["--lr", "abc"], "invalid float value"),
-    (["--config", "missing.yaml"], "does not exist"),
-    (["--device", "cuda"], "no CUDA GPU"),
-    (["--device", "banana"], "unknown device"),
-    (["--arch", "vit_small"], "takes 32x32 images; digits has 8x8"),
-    (["--recipe", "forever"], "unknown recipe"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--temperature", "-0.1"], "temperature must be > 0"),
+        (["--cl-weight", "-1"], "cl_weight must be >= 0"),
+        (["--forget", "random:0"], "fraction must be in (0, 1)"),
+        (["--forget", "random:1.0"], "fraction must be in (0, 1)"),
+        (["--forget", "class:12"], "classes 0..9"),
+        (["--forget", "sometimes"], "bad forget spec"),
+        (["--forget", "ids:req.parquet"], "out of range"),
+        (["--forget", "ids:missing.parquet"], "does not exist"),
+        (["--dataset", "fashion_mnist", "--data-root", "no/such/dir"], "does not exist"),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--lr", "abc"], "invalid float value"),
+        (["--config", "missing.yaml"], "does not exist"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--device", "banana"], "unknown device"),
+        (["--arch", "vit_small"], "takes 32x32 images; digits has 8x8"),
+        (["--recipe", "forever"], "unknown recipe"),
+    ],
+)
 def test_bad_unlearn_input(tmp_path, cli, args, needle):
     pq.write_table(pa.table({"index": pa.array([0, 5, 99999], type=pa.int64())}), tmp_path / "req.parquet")
     proc = cli(["unlearn", *args, "--output", "out"], tmp_path)
@@ -161,12 +174,19 @@ def test_gpu_trials_on_a_local_cpu_ray_fail_before_logging(tmp_path):
     assert_clean_failure(run_cli(["search", "spec.yaml"], tmp_path), tmp_path, "local Ray sees 0")
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda s: s.replace("{log: [0.01, 0.1]}", "{uniform: [-1, 0.1]}"), "space.lr: lr must be >"),
-    (lambda s: s.replace("epochs: 1", "epochs: {int: [0, 3]}"), "space.epochs: epochs must be >= 1"),
-    (lambda s: s.replace("method: coun", "method: neggrad_plus").replace("  epochs: 1", "  epochs: 1\n  neggrad_beta: {uniform: [0.9, 1.5]}"),
-     "neggrad_beta must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda s: s.replace("{log: [0.01, 0.1]}", "{uniform: [-1, 0.1]}"), "space.lr: lr must be >"),
+        (lambda s: s.replace("epochs: 1", "epochs: {int: [0, 3]}"), "space.epochs: epochs must be >= 1"),
+        (
+            lambda s: s.replace("method: coun", "method: neggrad_plus").replace(
+                "  epochs: 1", "  epochs: 1\n  neggrad_beta: {uniform: [0.9, 1.5]}"
+            ),
+            "neggrad_beta must be in [0, 1]",
+        ),
+    ],
+)
 def test_space_corners_are_checked_before_anything_starts(tmp_path, cli, edit, needle):
     (tmp_path / "spec.yaml").write_text(edit(GOOD_SPEC))
     assert_clean_failure(cli(["search", "spec.yaml"], tmp_path), tmp_path, needle)

@@ -68,16 +68,29 @@ def _rename(d: dict, old: str, new: str) -> None:
     d[new] = d.pop(old)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    pytest.param(lambda c: _rename(c, "max_workers", "max_worker"), "'max_worker' was unexpected",
-                 id="top-level key typo"),
-    pytest.param(lambda c: _rename(c["available_node_types"]["worker_gpu"], "resources", "resource"),
-                 "'resources' is a required property", id="node type key typo"),
-    pytest.param(lambda c: c["available_node_types"]["worker_gpu"].__setitem__("resources", {"CPU": 4, "GPU": 0.5}),
-                 "0.5 is not of type 'integer'", id="fractional node resource"),
-    pytest.param(lambda c: c["available_node_types"]["worker_gpu"].pop("node_config"),
-                 "'node_config' is a required property", id="missing node_config"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        pytest.param(
+            lambda c: _rename(c, "max_workers", "max_worker"), "'max_worker' was unexpected", id="top-level key typo"
+        ),
+        pytest.param(
+            lambda c: _rename(c["available_node_types"]["worker_gpu"], "resources", "resource"),
+            "'resources' is a required property",
+            id="node type key typo",
+        ),
+        pytest.param(
+            lambda c: c["available_node_types"]["worker_gpu"].__setitem__("resources", {"CPU": 4, "GPU": 0.5}),
+            "0.5 is not of type 'integer'",
+            id="fractional node resource",
+        ),
+        pytest.param(
+            lambda c: c["available_node_types"]["worker_gpu"].pop("node_config"),
+            "'node_config' is a required property",
+            id="missing node_config",
+        ),
+    ],
+)
 def test_broken_cluster_yaml_is_rejected(offline, mutate, message):
     import jsonschema
 
@@ -101,8 +114,17 @@ def test_cluster_yaml_gives_workers_s3_and_keeps_the_dashboard_on_loopback(offli
     for name, v in prepared["available_node_types"].items():
         if name != head:
             assert v["node_config"]["IamInstanceProfile"] == {"Name": DEFAULT_RAY_INSTANCE_PROFILE}, name
-    commands = [c for k in ("head_start_ray_commands", "worker_start_ray_commands", "setup_commands",
-                            "head_setup_commands", "worker_setup_commands") for c in prepared[k]]
+    commands = [
+        c
+        for k in (
+            "head_start_ray_commands",
+            "worker_start_ray_commands",
+            "setup_commands",
+            "head_setup_commands",
+            "worker_setup_commands",
+        )
+        for c in prepared[k]
+    ]
     assert not any("0.0.0.0" in c for c in commands)
     (head_start,) = [c for c in prepared["head_start_ray_commands"] if "ray start --head" in c]
     assert "--dashboard-host=127.0.0.1" in head_start

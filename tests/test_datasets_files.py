@@ -24,6 +24,7 @@ N_TRAIN, N_TEST = 20, 10
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX) writers
 
+
 def _fashion_arrays(seed: int = 0):
     rng = np.random.default_rng(seed)
     return {
@@ -154,6 +155,7 @@ def test_fashion_mnist_count_mismatch(tmp_path):
 
 # ---------------------------------------------------------------- CIFAR (pickle) writers
 
+
 def _cifar_batch(n: int, num_classes: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     labels = [int(v) for v in rng.integers(0, num_classes, n)]
@@ -183,8 +185,11 @@ def _write_cifar10(root: Path, protocol: int = 2) -> tuple[list[dict], dict]:
         _dump(d / f"data_batch_{i}", b, protocol)
     test = _cifar_batch(N_TEST, 10, seed=99)
     _dump(d / "test_batch", test, protocol)
-    _dump(d / "batches.meta", {b"num_cases_per_batch": 4, b"label_names": [b"c%d" % i for i in range(10)],
-                               b"num_vis": 3072}, protocol)
+    _dump(
+        d / "batches.meta",
+        {b"num_cases_per_batch": 4, b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072},
+        protocol,
+    )
     return batches, test
 
 
@@ -194,8 +199,10 @@ def _write_cifar100(root: Path) -> tuple[dict, dict]:
     train, test = _cifar_batch(N_TRAIN, 100, seed=7), _cifar_batch(N_TEST, 100, seed=8)
     _dump(d / "train", train)
     _dump(d / "test", test)
-    _dump(d / "meta", {b"fine_label_names": [b"f%d" % i for i in range(100)],
-                       b"coarse_label_names": [b"k%d" % i for i in range(20)]})
+    _dump(
+        d / "meta",
+        {b"fine_label_names": [b"f%d" % i for i in range(100)], b"coarse_label_names": [b"k%d" % i for i in range(20)]},
+    )
     return train, test
 
 
@@ -289,8 +296,13 @@ def test_cifar_label_out_of_range(tmp_path):
 def test_cifar_bad_structure(tmp_path, breakage):
     _write_cifar10(tmp_path)
     b = _cifar_batch(N_TEST, 10, seed=99)
-    match = {"short_labels": "but 9 labels", "float_data": "not a uint8", "wrong_width": "not a uint8",
-             "no_labels": "no b'labels' entry", "not_dict": "expected a dict"}[breakage]
+    match = {
+        "short_labels": "but 9 labels",
+        "float_data": "not a uint8",
+        "wrong_width": "not a uint8",
+        "no_labels": "no b'labels' entry",
+        "not_dict": "expected a dict",
+    }[breakage]
     if breakage == "short_labels":
         b[b"labels"] = b[b"labels"][:-1]
     elif breakage == "float_data":
@@ -312,6 +324,7 @@ def test_cifar_meta_of_wrong_variant(tmp_path):
 
 
 # ---------------------------------------------------------------- digits and names
+
 
 def test_digits_split():
     ds = load_dataset("digits")

@@ -34,12 +34,27 @@ def one_epoch_runs(prepared):
 
 # ------------------------------------------------------------------------- FT and CoUn
 
+
 @pytest.mark.parametrize("method", ["ft", "coun"])
 def test_one_epoch_metrics_finite_and_weights_changed(prepared, one_epoch_runs, method):
     before, runs = one_epoch_runs
     model, metrics = runs[method]
-    for k in ("retain_acc", "forget_acc", "unlearn_acc", "test_acc", "mia_efficacy", "mia_loss_attack_acc",
-              "retain_gap", "forget_gap", "test_gap", "mia_gap", "avg_gap", "flops", "wall_seconds", "loss"):
+    for k in (
+        "retain_acc",
+        "forget_acc",
+        "unlearn_acc",
+        "test_acc",
+        "mia_efficacy",
+        "mia_loss_attack_acc",
+        "retain_gap",
+        "forget_gap",
+        "test_gap",
+        "mia_gap",
+        "avg_gap",
+        "flops",
+        "wall_seconds",
+        "loss",
+    ):
         assert k in metrics and math.isfinite(metrics[k]), k
     for k in ("retain_acc", "forget_acc", "test_acc", "mia_efficacy"):
         assert 0.0 <= metrics[k] <= 100.0
@@ -75,6 +90,7 @@ def test_flops_coun_twice_ft(one_epoch_runs, prepared):
 
 # ------------------------------------------------------------------------- forget guard
 
+
 def test_forget_guard_raises_on_any_access():
     g = ForgetGuard("ft")
     with pytest.raises(ForgetDataAccessError):
@@ -84,7 +100,7 @@ def test_forget_guard_raises_on_any_access():
     with pytest.raises(ForgetDataAccessError):
         len(g)
     with pytest.raises(ForgetDataAccessError, match="ft"):
-        getattr(g, "anything")
+        g.anything
 
 
 class _Stop(Exception):
@@ -123,8 +139,6 @@ class _Peeker(FT):
         return super().loss(ctx, step)
 
 
-
-
 def test_reading_forget_without_declaring_it_fails_the_run(prepared, monkeypatch):
     monkeypatch.setitem(METHODS, "peeker", _Peeker)
     with pytest.raises(ForgetDataAccessError):
@@ -143,6 +157,7 @@ def test_declared_reader_gets_the_forget_split(prepared, monkeypatch):
 
 # -------------------------------------------------------------------------- hparams
 
+
 def test_resolve_hparams_defaults():
     ft, coun = resolve_hparams("ft", {}), resolve_hparams("coun", {})
     assert ft["cl_weight"] == 0.0 and coun["cl_weight"] == 1.0
@@ -151,19 +166,22 @@ def test_resolve_hparams_defaults():
     assert resolve_hparams("coun", {"cl_weight": None})["cl_weight"] == 1.0
 
 
-@pytest.mark.parametrize("method,given", [
-    ("coun", {"temperature": -0.1}),
-    ("coun", {"temperature": 0}),
-    ("coun", {"cl_weight": -1.0}),
-    ("ft", {"cl_weight": -0.5}),
-    ("ft", {"momentum": 0.5}),            # unknown hyperparameter
-    ("coun", {"lr": float("nan")}),
-    ("coun", {"lr": float("inf")}),
-    ("coun", {"lr": 0.0}),
-    ("coun", {"lr": "fast"}),
-    ("coun", {"epochs": 0}),
-    ("nope", {}),                         # unknown method
-])
+@pytest.mark.parametrize(
+    "method,given",
+    [
+        ("coun", {"temperature": -0.1}),
+        ("coun", {"temperature": 0}),
+        ("coun", {"cl_weight": -1.0}),
+        ("ft", {"cl_weight": -0.5}),
+        ("ft", {"momentum": 0.5}),  # unknown hyperparameter
+        ("coun", {"lr": float("nan")}),
+        ("coun", {"lr": float("inf")}),
+        ("coun", {"lr": 0.0}),
+        ("coun", {"lr": "fast"}),
+        ("coun", {"epochs": 0}),
+        ("nope", {}),  # unknown method
+    ],
+)
 def test_resolve_hparams_rejects(method, given):
     with pytest.raises(UsageError):
         resolve_hparams(method, given)
@@ -182,6 +200,7 @@ def test_huge_lr_diverges(prepared, lr):
 
 # ---------------------------------------------------------------------------- resume
 
+
 class _Interrupt(Exception):
     pass
 
@@ -189,8 +208,9 @@ class _Interrupt(Exception):
 def test_resume_is_bit_identical(prepared):
     hp = {"epochs": 2, "lr": 0.05}
     full_epoch1 = {}
-    full_model, full_metrics = unlearn(prepared, "coun", hp,
-                                       on_epoch=lambda e, m, mk: full_epoch1.update(m) if e == 1 else None)
+    full_model, full_metrics = unlearn(
+        prepared, "coun", hp, on_epoch=lambda e, m, mk: full_epoch1.update(m) if e == 1 else None
+    )
 
     saved = {}
 
@@ -204,12 +224,14 @@ def test_resume_is_bit_identical(prepared):
     ckpt = saved["ckpt"]
     assert ckpt["epoch"] == 1 and saved["metrics"]["epoch"] == 1
     # the same seed gives the same first epoch (determinism, before any resume)
-    assert {k: v for k, v in saved["metrics"].items() if k != "wall_seconds"} == \
-        {k: v for k, v in full_epoch1.items() if k != "wall_seconds"}
+    assert {k: v for k, v in saved["metrics"].items() if k != "wall_seconds"} == {
+        k: v for k, v in full_epoch1.items() if k != "wall_seconds"
+    }
 
     epochs_seen = []
-    resumed_model, resumed_metrics = unlearn(prepared, "coun", hp, resume=ckpt,
-                                             on_epoch=lambda e, m, mk: epochs_seen.append(e))
+    resumed_model, resumed_metrics = unlearn(
+        prepared, "coun", hp, resume=ckpt, on_epoch=lambda e, m, mk: epochs_seen.append(e)
+    )
     assert epochs_seen == [2]
     sa, sb = full_model.state_dict(), resumed_model.state_dict()
     assert sa.keys() == sb.keys()
@@ -223,6 +245,7 @@ def test_resume_is_bit_identical(prepared):
 
 
 # ------------------------------------------------------------------------ base models
+
 
 def test_second_prepare_reads_the_cache(prepared, scenario, session_cache_dir, digits):
     # `prepared` may or may not have trained (another test can fill the session cache first);

@@ -50,13 +50,16 @@ def exported_trial(text: str, run_ids: list[str]) -> int:
     return run_ids.index(run) + 1
 
 
-@pytest.mark.parametrize("pick,trial,alias", [
-    ("knee", 2, "knee"),
-    ("retain_acc>=95", 3, "retain_acc_ge_95"),
-    ("best:test_acc", 2, "best_test_acc"),
-    ("best:retain_acc", 4, "best_retain_acc"),
-    ("best:forget_gap", 1, "best_forget_gap"),
-])
+@pytest.mark.parametrize(
+    "pick,trial,alias",
+    [
+        ("knee", 2, "knee"),
+        ("retain_acc>=95", 3, "retain_acc_ge_95"),
+        ("best:test_acc", 2, "best_test_acc"),
+        ("best:retain_acc", 4, "best_retain_acc"),
+        ("best:forget_gap", 1, "best_forget_gap"),
+    ],
+)
 def test_export_writes_and_registers_the_picked_trial(store, pick, trial, alias):
     from coun_tune.tracking.models import load_model_uri
     from coun_tune.tracking.review import export_config, exported_model_uri
@@ -125,7 +128,12 @@ def test_model_uris_resolve_through_the_given_store_only(store, tmp_path, monkey
         state, _ = load_model_uri(model_uri, uri)
         assert torch.equal(state["fc.weight"], trial_weights(4)["fc.weight"]), model_uri
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
-    for bad in ("models:/exportable@nope", "models:/missing/1", "runs:/0123/model", "s3://bucket/model.pt",
-                "models:/exportable"):
+    for bad in (
+        "models:/exportable@nope",
+        "models:/missing/1",
+        "runs:/0123/model",
+        "s3://bucket/model.pt",
+        "models:/exportable",
+    ):
         with pytest.raises(UsageError):
             load_model_uri(bad, uri)

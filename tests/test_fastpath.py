@@ -44,10 +44,15 @@ def _scenario(n_retain=48, seed=0) -> ScenarioData:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n_retain + 24, 1, 8, 8), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 3, (n_retain + 24,), generator=g)
-    return ScenarioData(retain=DeviceSplit(x[:n_retain], y[:n_retain]),
-                        forget=DeviceSplit(x[n_retain:n_retain + 12], y[n_retain:n_retain + 12]),
-                        test=DeviceSplit(x[n_retain + 12:], y[n_retain + 12:]), augmenter=Augmenter(POLICY, "cpu"),
-                        num_classes=3, image_shape=(1, 8, 8), split_hash="fastpath-test")
+    return ScenarioData(
+        retain=DeviceSplit(x[:n_retain], y[:n_retain]),
+        forget=DeviceSplit(x[n_retain : n_retain + 12], y[n_retain : n_retain + 12]),
+        test=DeviceSplit(x[n_retain + 12 :], y[n_retain + 12 :]),
+        augmenter=Augmenter(POLICY, "cpu"),
+        num_classes=3,
+        image_shape=(1, 8, 8),
+        split_hash="fastpath-test",
+    )
 
 
 def _model(kind: str, seed: int = 0) -> FeatureClassifier:
@@ -57,8 +62,9 @@ def _model(kind: str, seed: int = 0) -> FeatureClassifier:
 
 def _run(kind, fast, hp=HP, scen=None):
     model = _model(kind)
-    metrics = run_unlearning(model, copy.deepcopy(model), scen or _scenario(), "coun", hp, batch_size=16, seed=3,
-                             fast_path=fast)
+    metrics = run_unlearning(
+        model, copy.deepcopy(model), scen or _scenario(), "coun", hp, batch_size=16, seed=3, fast_path=fast
+    )
     return model, metrics
 
 
@@ -68,10 +74,17 @@ def _states(model):
 
 # ---------------------------------------------------------------------------- options
 
+
 def test_auto_is_off_on_cpu_and_on_for_cuda():
     cpu = FastPath().resolve("cpu")
-    assert (cpu.channels_last, cpu.bf16_autocast, cpu.compile, cpu.fused_views, cpu.check_every,
-            cpu.cudnn_benchmark) == (False, False, False, False, 1, False)
+    assert (
+        cpu.channels_last,
+        cpu.bf16_autocast,
+        cpu.compile,
+        cpu.fused_views,
+        cpu.check_every,
+        cpu.cudnn_benchmark,
+    ) == (False, False, False, False, 1, False)
     cuda = FastPath().resolve("cuda")
     assert cuda.channels_last is True and cuda.check_every == 0 and cuda.compile is False and cuda.cudnn_benchmark
     assert cuda.fused_views is False  # changes batch-norm statistics: never on unless asked for
@@ -90,6 +103,7 @@ def test_from_dict_checks_its_input():
 
 # ---------------------------------------------------------------- defaults change nothing
 
+
 def _plain_loop(kind: str) -> dict:
     """The CoUn loop written out without the engine: shuffled retain batches, view 1, CE, view 2,
     contrastive term, SGD (momentum 0.9, wd 5e-4), cosine per step; the same RNG draws in the
@@ -98,16 +112,18 @@ def _plain_loop(kind: str) -> dict:
     gen = torch.Generator().manual_seed(3)
     opt = torch.optim.SGD(model.parameters(), lr=HP["lr"], momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = 3  # 48 retain images, batch 16
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=HP["epochs"] * steps_per_epoch,
-                                                       eta_min=cosine_floor(HP["lr"]))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=HP["epochs"] * steps_per_epoch, eta_min=cosine_floor(HP["lr"])
+    )
     for _ in range(HP["epochs"]):
         model.train()
         for idx in shuffled_batches(len(scen.retain), 16, gen, torch.device("cpu")):
             x, y = scen.retain.x[idx], scen.retain.y[idx]
             z1 = model.features(scen.augmenter(x, gen))
             loss = F.cross_entropy(model.classifier(z1), y)
-            loss = loss + HP["cl_weight"] * contrastive_loss(z1, model.features(scen.augmenter(x, gen)),
-                                                             HP["temperature"])
+            loss = loss + HP["cl_weight"] * contrastive_loss(
+                z1, model.features(scen.augmenter(x, gen)), HP["temperature"]
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -138,13 +154,24 @@ def test_channels_last_and_bf16_run_on_cpu_and_stay_close():
 
 # ------------------------------------------------------------------------- fused views
 
+
 def _one_step_loss(kind: str, fused: bool) -> torch.Tensor:
     scen, model = _scenario(), _model(kind)
     model.train()
     gen = torch.Generator().manual_seed(11)
-    ctx = MethodContext(model=model, original=model, retain=scen.retain, forget=ForgetGuard("coun"),
-                        augmenter=scen.augmenter, num_classes=3, batch_size=16, epochs=1, generator=gen,
-                        hparams={}, optimizer=None)
+    ctx = MethodContext(
+        model=model,
+        original=model,
+        retain=scen.retain,
+        forget=ForgetGuard("coun"),
+        augmenter=scen.augmenter,
+        num_classes=3,
+        batch_size=16,
+        epochs=1,
+        generator=gen,
+        hparams={},
+        optimizer=None,
+    )
     batch = Batch(scen.retain.x[:16], scen.retain.y[:16])
     return step_loss(get_method("coun"), ctx, batch, 0, 0, 1.0, 0.1, fused_views=fused)
 
@@ -189,6 +216,7 @@ def test_fused_views_runs_in_the_engine():
 
 # ----------------------------------------------------------------- the non-finite check
 
+
 def test_watch_remembers_the_first_bad_step():
     for every in (0, 3):
         w = NonFiniteWatch(every)
@@ -215,6 +243,7 @@ def test_divergence_still_raises_naming_the_epoch(every):
 
 
 # -------------------------------------------------------------------------------- compile
+
 
 def test_compiled_features_are_removed_after_use():
     model = _model("nonorm")

@@ -25,9 +25,18 @@ import time
 from pathlib import Path
 
 import pytest
+from _search_helpers import (
+    SPACE,
+    child_env,
+    cli_command,
+    cmdline,
+    run_cli,
+    session_pids,
+    stop_session,
+    stop_until_gone,
+    write_spec,
+)
 
-from _search_helpers import (SPACE, child_env, cli_command, cmdline, run_cli, session_pids, stop_session,
-                             stop_until_gone, write_spec)
 from coun_tune.search.progress import TEST_SIGINT_ENV
 from coun_tune.search.ray_session import pids_naming, start_time
 
@@ -71,32 +80,54 @@ def one_line_error(proc, needle: str) -> None:
 
 # --- late Ctrl-C, resume, resume of a finished search ------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def late_ctrl_c(tmp_path_factory, prepared, session_cache_dir):
     """Search 2 trials one at a time; the driver gets SIGINT once the second (last) trial has
     reported its first of 2 epochs. Then --resume, then --resume again. Returns what each saw."""
     root = tmp_path_factory.mktemp("late_ctrl_c")
     uri = f"sqlite:///{root}/mlflow.db"
-    write_spec(root / "spec.yaml", "late", cache_dir=session_cache_dir, storage_path=root / "results",
-               tracking_uri=uri, num_samples=2, max_concurrent_trials=1, sampler="random", space=SPACE2)
+    write_spec(
+        root / "spec.yaml",
+        "late",
+        cache_dir=session_cache_dir,
+        storage_path=root / "results",
+        tracking_uri=uri,
+        num_samples=2,
+        max_concurrent_trials=1,
+        sampler="random",
+        space=SPACE2,
+    )
     env = child_env(COUN_TUNE_CACHE=str(root / "cc"))
     out = {"root": root, "uri": uri}
     out["first"] = run_cli(["search", "spec.yaml"], cwd=root, env={**env, TEST_SIGINT_ENV: "1"}, expect_rc=130)
     exp_dir = search_dirs(root)[0]
     client, parents, children = runs(uri, "late")
-    out["after_interrupt"] = {"parents": parents, "children": children, "exp_dir": exp_dir,
-                              "state": json.loads((exp_dir / "coun_tune_search.json").read_text()),
-                              "exported": (exp_dir / "exported_knee.yaml").exists()}
+    out["after_interrupt"] = {
+        "parents": parents,
+        "children": children,
+        "exp_dir": exp_dir,
+        "state": json.loads((exp_dir / "coun_tune_search.json").read_text()),
+        "exported": (exp_dir / "exported_knee.yaml").exists(),
+    }
     out["resumed"] = run_cli(["search", "spec.yaml", "--resume"], cwd=root, env=env)
     client, parents, children = runs(uri, "late")
     export = exp_dir / "exported_knee.yaml"
-    out["after_resume"] = {"parents": parents, "children": children, "export_mtime": export.stat().st_mtime_ns,
-                           "artifacts": sorted(a.path for a in client.list_artifacts(parents[0].info.run_id)),
-                           "state": json.loads((exp_dir / "coun_tune_search.json").read_text())}
+    out["after_resume"] = {
+        "parents": parents,
+        "children": children,
+        "export_mtime": export.stat().st_mtime_ns,
+        "artifacts": sorted(a.path for a in client.list_artifacts(parents[0].info.run_id)),
+        "state": json.loads((exp_dir / "coun_tune_search.json").read_text()),
+    }
     out["again"] = run_cli(["search", "spec.yaml", "--resume"], cwd=root, env=env)
     client, parents, children = runs(uri, "late")
-    out["after_again"] = {"parents": parents, "children": children, "export_mtime": export.stat().st_mtime_ns,
-                          "artifacts": sorted(a.path for a in client.list_artifacts(parents[0].info.run_id))}
+    out["after_again"] = {
+        "parents": parents,
+        "children": children,
+        "export_mtime": export.stat().st_mtime_ns,
+        "artifacts": sorted(a.path for a in client.list_artifacts(parents[0].info.run_id)),
+    }
     return out
 
 
@@ -137,8 +168,9 @@ def test_resume_of_a_finished_search_changes_nothing(late_ctrl_c):
     assert after["artifacts"] == before["artifacts"]
     (p0,), (p1,) = before["parents"], after["parents"]
     assert (p1.info.status, p1.info.end_time, p1.data.metrics) == (p0.info.status, p0.info.end_time, p0.data.metrics)
-    assert sorted((c.info.run_id, c.info.end_time) for c in after["children"]) == \
-        sorted((c.info.run_id, c.info.end_time) for c in before["children"])
+    assert sorted((c.info.run_id, c.info.end_time) for c in after["children"]) == sorted(
+        (c.info.run_id, c.info.end_time) for c in before["children"]
+    )
 
 
 def test_trial_progress_is_a_compact_table(late_ctrl_c):
@@ -162,16 +194,26 @@ def test_resume_refuses_a_changed_spec(late_ctrl_c, cli):
 
 # --- two searches at once ------------------------------------------------------------------
 
+
 def test_two_searches_started_at_once_on_a_fresh_store(tmp_path, prepared, session_cache_dir):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    write_spec(tmp_path / "spec.yaml", "twice", cache_dir=session_cache_dir, storage_path=tmp_path / "results",
-               tracking_uri=uri, num_samples=1, max_concurrent_trials=1, sampler="random")
+    write_spec(
+        tmp_path / "spec.yaml",
+        "twice",
+        cache_dir=session_cache_dir,
+        storage_path=tmp_path / "results",
+        tracking_uri=uri,
+        num_samples=1,
+        max_concurrent_trials=1,
+        sampler="random",
+    )
     results = {}
 
     def go(k):
         try:
-            results[k] = run_cli(["search", "spec.yaml"], cwd=tmp_path,
-                                 env=child_env(COUN_TUNE_CACHE=str(tmp_path / "cc")))
+            results[k] = run_cli(
+                ["search", "spec.yaml"], cwd=tmp_path, env=child_env(COUN_TUNE_CACHE=str(tmp_path / "cc"))
+            )
         except BaseException as e:  # pytest.fail in a thread: hand it to the test
             results[k] = e
 
@@ -194,14 +236,29 @@ def test_two_searches_started_at_once_on_a_fresh_store(tmp_path, prepared, sessi
 
 # --- a SIGKILLed driver ---------------------------------------------------------------------
 
+
 def test_the_next_search_removes_what_a_sigkilled_driver_left(tmp_path, prepared, session_cache_dir):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    write_spec(tmp_path / "spec.yaml", "killed", cache_dir=session_cache_dir, storage_path=tmp_path / "results",
-               tracking_uri=uri, num_samples=1, max_concurrent_trials=1, sampler="random")
+    write_spec(
+        tmp_path / "spec.yaml",
+        "killed",
+        cache_dir=session_cache_dir,
+        storage_path=tmp_path / "results",
+        tracking_uri=uri,
+        num_samples=1,
+        max_concurrent_trials=1,
+        sampler="random",
+    )
     env = child_env(COUN_TUNE_CACHE=str(tmp_path / "cc"))
     runs_dir = tmp_path / "cc" / "runs"
-    proc = subprocess.Popen(cli_command() + ["search", "spec.yaml"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cli_command() + ["search", "spec.yaml"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     temp_dir = None
     try:
         deadline = time.monotonic() + 240
@@ -246,13 +303,23 @@ def test_cleanup_leaves_live_runs_and_reused_pids_alone(tmp_path, monkeypatch):
     sleepers = [subprocess.Popen(["sleep", "300"]) for _ in range(3)]
     try:
         me = os.getpid()
-        live = {"driver_pid": me, "driver_start": ray_session.start_time(me), "temp_dir": str(tmp_path / "t1"),
-                "processes": [[sleepers[0].pid, ray_session.start_time(sleepers[0].pid)]]}
+        live = {
+            "driver_pid": me,
+            "driver_start": ray_session.start_time(me),
+            "temp_dir": str(tmp_path / "t1"),
+            "processes": [[sleepers[0].pid, ray_session.start_time(sleepers[0].pid)]],
+        }
         dead_driver = subprocess.Popen(["true"])
         dead_driver.wait()
-        dead = {"driver_pid": dead_driver.pid, "driver_start": 1, "temp_dir": str(tmp_path / "t2"),
-                "processes": [[sleepers[1].pid, ray_session.start_time(sleepers[1].pid)],  # ours: stopped
-                              [sleepers[2].pid, 1]]}  # same PID, other start time: a reused PID, kept
+        dead = {
+            "driver_pid": dead_driver.pid,
+            "driver_start": 1,
+            "temp_dir": str(tmp_path / "t2"),
+            "processes": [
+                [sleepers[1].pid, ray_session.start_time(sleepers[1].pid)],  # ours: stopped
+                [sleepers[2].pid, 1],
+            ],
+        }  # same PID, other start time: a reused PID, kept
         (runs_dir / "live.json").write_text(json.dumps(live))
         (runs_dir / "dead.json").write_text(json.dumps(dead))
         cleaned = ray_session.clean_dead_runs()
@@ -269,9 +336,16 @@ def test_cleanup_leaves_live_runs_and_reused_pids_alone(tmp_path, monkeypatch):
 
 # --- inputs -------------------------------------------------------------------------------
 
+
 def _spec(tmp_path: Path) -> Path:
-    return write_spec(tmp_path / "spec.yaml", "inputs", cache_dir=tmp_path / "cache", storage_path=tmp_path / "results",
-                      tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", num_samples=1)
+    return write_spec(
+        tmp_path / "spec.yaml",
+        "inputs",
+        cache_dir=tmp_path / "cache",
+        storage_path=tmp_path / "results",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        num_samples=1,
+    )
 
 
 def test_address_where_nothing_listens_fails_fast(tmp_path, cli):
@@ -297,8 +371,9 @@ def test_address_that_never_answers_times_out_with_one_line(tmp_path):
     env = child_env(COUN_TUNE_RAY_CONNECT_TIMEOUT_S="5", COUN_TUNE_CACHE=str(tmp_path / "cc"))
     try:
         t0 = time.monotonic()
-        proc = run_cli(["search", "spec.yaml", "--address", f"127.0.0.1:{port}"], cwd=tmp_path, env=env,
-                       timeout=60, expect_rc=2)
+        proc = run_cli(
+            ["search", "spec.yaml", "--address", f"127.0.0.1:{port}"], cwd=tmp_path, env=env, timeout=60, expect_rc=2
+        )
         assert time.monotonic() - t0 < 60
     finally:
         srv.close()
@@ -307,8 +382,9 @@ def test_address_that_never_answers_times_out_with_one_line(tmp_path):
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
 
 
-@pytest.mark.parametrize("command", [["search", "spec.yaml"], ["pareto", "x"], ["export", "x", "--output", "o.yaml"],
-                                     ["transfer", "x"]])
+@pytest.mark.parametrize(
+    "command", [["search", "spec.yaml"], ["pareto", "x"], ["export", "x", "--output", "o.yaml"], ["transfer", "x"]]
+)
 def test_tracking_uri_flag_is_checked_on_every_command(tmp_path, cli, command):
     _spec(tmp_path)
     one_line_error(cli([*command, "--tracking-uri", "./mlflow.db"], tmp_path), "--tracking-uri './mlflow.db'")
@@ -331,8 +407,21 @@ def test_unlearn_into_a_non_empty_directory_needs_overwrite(tmp_path, cli, sessi
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    args = ["unlearn", "--dataset", "digits", "--recipe", "tiny", "--epochs", "1", "--output", "out",
-            "--cache-dir", str(session_cache_dir), "--threads", "1"]
+    args = [
+        "unlearn",
+        "--dataset",
+        "digits",
+        "--recipe",
+        "tiny",
+        "--epochs",
+        "1",
+        "--output",
+        "out",
+        "--cache-dir",
+        str(session_cache_dir),
+        "--threads",
+        "1",
+    ]
     one_line_error(cli(args, tmp_path), "is not empty; pass --overwrite")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     proc = cli([*args, "--overwrite"], tmp_path)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("ray", "optuna", "mlflow", "sklearn")
 # Importing a blocked module raises ModuleNotFoundError; find_spec gives a spec without an origin
 # (torch._dynamo probes optional packages with find_spec and must not fail on the probe).
-BLOCKER = f'''
+BLOCKER = f"""
 import importlib.abc, importlib.machinery, sys
 class _Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
@@ -26,7 +26,7 @@ class _Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         pass
 sys.meta_path.insert(0, _Block())
-'''
+"""
 
 
 def _positive(v) -> bool:
@@ -36,13 +36,23 @@ def _positive(v) -> bool:
 def test_gpu_check_quick_on_cpu(tmp_path):
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
-    probe = subprocess.run([sys.executable, "-c", "import sklearn"], capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")))
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sklearn"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
+    )
     assert probe.returncode != 0 and "blocked on a bare GPU box" in probe.stderr  # the blocker works
     out = tmp_path / "results.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), CUDA_VISIBLE_DEVICES="")
-    run = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--quick", "--device", "cpu", "--out", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--quick", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     res = json.loads(out.read_text())
 

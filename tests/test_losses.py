@@ -29,8 +29,7 @@ def test_hand_computed_n2():
     # written out: row 0 = -log(e^2/(e^2+e^sqrt2)), row 1 = -log(e^sqrt2/(1+e^sqrt2)),
     # col 0 = -log(e^2/(e^2+1)), col 1 = log 2
     by_formula = (
-        (math.log(math.e**2 + math.exp(math.sqrt(2))) - 2)
-        + (math.log(1 + math.exp(math.sqrt(2))) - math.sqrt(2))
+        (math.log(math.e**2 + math.exp(math.sqrt(2))) - 2) + (math.log(1 + math.exp(math.sqrt(2))) - math.sqrt(2))
     ) / 2 + ((math.log(math.e**2 + 1) - 2) + math.log(2)) / 2
     assert expected == pytest.approx(by_formula, rel=1e-12)
     got = contrastive_loss(z1, z2, tau).item()
@@ -82,12 +81,15 @@ def test_gradient_flows_to_both_views():
     assert z2.grad is not None and z2.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("z1,z2", [
-    (torch.randn(4), torch.randn(4)),                # 1-d
-    (torch.randn(4, 3), torch.randn(5, 3)),          # different N
-    (torch.randn(4, 3), torch.randn(4, 2)),          # different D
-    (torch.randn(2, 3, 1), torch.randn(2, 3, 1)),    # 3-d
-])
+@pytest.mark.parametrize(
+    "z1,z2",
+    [
+        (torch.randn(4), torch.randn(4)),  # 1-d
+        (torch.randn(4, 3), torch.randn(5, 3)),  # different N
+        (torch.randn(4, 3), torch.randn(4, 2)),  # different D
+        (torch.randn(2, 3, 1), torch.randn(2, 3, 1)),  # 3-d
+    ],
+)
 def test_bad_shapes_raise(z1, z2):
     with pytest.raises(ValueError):
         contrastive_loss(z1, z2, 0.1)

@@ -54,6 +54,7 @@ class Tiny(FeatureClassifier):
 
 # ------------------------------------------------------------------ hand computations (numpy)
 
+
 def np_params(model):
     return {n: p.detach().double().numpy().copy() for n, p in model.named_parameters()}
 
@@ -82,6 +83,7 @@ def np_kl(teacher_logits, student_logits):
 
 # ------------------------------------------------------------------------------ fixtures
 
+
 def _data(seed=0):
     rng = np.random.default_rng(seed)
 
@@ -95,18 +97,32 @@ def _data(seed=0):
 @pytest.fixture
 def scen():
     retain, forget, test = _data()
-    return ScenarioData(retain=retain, forget=forget, test=test, augmenter=Augmenter(POLICY, "cpu"), num_classes=K,
-                        image_shape=(1, 2, 2), split_hash="tiny-split")
+    return ScenarioData(
+        retain=retain,
+        forget=forget,
+        test=test,
+        augmenter=Augmenter(POLICY, "cpu"),
+        num_classes=K,
+        image_shape=(1, 2, 2),
+        split_hash="tiny-split",
+    )
 
 
 def _ctx(scen, method, hparams=None, student_seed=1, teacher_seed=2, seed=0):
     """A MethodContext as the engine builds it; the student and theta_o differ (seeds 1, 2)."""
     m = get_method(method)
     ctx = MethodContext(
-        model=Tiny(student_seed).train(), original=Tiny(teacher_seed).eval().requires_grad_(False),
-        retain=scen.retain, forget=scen.forget if m.reads_forget else ForgetGuard(m.name), augmenter=scen.augmenter,
-        num_classes=K, batch_size=B, epochs=2, generator=torch.Generator().manual_seed(seed),
-        hparams=resolve_hparams(method, hparams or {}))
+        model=Tiny(student_seed).train(),
+        original=Tiny(teacher_seed).eval().requires_grad_(False),
+        retain=scen.retain,
+        forget=scen.forget if m.reads_forget else ForgetGuard(m.name),
+        augmenter=scen.augmenter,
+        num_classes=K,
+        batch_size=B,
+        epochs=2,
+        generator=torch.Generator().manual_seed(seed),
+        hparams=resolve_hparams(method, hparams or {}),
+    )
     m.prepare(ctx)
     return m, ctx
 
@@ -146,6 +162,7 @@ def _run(scen, method, hp, seed=0, **kw):
 
 
 # ------------------------------------------------------------------------ loss formulas
+
 
 def test_ft_loss_is_ce_on_view_1(scen):
     m, ctx = _ctx(scen, "ft")
@@ -255,8 +272,10 @@ def test_plugin_on_mixed_batch_uses_retain_rows_only(scen):
     r = ~b.forget
     p = np_params(ctx.model)
     ce = np_ce(np_logits(p, b.x), b.y)
-    z = np.tanh(((b.x[r].double().numpy() / 255 - MEAN) / STD).reshape(-1, 4) @ p["conv.weight"].reshape(3, 4).T
-                + p["conv.bias"])
+    z = np.tanh(
+        ((b.x[r].double().numpy() / 255 - MEAN) / STD).reshape(-1, 4) @ p["conv.weight"].reshape(3, 4).T
+        + p["conv.bias"]
+    )
     zn = z / np.linalg.norm(z, axis=1, keepdims=True)
     s = zn @ zn.T / 0.1  # no augmentation: view 2 = view 1
     ls = np_log_softmax(s)
@@ -265,6 +284,7 @@ def test_plugin_on_mixed_batch_uses_retain_rows_only(scen):
 
 
 # ------------------------------------------------------------------------------ NoT
+
 
 def test_not_negates_the_first_conv_on_a_cnn(scen):
     m, ctx = _ctx(scen, "not")
@@ -284,15 +304,30 @@ def test_not_on_vit_negates_pos_embedding_and_second_patch_embedding_layer(scen)
     # LayerNorm): CoUn's "indices 0 and 4" are pos_embedding and the Linear's weight.
     names = [n for n, _ in original.named_parameters()]
     lucidrains_order = ["pos_embedding", "cls_token"] + [n for n in names if n.startswith("patch_embed.")]
-    assert lucidrains_order[:6] == ["pos_embedding", "cls_token", "patch_embed.0.weight", "patch_embed.0.bias",
-                                    "patch_embed.1.weight", "patch_embed.1.bias"]
+    assert lucidrains_order[:6] == [
+        "pos_embedding",
+        "cls_token",
+        "patch_embed.0.weight",
+        "patch_embed.0.bias",
+        "patch_embed.1.weight",
+        "patch_embed.1.bias",
+    ]
     assert isinstance(original.patch_embed[1], nn.Linear)
     negated = {lucidrains_order[0], lucidrains_order[4]}
     model = copy.deepcopy(original).train().requires_grad_(True)
     m = get_method("not")
-    ctx = MethodContext(model=model, original=original, retain=scen.retain, forget=ForgetGuard("not"),
-                        augmenter=scen.augmenter, num_classes=K, batch_size=B, epochs=1,
-                        generator=torch.Generator().manual_seed(0), hparams=resolve_hparams("not", {}))
+    ctx = MethodContext(
+        model=model,
+        original=original,
+        retain=scen.retain,
+        forget=ForgetGuard("not"),
+        augmenter=scen.augmenter,
+        num_classes=K,
+        batch_size=B,
+        epochs=1,
+        generator=torch.Generator().manual_seed(0),
+        hparams=resolve_hparams("not", {}),
+    )
     m.prepare(ctx)
     o = dict(original.named_parameters())
     for name, p in model.named_parameters():
@@ -301,6 +336,7 @@ def test_not_on_vit_negates_pos_embedding_and_second_patch_embedding_layer(scen)
 
 
 # ------------------------------------------------------------------------------ SalUn
+
 
 def test_salun_mask_keeps_the_largest_gradients(scen):
     threshold = 0.4
@@ -340,14 +376,18 @@ def test_salun_masked_weights_stay_at_theta_o(scen):
 
 # ----------------------------------------------------------------- step counts and the lr
 
-@pytest.mark.parametrize("method,steps,forget_rows,rows", [
-    ("ft", 3, 0, 10),
-    ("ga", 1, 4, 4),              # one pass over D_u, not |D_r| / batch steps
-    ("rl", 4, 4, 14),             # one mixed pass over D_u + D_r: D_u is 4 of 14 rows
-    ("salun", 4, 4, 14),
-    ("bad_teacher", 2, 4, 7),     # D_u + 3 of D_r
-    ("neggrad_plus", 3, 0, 10),   # retain loop; its forget batch is a forward of its own
-])
+
+@pytest.mark.parametrize(
+    "method,steps,forget_rows,rows",
+    [
+        ("ft", 3, 0, 10),
+        ("ga", 1, 4, 4),  # one pass over D_u, not |D_r| / batch steps
+        ("rl", 4, 4, 14),  # one mixed pass over D_u + D_r: D_u is 4 of 14 rows
+        ("salun", 4, 4, 14),
+        ("bad_teacher", 2, 4, 7),  # D_u + 3 of D_r
+        ("neggrad_plus", 3, 0, 10),  # retain loop; its forget batch is a forward of its own
+    ],
+)
 def test_steps_per_epoch(scen, monkeypatch, method, steps, forget_rows, rows):
     rec = _recording(monkeypatch, method)
     _run(scen, method, {"epochs": 2, "lr": 1e-3 if method == "ga" else 0.05})
@@ -371,11 +411,14 @@ def _cosine(lr, floor, total):
     return [floor + (lr - floor) * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)]
 
 
-@pytest.mark.parametrize("method,lr,floor", [
-    ("ft", 0.05, 1e-4),      # the paper: cosine from lr to 1e-4
-    ("ga", 1e-5, 1e-7),      # below lr = 0.01 the floor is lr / 100, so the lr still decays
-    ("scrub", 0.02, 1e-4),   # max steps and min steps on one schedule (epoch 1: 1 + 3, then 3, 3)
-])
+@pytest.mark.parametrize(
+    "method,lr,floor",
+    [
+        ("ft", 0.05, 1e-4),  # the paper: cosine from lr to 1e-4
+        ("ga", 1e-5, 1e-7),  # below lr = 0.01 the floor is lr / 100, so the lr still decays
+        ("scrub", 0.02, 1e-4),  # max steps and min steps on one schedule (epoch 1: 1 + 3, then 3, 3)
+    ],
+)
 def test_learning_rate_at_every_step(scen, monkeypatch, method, lr, floor):
     rec = _recording(monkeypatch, method)
     _run(scen, method, {"epochs": 3, "lr": lr, "scrub_max_steps": 1} if method == "scrub" else {"epochs": 3, "lr": lr})
@@ -384,6 +427,7 @@ def test_learning_rate_at_every_step(scen, monkeypatch, method, lr, floor):
 
 
 # ------------------------------------------------------------------------------ evaluation
+
 
 class ModeAndFlipSensitive(FeatureClassifier):
     """Predicts class 0 when the left column is brighter than the right, else 1, in eval mode;
@@ -434,8 +478,13 @@ def test_mia_members_come_from_the_split_not_the_run_seed(scen):
     for seed in (0, 1):
         model, metrics = _run(scen, "ft", {"epochs": 1}, seed=seed)
         again = evaluate_scenario(model, scen)
-        for k in ("mia_efficacy", "mia_efficacy_resample_min", "mia_efficacy_resample_max", "mia_member_saturated",
-                  "mia_loss_attack_acc"):
+        for k in (
+            "mia_efficacy",
+            "mia_efficacy_resample_min",
+            "mia_efficacy_resample_max",
+            "mia_member_saturated",
+            "mia_loss_attack_acc",
+        ):
             assert metrics[k] == again[k], (seed, k)
     other = dataclasses.replace(scen, split_hash="another-split")
     from coun_tune.core.metrics import member_seed
@@ -444,6 +493,7 @@ def test_mia_members_come_from_the_split_not_the_run_seed(scen):
 
 
 # ---------------------------------------------------------------------------------- flops
+
 
 def test_flops_paper_convention_reproduces_the_papers_coun_figure():
     """8.02 PFLOPs for CoUn on CIFAR-10: 45k retain images x 40 epochs x two views, each view
@@ -455,14 +505,17 @@ def test_flops_paper_convention_reproduces_the_papers_coun_figure():
     assert ft["flops"] == pytest.approx(4.01e15, rel=2e-3)  # FT at equal epochs: half CoUn's
 
 
-@pytest.mark.parametrize("method,hp,trained,forward_only", [
-    ("ft", {}, 10, 0),
-    ("coun", {}, 20, 0),                                   # two views
-    ("ga", {"lr": 1e-3}, 4, 0),
-    ("neggrad_plus", {}, 10 + 3 * 4, 0),                   # each retain step: a forget batch of 4
-    ("scrub", {"scrub_max_steps": 1}, 14, 14),             # epoch 1: 4 max + 10 min rows, teacher on each
-    ("bad_teacher", {}, 7, 14),                            # two teachers on each mixed row
-])
+@pytest.mark.parametrize(
+    "method,hp,trained,forward_only",
+    [
+        ("ft", {}, 10, 0),
+        ("coun", {}, 20, 0),  # two views
+        ("ga", {"lr": 1e-3}, 4, 0),
+        ("neggrad_plus", {}, 10 + 3 * 4, 0),  # each retain step: a forget batch of 4
+        ("scrub", {"scrub_max_steps": 1}, 14, 14),  # epoch 1: 4 max + 10 min rows, teacher on each
+        ("bad_teacher", {}, 7, 14),  # two teachers on each mixed row
+    ],
+)
 def test_flops_hand_counted(scen, method, hp, trained, forward_only):
     macs = 3 * 4 + 3 * K  # conv: 3 outputs x (2 x 2 x 1); fc: 3 x 3
     _, metrics = _run(scen, method, {"epochs": 1, **hp})

@@ -60,8 +60,9 @@ def _run(small, method, cl):
     """The uninterrupted 2-epoch run (cached: the SalUn test reuses it) and its epoch-1 checkpoint."""
     if (method, cl) not in _RUNS:
         ckpts = {}
-        model, metrics = _unlearn(small, method, cl,
-                                  on_epoch=lambda e, m, make: ckpts.__setitem__(e, copy.deepcopy(make())))
+        model, metrics = _unlearn(
+            small, method, cl, on_epoch=lambda e, m, make: ckpts.__setitem__(e, copy.deepcopy(make()))
+        )
         _RUNS[method, cl] = (model, metrics, ckpts[1])
     return _RUNS[method, cl]
 
@@ -103,11 +104,17 @@ def _context(small, method, hparams):
     scen, original = small
     m = get_method(method)
     ctx = MethodContext(
-        model=copy.deepcopy(original).train().requires_grad_(True), original=copy.deepcopy(original).eval().requires_grad_(False),
-        retain=scen.retain, forget=scen.forget if m.reads_forget else ForgetGuard(m.name),
-        augmenter=_Recorder(scen.augmenter), num_classes=scen.num_classes, batch_size=BATCH, epochs=2,
+        model=copy.deepcopy(original).train().requires_grad_(True),
+        original=copy.deepcopy(original).eval().requires_grad_(False),
+        retain=scen.retain,
+        forget=scen.forget if m.reads_forget else ForgetGuard(m.name),
+        augmenter=_Recorder(scen.augmenter),
+        num_classes=scen.num_classes,
+        batch_size=BATCH,
+        epochs=2,
         generator=torch.Generator().manual_seed(SEED),
-        hparams=resolve_hparams(method, hparams))
+        hparams=resolve_hparams(method, hparams),
+    )
     m.prepare(ctx)
     return m, ctx
 

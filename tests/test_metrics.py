@@ -7,8 +7,8 @@ import pytest
 
 from coun_tune.core.metrics import GAP_OF, gaps, loss_attack_accuracy, mia_metrics, svc_mia_efficacy
 
-
 # ------------------------------------------------------------------------------ SVC MIA
+
 
 @pytest.fixture(scope="module")
 def separated():
@@ -37,6 +37,7 @@ def test_svc_mia_is_a_fraction_of_the_forget_set(separated):
 
 
 # ------------------------------------------------------------------------ loss attack
+
 
 def test_loss_attack_perfectly_separated_is_100():
     assert loss_attack_accuracy(np.array([0.1, 0.2, 0.3]), np.array([1.0, 2.0, 3.0]), seed=0) == pytest.approx(100.0)
@@ -119,11 +120,16 @@ def test_gaps_without_mia_omit_mia_and_avg():
 
 
 def test_gap_names():
-    assert GAP_OF == {"retain_gap": "retain_acc", "forget_gap": "unlearn_acc", "test_gap": "test_acc",
-                      "mia_gap": "mia_efficacy"}
+    assert GAP_OF == {
+        "retain_gap": "retain_acc",
+        "forget_gap": "unlearn_acc",
+        "test_gap": "test_acc",
+        "mia_gap": "mia_efficacy",
+    }
 
 
 # ------------------------------------------------------------------------- mia_metrics
+
 
 def test_mia_metrics_saturation_fractions():
     # 10 retain, 10 test: the member subset is all of retain. 0.999 itself is not "above".

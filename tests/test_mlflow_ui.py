@@ -22,8 +22,7 @@ from tests._browser import (
     tiny_search,
 )
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(chromium_missing() is not None, reason=chromium_missing() or "")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(chromium_missing() is not None, reason=chromium_missing() or "")]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +66,11 @@ def test_parent_description_links_the_front(served):
     parent = served["parent"]
     front_ids = [r.info.run_id for r in served["trials"] if r.data.metrics["is_pareto"] == 1.0]
     with browser() as b:
-        page = open_page(b, f"{served['base']}/#/experiments/{served['exp']}/runs/{parent.info.run_id}"
-                            "?workflowType=machine_learning", "Pareto front")
+        page = open_page(
+            b,
+            f"{served['base']}/#/experiments/{served['exp']}/runs/{parent.info.run_id}?workflowType=machine_learning",
+            "Pareto front",
+        )
         more = page.get_by_text("Show more", exact=True)
         if more.count():
             more.first.click()
@@ -83,7 +85,11 @@ def test_parent_description_links_the_front(served):
 def test_pareto_plot_artifact_loads(served):
     parent = served["parent"].info.run_id
     with browser() as b:
-        page = open_page(b, f"{served['base']}/#/experiments/{served['exp']}/runs/{parent}/artifacts/pareto.png"
-                            "?workflowType=machine_learning", "pareto.png")
+        page = open_page(
+            b,
+            f"{served['base']}/#/experiments/{served['exp']}/runs/{parent}/artifacts/pareto.png"
+            "?workflowType=machine_learning",
+            "pareto.png",
+        )
         assert image_loaded(page)
         assert re.search(r"trials\.json", page.inner_text("body"))  # the trials table beside it

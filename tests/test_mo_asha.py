@@ -52,10 +52,10 @@ def test_priority_by_rank_then_crowding_by_hand():
 def test_asynchronous_decisions_at_a_rung():
     s = RungDecisions(GAP_ACC, grace_epochs=1, reduction_factor=3)
     assert report(s, "A", 1, 5, 90) == CONTINUE  # alone at the rung: keep ceil(1/3) = 1
-    assert report(s, "B", 1, 6, 89) == STOP      # dominated by A; n=2, keep 1, B is 2nd
+    assert report(s, "B", 1, 6, 89) == STOP  # dominated by A; n=2, keep 1, B is 2nd
     assert report(s, "C", 1, 1, 95) == CONTINUE  # dominates A; n=3, keep 1, C is 1st
     assert report(s, "D", 1, 2, 99) == CONTINUE  # on the front with C (both extremes, tie); n=4, keep 2
-    assert report(s, "E", 1, 3, 97) == STOP      # dominated by D: rank 1, two ahead; n=5, keep 2
+    assert report(s, "E", 1, 3, 97) == STOP  # dominated by D: rank 1, two ahead; n=5, keep 2
     # A arrived first and continued: later arrivals never revoke a decision (asynchronous)
     assert s.decided[1]["A"] == CONTINUE
     # epochs between rungs always continue
@@ -79,11 +79,11 @@ def test_modes_decide_the_direction():
 def test_ties_on_the_front_are_broken_by_crowding_distance():
     s = RungDecisions({"forget_gap": "min", "test_gap": "min"}, grace_epochs=1, reduction_factor=2)
     at = lambda t, a, b: s.on_result(t, 1, {"forget_gap": a, "test_gap": b}, 4)  # noqa: E731
-    assert at("P5", 20, 20) == CONTINUE   # alone
-    assert at("P6", 30, 30) == STOP       # dominated; n=2, keep 1
-    assert at("P1", 0, 10) == CONTINUE    # front {P1}; n=3, keep 2
-    assert at("P2", 10, 0) == CONTINUE    # front {P1, P2}, both extremes; n=4, keep 2
-    assert at("P4", 5, 5) == CONTINUE     # front {P1, P4, P2}: P4 crowding 1 + 1, two ahead; n=5, keep 3
+    assert at("P5", 20, 20) == CONTINUE  # alone
+    assert at("P6", 30, 30) == STOP  # dominated; n=2, keep 1
+    assert at("P1", 0, 10) == CONTINUE  # front {P1}; n=3, keep 2
+    assert at("P2", 10, 0) == CONTINUE  # front {P1, P2}, both extremes; n=4, keep 2
+    assert at("P4", 5, 5) == CONTINUE  # front {P1, P4, P2}: P4 crowding 1 + 1, two ahead; n=5, keep 3
     # P3 is on the front too, but crowded: 1.0 against P4's 1.8 -> three ahead; n=6, keep 3
     assert at("P3", 1, 9) == STOP
 
@@ -95,7 +95,7 @@ def test_a_trial_whose_budget_ends_before_the_next_rung_completes():
     # a trial whose last epoch is a rung completes even when it ranks last, and counts there:
     assert report(s, "W", 3, 9, 50, planned=3) == CONTINUE
     assert report(s, "X", 3, 8, 60, planned=9) == CONTINUE  # beats W; n=2, keep 1
-    assert report(s, "Y", 3, 9.5, 40, planned=9) == STOP     # below X and W; n=3, keep 1
+    assert report(s, "Y", 3, 9.5, 40, planned=9) == STOP  # below X and W; n=3, keep 1
 
 
 def test_a_repeated_report_gets_the_same_answer():
@@ -118,8 +118,13 @@ def test_tune_glue_returns_tune_decisions_and_resumes_from_its_state_file(tmp_pa
     state = tmp_path / "mo_asha.json"
     sched = MOASHA(GAP_ACC, grace_epochs=1, reduction_factor=3, state_path=str(state))
     trial = lambda tid: SimpleNamespace(trial_id=tid)  # noqa: E731
-    res = lambda e, gap, acc, planned=5: {"epoch": e, "epochs_planned": planned, "forget_gap": gap,  # noqa: E731
-                                          "retain_acc": acc, "training_iteration": e}
+    res = lambda e, gap, acc, planned=5: {
+        "epoch": e,
+        "epochs_planned": planned,
+        "forget_gap": gap,  # noqa: E731
+        "retain_acc": acc,
+        "training_iteration": e,
+    }
     assert sched.set_search_properties(None, None)
     assert sched.on_trial_result(None, trial("a"), res(1, 1, 99)) == MOASHA.CONTINUE
     assert sched.on_trial_result(None, trial("b"), res(1, 2, 98)) == MOASHA.STOP
@@ -161,6 +166,7 @@ def brute_force_continues(points: list[tuple[float, float]], eta: int) -> list[b
     """Independent re-derivation of the rung rule for points arriving one by one (avg_gap min,
     retain_acc max): pairwise dominance peeled into fronts, NSGA-II crowding inside the front,
     continue iff fewer than ceil(n / eta) points rank strictly ahead."""
+
     def dominates(a, b):
         return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
 
@@ -203,8 +209,14 @@ def test_a_search_with_mo_asha_prunes_honestly(tmp_path):
 
     (tmp_path / "spec.yaml").write_text(E2E_SPEC.format(root=tmp_path))
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "coun_tune", "search", "spec.yaml"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "coun_tune", "search", "spec.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -217,8 +229,13 @@ def test_a_search_with_mo_asha_prunes_honestly(tmp_path):
         return [m.step for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
     # one trial at a time, so the arrival order at the epoch-1 rung is the start order
-    at_rung = [tuple(next(m.value for m in client.get_metric_history(t.info.run_id, k) if m.step == 1)
-                     for k in ("avg_gap", "retain_acc")) for t in trials]
+    at_rung = [
+        tuple(
+            next(m.value for m in client.get_metric_history(t.info.run_id, k) if m.step == 1)
+            for k in ("avg_gap", "retain_acc")
+        )
+        for t in trials
+    ]
     expected = brute_force_continues(at_rung, eta=3)
     assert [t.info.status for t in trials] == ["FINISHED" if c else "KILLED" for c in expected]
     pruned = [t for t in trials if t.info.status == "KILLED"]

@@ -47,8 +47,11 @@ def test_hypervolume_ignores_points_beyond_reference():
 
 
 def test_reference_point_percent_and_other():
-    ref = pareto.reference_point(["forget_gap", "retain_acc", "wall_seconds"], ["min", "max", "min"],
-                                 np.array([[1.0, 90.0, 10.0], [2.0, 95.0, 20.0]]))
+    ref = pareto.reference_point(
+        ["forget_gap", "retain_acc", "wall_seconds"],
+        ["min", "max", "min"],
+        np.array([[1.0, 90.0, 10.0], [2.0, 95.0, 20.0]]),
+    )
     assert ref.tolist() == pytest.approx([100.0, 0.0, 22.0])
 
 
@@ -58,12 +61,23 @@ def test_knee_is_balanced_point():
     assert pareto.knee_index(v, MODES) == 1
 
 
-@pytest.mark.parametrize("pick,expected", [
-    ("knee", 1), ("best:forget_gap", 0), ("best:retain_acc", 2), ("retain_acc>=99", 2), ("forget_gap<=1", 0),
-])
+@pytest.mark.parametrize(
+    "pick,expected",
+    [
+        ("knee", 1),
+        ("best:forget_gap", 0),
+        ("best:retain_acc", 2),
+        ("retain_acc>=99", 2),
+        ("forget_gap<=1", 0),
+    ],
+)
 def test_pick_index(pick, expected):
-    rows = [{"forget_gap": 0.0, "retain_acc": 80.0}, {"forget_gap": 1.5, "retain_acc": 95.0},
-            {"forget_gap": 5.0, "retain_acc": 100.0}, {"forget_gap": 6.0, "retain_acc": 90.0}]
+    rows = [
+        {"forget_gap": 0.0, "retain_acc": 80.0},
+        {"forget_gap": 1.5, "retain_acc": 95.0},
+        {"forget_gap": 5.0, "retain_acc": 100.0},
+        {"forget_gap": 6.0, "retain_acc": 90.0},
+    ]
     assert pareto.pick_index(rows, {"forget_gap": "min", "retain_acc": "max"}, pick) == expected
 
 

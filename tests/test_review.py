@@ -33,8 +33,9 @@ def reviewed(tmp_path_factory):
     from coun_tune.tracking.review import review_pareto
 
     root = tmp_path_factory.mktemp("review")
-    uri, client, parent, runs = make_search(root, [{"forget_gap": f, "retain_acc": r} for f, r in TRIALS],
-                                            name="reviewed", with_models=False)
+    uri, client, parent, runs = make_search(
+        root, [{"forget_gap": f, "retain_acc": r} for f, r in TRIALS], name="reviewed", with_models=False
+    )
     out = io.StringIO()
     review_pareto(client, parent, out=out)
     review_pareto(client, parent, out=io.StringIO())  # again (as `coun-tune pareto` would): idempotent
@@ -59,8 +60,10 @@ def test_hypervolume_normalised_against_hand_computation(reviewed):
     assert m["hypervolume_raw"] == pytest.approx(9923.0)
     assert m["hypervolume"] == pytest.approx(0.9923)
     assert m["pareto_size"] == 4
-    assert json.loads(client.get_run(parent).data.tags["hypervolume_reference"]) == {"forget_gap": 100.0,
-                                                                                    "retain_acc": 0.0}
+    assert json.loads(client.get_run(parent).data.tags["hypervolume_reference"]) == {
+        "forget_gap": 100.0,
+        "retain_acc": 0.0,
+    }
 
 
 def test_original_and_oracle_are_baseline_runs_under_the_search(reviewed):
@@ -68,8 +71,9 @@ def test_original_and_oracle_are_baseline_runs_under_the_search(reviewed):
 
     uri, client, parent, runs, _ = reviewed
     exp = client.get_run(parent).info.experiment_id
-    base = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' "
-                                                   "and tags.`coun_tune.role` = 'baseline'")
+    base = client.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`coun_tune.role` = 'baseline'"
+    )
     assert sorted(b.data.tags["coun_tune.baseline"] for b in base) == ["oracle", "original"]  # once, after 2 reviews
     by = {b.data.tags["coun_tune.baseline"]: b.data for b in base}
     # original forget_acc 100 vs the oracle's 90 -> forget_gap 10; the oracle's own gaps are 0

@@ -13,8 +13,13 @@ from coun_tune.config.search_spec import validate_search_spec
 from coun_tune.errors import UsageError
 from coun_tune.search.plan import SEARCH_STATE, SearchState, claim_search_dir, latest_search, spec_hash
 
-DOC = {"name": "p", "scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0, "recipe": "tiny"},
-       "method": "coun", "space": {"temperature": {"log": [0.03, 0.3]}, "epochs": 1}, "num_samples": 2}
+DOC = {
+    "name": "p",
+    "scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0, "recipe": "tiny"},
+    "method": "coun",
+    "space": {"temperature": {"log": [0.03, 0.3]}, "epochs": 1},
+    "num_samples": 2,
+}
 
 
 def test_searches_started_at_once_get_their_own_directories(tmp_path, monkeypatch):
@@ -37,12 +42,20 @@ def test_searches_started_at_once_get_their_own_directories(tmp_path, monkeypatc
     assert not errors and len(got) == 8 and len(set(got)) == 8
     assert sorted(Path(g).name for g in got) == sorted(p.name for p in tmp_path.iterdir())
     assert sorted(Path(g).name for g in got) == sorted(
-        ["p_20260101-120000"] + [f"p_20260101-120000-{k}" for k in range(2, 9)])
+        ["p_20260101-120000"] + [f"p_20260101-120000-{k}" for k in range(2, 9)]
+    )
 
 
 def test_resume_finds_the_latest_search_of_its_spec(tmp_path):
-    for name in ("p_20260101-000000", "p_20260101-000000-2", "p_20260101-000000-10", "p_20251231-235959",
-                 "p_x_20270101-000000", "pp_20270101-000000", "p_20270101-000000"):
+    for name in (
+        "p_20260101-000000",
+        "p_20260101-000000-2",
+        "p_20260101-000000-10",
+        "p_20251231-235959",
+        "p_x_20270101-000000",
+        "pp_20270101-000000",
+        "p_20270101-000000",
+    ):
         (tmp_path / name).mkdir()
         if name != "p_20270101-000000":  # the newest has no state yet (its start failed): skipped
             (tmp_path / name / SEARCH_STATE).write_text("{}")
@@ -70,11 +83,20 @@ def test_spec_hash_ignores_layout_and_sees_every_value():
 
 
 def test_cluster_storage_fields():
-    spec = validate_search_spec({**DOC, "storage_path": "s3://bucket/searches", "cache_dir": "s3://bucket/cache",
-                                 "storage_endpoint": "http://127.0.0.1:9000",
-                                 "scheduler": {"type": "mo_asha", "grace_epochs": 2}})
-    assert (spec.storage_path, spec.cache_dir, spec.storage_endpoint) == \
-        ("s3://bucket/searches", "s3://bucket/cache", "http://127.0.0.1:9000")
+    spec = validate_search_spec(
+        {
+            **DOC,
+            "storage_path": "s3://bucket/searches",
+            "cache_dir": "s3://bucket/cache",
+            "storage_endpoint": "http://127.0.0.1:9000",
+            "scheduler": {"type": "mo_asha", "grace_epochs": 2},
+        }
+    )
+    assert (spec.storage_path, spec.cache_dir, spec.storage_endpoint) == (
+        "s3://bucket/searches",
+        "s3://bucket/cache",
+        "http://127.0.0.1:9000",
+    )
     assert spec.scheduler == {"type": "mo_asha", "grace_epochs": 2, "reduction_factor": 2}
     plain = validate_search_spec(dict(DOC))
     assert plain.scheduler is None and plain.storage_endpoint is None and plain.cache_dir is None

@@ -1,8 +1,6 @@
 """Scenarios beyond random forgetting: class-wise, sequential; and the digits claim that CoUn
 moves the forget gap towards the oracle's."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -12,8 +10,13 @@ from coun_tune.core.splits import sequential_splits
 
 
 def test_classwise_oracle_has_ua_and_mia_100(digits, session_cache_dir):
-    prep = prepare(Scenario(dataset="digits", forget="class:3", seed=0, recipe="tiny"), session_cache_dir,
-                   "cpu", log=lambda s: None, data=digits)
+    prep = prepare(
+        Scenario(dataset="digits", forget="class:3", seed=0, recipe="tiny"),
+        session_cache_dir,
+        "cpu",
+        log=lambda s: None,
+        data=digits,
+    )
     assert set(digits.train_y[prep.split.forget_idx]) == {3}
     assert 3 not in set(digits.test_y[prep.split.test_idx])  # the forgotten class leaves the test set
     assert prep.base.oracle_metrics["unlearn_acc"] == 100.0
@@ -22,8 +25,13 @@ def test_classwise_oracle_has_ua_and_mia_100(digits, session_cache_dir):
 
 
 def test_original_is_shared_across_forget_specs(digits, session_cache_dir, prepared):
-    other = prepare(Scenario(dataset="digits", forget="random:0.2", seed=0, recipe="tiny"), session_cache_dir,
-                    "cpu", log=lambda s: None, data=digits)
+    other = prepare(
+        Scenario(dataset="digits", forget="random:0.2", seed=0, recipe="tiny"),
+        session_cache_dir,
+        "cpu",
+        log=lambda s: None,
+        data=digits,
+    )
     assert other.base.from_cache["original"]  # trained on all of D: one original per dataset/recipe/seed
     assert other.base.cache_entries["original"] == prepared.base.cache_entries["original"]
     assert other.base.cache_entries["oracle"] != prepared.base.cache_entries["oracle"]
@@ -55,14 +63,17 @@ def test_sequential_requests_are_disjoint_and_retain_is_the_rest(digits, tmp_pat
 
 def test_sequential_unlearning_measures_each_request_against_its_oracle(digits, session_cache_dir):
     scen = Scenario(dataset="digits", forget=("random:0.05", "random:0.05"), seed=0, recipe="tiny")
-    model, records = unlearn_sequential(scen, "coun", {"epochs": 1}, cache_dir=session_cache_dir, device="cpu",
-                                        log=lambda s: None, data=digits)
+    model, records = unlearn_sequential(
+        scen, "coun", {"epochs": 1}, cache_dir=session_cache_dir, device="cpu", log=lambda s: None, data=digits
+    )
     assert [r["request"] for r in records] == [1, 2]
     assert records[1]["num_forget"] > records[0]["num_forget"]
     assert records[0]["split_hash"] != records[1]["split_hash"]
     for r in records:
         assert np.isfinite(r["unlearned"]["avg_gap"])
-        assert r["unlearned"]["forget_gap"] == pytest.approx(abs(r["unlearned"]["unlearn_acc"] - r["oracle"]["unlearn_acc"]))
+        assert r["unlearned"]["forget_gap"] == pytest.approx(
+            abs(r["unlearned"]["unlearn_acc"] - r["oracle"]["unlearn_acc"])
+        )
 
 
 def test_coun_beats_the_original_gaps_on_digits_half(tmp_path_factory):
@@ -88,11 +99,25 @@ def test_oracle_seed_spread_is_the_gap_between_retrained_oracles(prepared, sessi
     from coun_tune.core.base_models import ensure_base_models, oracle_seed_spread
     from coun_tune.core.metrics import gaps
 
-    args = (digits, prepared.split, prepared.scenario, prepared.scen_data, session_cache_dir, prepared.base.oracle_metrics)
+    args = (
+        digits,
+        prepared.split,
+        prepared.scenario,
+        prepared.scen_data,
+        session_cache_dir,
+        prepared.base.oracle_metrics,
+    )
     assert oracle_seed_spread(*args, 1, log=lambda s: None) == {}
     noise = oracle_seed_spread(*args, 2, log=lambda s: None)
-    other = ensure_base_models(digits, prepared.split, Scenario(**{**prepared.scenario.to_dict(), "seed": 1}),
-                               prepared.scen_data, session_cache_dir, lambda s: None, roles=("oracle",))
+    other = ensure_base_models(
+        digits,
+        prepared.split,
+        Scenario(**{**prepared.scenario.to_dict(), "seed": 1}),
+        prepared.scen_data,
+        session_cache_dir,
+        lambda s: None,
+        roles=("oracle",),
+    )
     assert other.from_cache["oracle"]  # trained by the spread, cached like any oracle
     expected = gaps(other.oracle_metrics, prepared.base.oracle_metrics)
     assert noise["oracle_noise_avg_gap"] == pytest.approx(expected["avg_gap"])

@@ -47,7 +47,7 @@ from coun_tune.search.plan import SEARCH_STATE
 from coun_tune.search.progress import TEST_SIGINT_ENV
 
 NUM_SAMPLES = 4
-NODE_MEMORY = 2 * 1024**3          # each `ray start` would otherwise claim the machine's memory
+NODE_MEMORY = 2 * 1024**3  # each `ray start` would otherwise claim the machine's memory
 NODE_OBJECT_STORE = 100 * 1024**2
 
 pytest_plugins = ["_s3_helpers"]  # the moto server fixtures: s3_server, s3_env
@@ -60,8 +60,15 @@ def _ray_exe() -> str:
 
 
 def _ray_start(args: list[str], env: dict, sessions: list[int], timeout: float = 120, cwd: Path | None = None) -> str:
-    proc = subprocess.Popen([_ray_exe(), "start", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [_ray_exe(), "start", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     sessions.append(proc.pid)  # its daemons keep this session id after `ray start` exits
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -86,17 +93,56 @@ def ray_cluster(base: Path, node_envs: dict[str, dict], node_cwds: dict[str, Pat
     # Short temp dirs: Ray puts Unix sockets under them (108-byte path limit).
     head_tmp, worker_tmp = base / "h", base / "w"
     gcs, agent_h, agent_w, metrics_h, metrics_w = free_ports(5)
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "1", "--memory", str(NODE_MEMORY),
-              "--object-store-memory", str(NODE_OBJECT_STORE), "--disable-usage-stats"]
+    common = [
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        "1",
+        "--num-gpus",
+        "1",
+        "--memory",
+        str(NODE_MEMORY),
+        "--object-store-memory",
+        str(NODE_OBJECT_STORE),
+        "--disable-usage-stats",
+    ]
     cwds = node_cwds or {}
     sessions: list[int] = []
     try:
-        _ray_start(["--head", "--port", str(gcs), "--include-dashboard=false",
-                    "--dashboard-agent-listen-port", str(agent_h), "--metrics-export-port", str(metrics_h),
-                    "--temp-dir", str(head_tmp), *common], node_envs["head"], sessions, cwd=cwds.get("head"))
-        _ray_start(["--address", f"127.0.0.1:{gcs}", "--dashboard-agent-listen-port", str(agent_w),
-                    "--metrics-export-port", str(metrics_w), "--temp-dir", str(worker_tmp), *common],
-                   node_envs["worker"], sessions, cwd=cwds.get("worker"))
+        _ray_start(
+            [
+                "--head",
+                "--port",
+                str(gcs),
+                "--include-dashboard=false",
+                "--dashboard-agent-listen-port",
+                str(agent_h),
+                "--metrics-export-port",
+                str(metrics_h),
+                "--temp-dir",
+                str(head_tmp),
+                *common,
+            ],
+            node_envs["head"],
+            sessions,
+            cwd=cwds.get("head"),
+        )
+        _ray_start(
+            [
+                "--address",
+                f"127.0.0.1:{gcs}",
+                "--dashboard-agent-listen-port",
+                str(agent_w),
+                "--metrics-export-port",
+                str(metrics_w),
+                "--temp-dir",
+                str(worker_tmp),
+                *common,
+            ],
+            node_envs["worker"],
+            sessions,
+            cwd=cwds.get("worker"),
+        )
         for d in (head_tmp, worker_tmp):
             assert _raylet_running(d), f"no raylet running with temp dir {d}"
         yield {"address": f"127.0.0.1:{gcs}", "nodes": {"head": head_tmp, "worker": worker_tmp}}
@@ -129,18 +175,21 @@ def _our_pids(base: Path, sessions: list[int]) -> list[int]:
 def _trial_runs(runs: list, parent_id: str) -> list:
     """The parent's trial runs; fails unless every run of the experiment is the parent, one of
     them, or one of the two baseline runs (original, oracle) the review adds once."""
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id
-              and r.data.tags.get("coun_tune.role") == "trial"]
-    baselines = sorted(r.data.tags.get("coun_tune.baseline", "") for r in runs
-                       if r.data.tags.get("coun_tune.role") == "baseline")
+    trials = [
+        r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent_id and r.data.tags.get("coun_tune.role") == "trial"
+    ]
+    baselines = sorted(
+        r.data.tags.get("coun_tune.baseline", "") for r in runs if r.data.tags.get("coun_tune.role") == "baseline"
+    )
     assert baselines == ["oracle", "original"], baselines
     assert len(runs) == 1 + len(trials) + len(baselines)
     return trials
 
 
 def _node_of_pid(pid: int, nodes: dict[str, Path]) -> str | None:
-    found = [name for name, tmp in nodes.items()
-             if any(tmp.glob(f"session_*/logs/python-core-worker-*_{pid}.log"))]
+    found = [name for name, tmp in nodes.items() if any(tmp.glob(f"session_*/logs/python-core-worker-*_{pid}.log"))]
     return found[0] if len(found) == 1 else None
 
 
@@ -151,14 +200,25 @@ def test_search_spreads_over_two_ray_nodes(two_node_cluster, tmp_path):
     name = "cluster_search"
     db = tmp_path / "mlflow.db"
     storage = tmp_path / "results"
-    spec = write_spec(tmp_path / "spec.yaml", name, cache_dir=tmp_path / "cache", storage_path=storage,
-                      tracking_uri=f"sqlite:///{db}", num_samples=NUM_SAMPLES, max_concurrent_trials=2,
-                      # each node declares one (fake) GPU: trials ask for half of one, as the
-                      # CIFAR specs do; inside a trial torch sees no CUDA and trains on the CPU
-                      resources_per_trial={"cpu": 1, "gpu": 0.5})
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        cache_dir=tmp_path / "cache",
+        storage_path=storage,
+        tracking_uri=f"sqlite:///{db}",
+        num_samples=NUM_SAMPLES,
+        max_concurrent_trials=2,
+        # each node declares one (fake) GPU: trials ask for half of one, as the
+        # CIFAR specs do; inside a trial torch sees no CUDA and trains on the CPU
+        resources_per_trial={"cpu": 1, "gpu": 0.5},
+    )
     t0 = time.monotonic()
-    run_cli(["search", str(spec), "--address", two_node_cluster["address"]], cwd=tmp_path,
-            env=two_node_cluster["env"], timeout=600)  # minutes when the cores are shared
+    run_cli(
+        ["search", str(spec), "--address", two_node_cluster["address"]],
+        cwd=tmp_path,
+        env=two_node_cluster["env"],
+        timeout=600,
+    )  # minutes when the cores are shared
     search_s = time.monotonic() - t0
 
     # where each trial ran
@@ -194,8 +254,11 @@ def test_search_spreads_over_two_ray_nodes(two_node_cluster, tmp_path):
 
 S3_SAMPLES = 3
 BUCKET = "coun-tune-test"
-EPOCH_LINE = re.compile(r"^(original|oracle): epoch (\d+)/(\d+)  loss \d+\.\d{4}  train_acc \d+\.\d\d%  "
-                        r"\d+\.\d s/epoch  ETA \S+$", re.M)
+EPOCH_LINE = re.compile(
+    r"^(original|oracle): epoch (\d+)/(\d+)  loss \d+\.\d{4}  train_acc \d+\.\d\d%  "
+    r"\d+\.\d s/epoch  ETA \S+$",
+    re.M,
+)
 
 
 def _healthy(url: str) -> bool:
@@ -216,15 +279,35 @@ def mlflow_server_on_s3(root: Path, aws: dict, artifacts: str):
     env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **aws)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'srv.db'}",
-             "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'srv.db'}",
+                "--artifacts-destination",
+                artifacts,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while not _healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy (exit {proc.poll()}):\n"
-                            f"{log_path.read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"mlflow server not healthy (exit {proc.poll()}):\n{log_path.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.5)
         yield url
     finally:
@@ -241,8 +324,14 @@ def _bucket(endpoint: str):
     """An S3 client of this test's own (pyarrow, not coun_tune.core.storage)."""
     from pyarrow import fs
 
-    return fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[1], scheme="http", access_key="testing",
-                           secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+    return fs.S3FileSystem(
+        endpoint_override=endpoint.split("://", 1)[1],
+        scheme="http",
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
 
 
 def _local_files(d: Path) -> list[str]:
@@ -262,13 +351,19 @@ def test_search_on_s3_across_two_nodes_with_nothing_shared(s3_server, tmp_path):
     s3.create_dir(BUCKET)
     creds = {k: v for k, v in aws.items() if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     base = Path(tempfile.mkdtemp(prefix="cts-", dir="/tmp"))
-    local = {n: {"cache": base / n / "cache", "cwd": base / n / "cwd", "tmp": base / n / "tmp"}
-             for n in ("head", "worker", "driver")}
+    local = {
+        n: {"cache": base / n / "cache", "cwd": base / n / "cwd", "tmp": base / n / "tmp"}
+        for n in ("head", "worker", "driver")
+    }
     for dirs in local.values():
         for d in dirs.values():
             d.mkdir(parents=True)
-    node_env = {n: child_env(RAY_AUTH_MODE="token", COUN_TUNE_CACHE=str(local[n]["cache"]), TMPDIR=str(local[n]["tmp"]),
-                             **creds) for n in local}
+    node_env = {
+        n: child_env(
+            RAY_AUTH_MODE="token", COUN_TUNE_CACHE=str(local[n]["cache"]), TMPDIR=str(local[n]["tmp"]), **creds
+        )
+        for n in local
+    }
     for env in node_env.values():
         for k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
             env.pop(k, None)
@@ -283,16 +378,34 @@ def test_search_on_s3_across_two_nodes_with_nothing_shared(s3_server, tmp_path):
 def _s3_search_checks(s3, base, local, node_env, endpoint, aws, tmp_path, name, t0):
     from mlflow.tracking import MlflowClient
 
-    with mlflow_server_on_s3(tmp_path, aws, f"s3://{BUCKET}/mlflow") as tracking, \
-            ray_cluster(base, {"head": node_env["head"], "worker": node_env["worker"]},
-                        {"head": local["head"]["cwd"], "worker": local["worker"]["cwd"]}) as cluster:
-        spec = write_spec(local["driver"]["cwd"] / "spec.yaml", name, cache_dir=f"s3://{BUCKET}/cache",
-                          storage_path=f"s3://{BUCKET}/results", tracking_uri=tracking, num_samples=S3_SAMPLES,
-                          max_concurrent_trials=2, sampler="random", space={**SPACE, "epochs": 2},
-                          storage_endpoint=endpoint)
+    with (
+        mlflow_server_on_s3(tmp_path, aws, f"s3://{BUCKET}/mlflow") as tracking,
+        ray_cluster(
+            base,
+            {"head": node_env["head"], "worker": node_env["worker"]},
+            {"head": local["head"]["cwd"], "worker": local["worker"]["cwd"]},
+        ) as cluster,
+    ):
+        spec = write_spec(
+            local["driver"]["cwd"] / "spec.yaml",
+            name,
+            cache_dir=f"s3://{BUCKET}/cache",
+            storage_path=f"s3://{BUCKET}/results",
+            tracking_uri=tracking,
+            num_samples=S3_SAMPLES,
+            max_concurrent_trials=2,
+            sampler="random",
+            space={**SPACE, "epochs": 2},
+            storage_endpoint=endpoint,
+        )
         args = ["search", str(spec), "--address", cluster["address"]]
-        first = run_cli(args, cwd=local["driver"]["cwd"], env={**node_env["driver"], TEST_SIGINT_ENV: "1"},
-                        timeout=420, expect_rc=130)
+        first = run_cli(
+            args,
+            cwd=local["driver"]["cwd"],
+            env={**node_env["driver"], TEST_SIGINT_ENV: "1"},
+            timeout=420,
+            expect_rc=130,
+        )
         keys = _objects(s3, f"{BUCKET}/results")
         (state_key,) = [k for k in keys if k.endswith(f"/{SEARCH_STATE}")]
         assert json.loads(_read(s3, state_key))["status"] == "interrupted"
@@ -315,8 +428,10 @@ def _s3_search_checks(s3, base, local, node_env, endpoint, aws, tmp_path, name, 
         runs = client.search_runs([exp.experiment_id], max_results=100)
 
         # base-model training streamed one line per epoch from the Ray task, for both roles
-        epochs = {role: [(int(k), int(n)) for r, k, n in EPOCH_LINE.findall(first.stdout) if r == role]
-                  for role in ("original", "oracle")}
+        epochs = {
+            role: [(int(k), int(n)) for r, k, n in EPOCH_LINE.findall(first.stdout) if r == role]
+            for role in ("original", "oracle")
+        }
         n_epochs = Scenario(dataset="digits", forget="random:0.1", seed=0, recipe="tiny").train_recipe.epochs
         assert epochs["original"] == epochs["oracle"] == [(k, n_epochs) for k in range(1, n_epochs + 1)], first.stdout
         assert "trained now" in first.stdout and "from the cache" in resumed.stdout
@@ -346,16 +461,21 @@ def _s3_search_checks(s3, base, local, node_env, endpoint, aws, tmp_path, name, 
             for kind in ("cache", "cwd"):
                 left = [f for f in _local_files(dirs[kind]) if f != "spec.yaml"]
                 assert left == [], f"{n}'s local {kind} dir got files: {left}"
-        print(f"S3 search on 2 nodes (interrupted + resumed, incl. mlflow server and cluster start): {search_s:.0f} s; "
-              f"trial -> node: {nodes}")
+        print(
+            f"S3 search on 2 nodes (interrupted + resumed, incl. mlflow server and cluster start): {search_s:.0f} s; "
+            f"trial -> node: {nodes}"
+        )
 
 
 def _model_keys(client, experiment_id: str, run_id: str, bucket_keys: list[str]) -> list[str]:
     """The bucket keys of a run's model.pt: under the run's artifacts (`model/model.pt`) or, for
     an MLflow 3 logged model of the run, under `models/<model_id>/`."""
     model_ids = [m.model_id for m in client.search_logged_models([experiment_id]) if m.source_run_id == run_id]
-    return [k for k in bucket_keys if k.endswith("/model.pt") and (
-        f"/{run_id}/artifacts/" in k or any(f"/models/{i}/" in k for i in model_ids))]
+    return [
+        k
+        for k in bucket_keys
+        if k.endswith("/model.pt") and (f"/{run_id}/artifacts/" in k or any(f"/models/{i}/" in k for i in model_ids))
+    ]
 
 
 def _objects(s3, prefix: str) -> list[str]:

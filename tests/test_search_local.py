@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -44,14 +43,17 @@ def env():
 
 
 def cli(args, cwd, timeout=900):
-    return subprocess.run([sys.executable, "-m", "coun_tune", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env(), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "coun_tune", *args], cwd=cwd, capture_output=True, text=True, env=env(), timeout=timeout
+    )
 
 
 def brute_force_front(points):
     """points: list of (forget_gap, retain_acc); forget_gap min, retain_acc max."""
+
     def dominates(a, b):
         return a[0] <= b[0] + 1e-9 and a[1] >= b[1] - 1e-9 and (a[0] < b[0] - 1e-9 or a[1] > b[1] + 1e-9)
+
     return [not any(dominates(q, p) for q in points) for p in points]
 
 
@@ -69,7 +71,9 @@ def runs_of(tracking_uri, name):
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
-    (root / "spec.yaml").write_text(SPEC.format(name="local", epochs="{int: [1, 2]}", sampler="nsga2", n=4, conc=2, root=root))
+    (root / "spec.yaml").write_text(
+        SPEC.format(name="local", epochs="{int: [1, 2]}", sampler="nsga2", n=4, conc=2, root=root)
+    )
     proc = cli(["search", "spec.yaml"], root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, proc
@@ -101,7 +105,12 @@ def test_pareto_tags_match_brute_force(search):
     parent = client.get_run(parents[0].info.run_id)
     assert parent.data.metrics["pareto_size"] == sum(expected)
     assert parent.data.metrics["hypervolume"] > 0
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.parquet", "pareto.png", "pareto.html", "spec.yaml"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "trials.parquet",
+        "pareto.png",
+        "pareto.html",
+        "spec.yaml",
+    }
     assert "Pareto front" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
 
 
@@ -114,8 +123,20 @@ def test_export_round_trips_through_unlearn(search):
     trial_run = text.split("(MLflow run ")[1].split(")")[0]
     cfg = yaml.safe_load(text)
     assert cfg["method"] == "coun" and set(cfg["hparams"]) >= {"temperature", "cl_weight", "lr", "epochs"}
-    proc = cli(["unlearn", "--config", "picked.yaml", "--output", "replay", "--cache-dir", str(root / "cache"),
-                "--threads", "1"], root)
+    proc = cli(
+        [
+            "unlearn",
+            "--config",
+            "picked.yaml",
+            "--output",
+            "replay",
+            "--cache-dir",
+            str(root / "cache"),
+            "--threads",
+            "1",
+        ],
+        root,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "loaded from cache" in proc.stderr  # the search's base models, not new ones
     replay = json.loads((root / "replay" / "metrics.json").read_text())["unlearned"]
@@ -129,8 +150,14 @@ def test_export_round_trips_through_unlearn(search):
 def test_interrupted_search_resumes_into_the_same_runs(tmp_path):
     root = tmp_path
     (root / "spec.yaml").write_text(SPEC.format(name="resumable", epochs=3, sampler="random", n=3, conc=1, root=root))
-    proc = subprocess.Popen([sys.executable, "-m", "coun_tune", "search", "spec.yaml"], cwd=root, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coun_tune", "search", "spec.yaml"],
+        cwd=root,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     db = root / "mlflow.db"
     deadline = time.time() + 240
     try:  # interrupt once the first trial is finished and the second has reported an epoch
@@ -164,7 +191,9 @@ def test_transfer_reruns_the_front_on_held_out_forget_sets(search):
 
     root, _ = search
     uri = f"sqlite:///{root}/mlflow.db"
-    proc = cli(["transfer", "local", "--split-seeds", "1", "--tracking-uri", uri, "--cache-dir", str(root / "cache")], root)
+    proc = cli(
+        ["transfer", "local", "--split-seeds", "1", "--tracking-uri", uri, "--cache-dir", str(root / "cache")], root
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out" in proc.stdout
     client, parents, children = runs_of(uri, "local")

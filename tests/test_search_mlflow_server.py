@@ -20,9 +20,16 @@ import urllib.request
 
 import pytest
 import yaml
-
-from _search_helpers import (OBJECTIVES, SEARCHED, brute_force_front, child_env, free_port, run_cli, stop_session,
-                             write_spec)
+from _search_helpers import (
+    OBJECTIVES,
+    SEARCHED,
+    brute_force_front,
+    child_env,
+    free_port,
+    run_cli,
+    stop_session,
+    write_spec,
+)
 
 SERVER_START_TIMEOUT = 90  # ~6 s on an idle 2-core machine; other people's jobs share the cores
 NUM_SAMPLES = 3
@@ -45,19 +52,41 @@ def mlflow_server(tmp_path_factory):
     env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'srv.db'}",
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'srv.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while not _healthy(url):
             if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited {proc.returncode} before it was healthy:\n"
-                            f"{log_path.read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"mlflow server exited {proc.returncode} before it was healthy:\n"
+                    f"{log_path.read_text(errors='replace')[-3000:]}"
+                )
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after {SERVER_START_TIMEOUT} s:\n"
-                            f"{log_path.read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"mlflow server not healthy after {SERVER_START_TIMEOUT} s:\n"
+                    f"{log_path.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.5)
         yield {"url": url, "root": root, "artifacts": root / "artifacts"}
     finally:
@@ -71,14 +100,21 @@ def mlflow_server(tmp_path_factory):
 
 
 def test_brute_force_front_helper():
-    pts = {"a": {"forget_gap": 1.0, "retain_acc": 90.0}, "b": {"forget_gap": 2.0, "retain_acc": 95.0},
-           "c": {"forget_gap": 2.0, "retain_acc": 94.0}, "d": {"forget_gap": 1.0, "retain_acc": 90.0},
-           "e": {"forget_gap": 0.5, "retain_acc": 80.0}, "f": {"forget_gap": 3.0, "retain_acc": 95.0}}
+    pts = {
+        "a": {"forget_gap": 1.0, "retain_acc": 90.0},
+        "b": {"forget_gap": 2.0, "retain_acc": 95.0},
+        "c": {"forget_gap": 2.0, "retain_acc": 94.0},
+        "d": {"forget_gap": 1.0, "retain_acc": 90.0},
+        "e": {"forget_gap": 0.5, "retain_acc": 80.0},
+        "f": {"forget_gap": 3.0, "retain_acc": 95.0},
+    }
     assert brute_force_front(pts, OBJECTIVES) == {"a", "b", "d", "e"}
     assert brute_force_front(pts, {"forget_gap": "max", "retain_acc": "min"}) == {"a", "c", "d", "e", "f"}
     # float noise ties: equal gaps along different float paths; the higher retain_acc dominates
-    noisy = {"x": {"forget_gap": 1.3888888888889, "retain_acc": 98.8}, "y": {"forget_gap": 1.3888888888888715,
-                                                                          "retain_acc": 96.9}}
+    noisy = {
+        "x": {"forget_gap": 1.3888888888889, "retain_acc": 98.8},
+        "y": {"forget_gap": 1.3888888888888715, "retain_acc": 96.9},
+    }
     assert brute_force_front(noisy, OBJECTIVES) == {"x"}
 
 
@@ -90,8 +126,15 @@ def test_search_logs_to_mlflow_server_then_export_and_unlearn(mlflow_server, tmp
     name = "srv_search"
     cache = tmp_path / "cache"
     decoy_db = tmp_path / "spec_tracking.db"  # the spec's own URI: --tracking-uri must win over it
-    spec = write_spec(tmp_path / "spec.yaml", name, cache_dir=cache, storage_path=tmp_path / "results",
-                      tracking_uri=f"sqlite:///{decoy_db}", num_samples=NUM_SAMPLES, max_concurrent_trials=2)
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        cache_dir=cache,
+        storage_path=tmp_path / "results",
+        tracking_uri=f"sqlite:///{decoy_db}",
+        num_samples=NUM_SAMPLES,
+        max_concurrent_trials=2,
+    )
 
     t0 = time.monotonic()
     search = run_cli(["search", str(spec), "--tracking-uri", url], cwd=tmp_path, timeout=900)
@@ -114,8 +157,9 @@ def test_search_logs_to_mlflow_server_then_export_and_unlearn(mlflow_server, tmp
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     children = [r for r in nested if r.data.tags.get("coun_tune.role") == "trial"]
     # the review adds the original and the oracle as baseline runs under the search
-    baselines = sorted(r.data.tags.get("coun_tune.baseline") for r in nested
-                       if r.data.tags.get("coun_tune.role") == "baseline")
+    baselines = sorted(
+        r.data.tags.get("coun_tune.baseline") for r in nested if r.data.tags.get("coun_tune.role") == "baseline"
+    )
     assert baselines == ["oracle", "original"]
     assert len(runs) == 1 + NUM_SAMPLES + 2, "runs that are neither the parent nor its children"
     assert len(children) == NUM_SAMPLES
@@ -153,8 +197,9 @@ def test_search_logs_to_mlflow_server_then_export_and_unlearn(mlflow_server, tmp
 
     # export the knee, then apply it with `coun-tune unlearn`
     exported = tmp_path / "x.yaml"
-    run_cli(["export", name, "--pick", "knee", "--tracking-uri", url, "--output", str(exported)], cwd=tmp_path,
-            timeout=120)
+    run_cli(
+        ["export", name, "--pick", "knee", "--tracking-uri", url, "--output", str(exported)], cwd=tmp_path, timeout=120
+    )
     text = exported.read_text()
     match = re.search(r"MLflow run ([0-9a-f]{32})", text)
     assert match, text[:500]
@@ -167,11 +212,16 @@ def test_search_logs_to_mlflow_server_then_export_and_unlearn(mlflow_server, tmp
         assert cfg["hparams"][p] == pytest.approx(float(picked.data.params[p]), rel=1e-9)
 
     out_dir = tmp_path / "d"
-    run_cli(["unlearn", "--config", str(exported), "--output", str(out_dir), "--cache-dir", str(cache)],
-            cwd=tmp_path, env=child_env(OMP_NUM_THREADS="1"), timeout=240)
+    run_cli(
+        ["unlearn", "--config", str(exported), "--output", str(out_dir), "--cache-dir", str(cache)],
+        cwd=tmp_path,
+        env=child_env(OMP_NUM_THREADS="1"),
+        timeout=240,
+    )
     result = json.loads((out_dir / "metrics.json").read_text())
-    assert result["base_models_from_cache"] == {"original": True, "oracle": True}, \
+    assert result["base_models_from_cache"] == {"original": True, "oracle": True}, (
         "unlearn should reuse the base models the search trained into the same cache"
+    )
     diffs = {m: result["unlearned"][m] - picked.data.metrics[m] for m in ("retain_acc", "forget_acc", "test_acc")}
     assert all(abs(d) <= 1.5 for d in diffs.values()), (diffs, result["unlearned"], picked.data.metrics)
     print(f"search {search_s:.0f} s, total {time.monotonic() - t0:.0f} s; unlearn - trial: {diffs}")

@@ -11,8 +11,12 @@ SPECS = sorted((Path(__file__).parent.parent / "search_spaces").rglob("*.yaml"))
 
 def test_required_specs_ship():
     names = {p.name for p in SPECS}
-    assert {"digits_quick.yaml", "fashion_mnist_coun.yaml", "cifar10_resnet18_coun.yaml",
-            "cifar100_resnet18_coun.yaml"} <= names
+    assert {
+        "digits_quick.yaml",
+        "fashion_mnist_coun.yaml",
+        "cifar10_resnet18_coun.yaml",
+        "cifar100_resnet18_coun.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
@@ -42,8 +46,13 @@ def test_every_sampler_suggests_inside_the_space(sampler):
 
     spec = load_search_spec(Path(__file__).parent.parent / "search_spaces" / "digits_quick.yaml")
     spec.sampler = sampler
-    searcher = OptunaSearch(space=optuna_space(spec.space), metric=list(spec.objectives),
-                            mode=list(spec.objectives.values()), sampler=make_sampler(spec), seed=0)
+    searcher = OptunaSearch(
+        space=optuna_space(spec.space),
+        metric=list(spec.objectives),
+        mode=list(spec.objectives.values()),
+        sampler=make_sampler(spec),
+        seed=0,
+    )
     for i in range(3):
         cfg = searcher.suggest(f"t{i}")
         assert set(cfg) == set(spec.space)

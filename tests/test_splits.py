@@ -90,16 +90,19 @@ def test_ids_round_trip(digits, tmp_path):
     assert read_index_list(path3).tolist() == ids
 
 
-@pytest.mark.parametrize("values,type_,name", [
-    ([0, 1, N_TRAIN], pa.int64(), "index"),       # out of range (high)
-    ([0, -1, 5], pa.int64(), "index"),            # out of range (negative)
-    ([4, 5, 4], pa.int64(), "index"),             # duplicate
-    ([1, 2, 3], pa.int64(), "idx"),               # missing column `index`
-    ([1.0, 2.0], pa.float64(), "index"),          # not integers
-    ([1, None, 3], pa.int64(), "index"),          # nulls
-    ([], pa.int64(), "index"),                    # empty request
-    (list(range(N_TRAIN)), pa.int64(), "index"),  # everything: nothing left to retain
-])
+@pytest.mark.parametrize(
+    "values,type_,name",
+    [
+        ([0, 1, N_TRAIN], pa.int64(), "index"),  # out of range (high)
+        ([0, -1, 5], pa.int64(), "index"),  # out of range (negative)
+        ([4, 5, 4], pa.int64(), "index"),  # duplicate
+        ([1, 2, 3], pa.int64(), "idx"),  # missing column `index`
+        ([1.0, 2.0], pa.float64(), "index"),  # not integers
+        ([1, None, 3], pa.int64(), "index"),  # nulls
+        ([], pa.int64(), "index"),  # empty request
+        (list(range(N_TRAIN)), pa.int64(), "index"),  # everything: nothing left to retain
+    ],
+)
 def test_bad_ids_file(digits, tmp_path, values, type_, name):
     path = _write_ids(tmp_path / "bad.parquet", values, name=name, type_=type_)
     with pytest.raises(UsageError):
@@ -124,15 +127,33 @@ def test_corrupted_ids_file(digits, tmp_path):
         read_index_list(path)
 
 
-@pytest.mark.parametrize("spec", ["random:0", "random:1", "random:1.5", "random:-0.1", "random:nan",
-                                  "class:3:0", "class:3:1", "class:3:2"])
+@pytest.mark.parametrize(
+    "spec", ["random:0", "random:1", "random:1.5", "random:-0.1", "random:nan", "class:3:0", "class:3:1", "class:3:2"]
+)
 def test_fraction_outside_open_interval(spec):
     with pytest.raises(UsageError):
         parse_forget_spec(spec)
 
 
-@pytest.mark.parametrize("spec", ["", "random", "random:", "random:abc", "foo:0.1", "class", "class:",
-                                  "class:x", "class:-1", "class:3:abc", "ids:", "ids", "0.1", "Random:0.1"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "",
+        "random",
+        "random:",
+        "random:abc",
+        "foo:0.1",
+        "class",
+        "class:",
+        "class:x",
+        "class:-1",
+        "class:3:abc",
+        "ids:",
+        "ids",
+        "0.1",
+        "Random:0.1",
+    ],
+)
 def test_bad_spec_strings(spec):
     with pytest.raises(UsageError):
         parse_forget_spec(spec)

@@ -50,7 +50,7 @@ def test_make_dirs_and_filesystem_path(root):
     assert "b" in storage.list_dir(storage.join(root, "a"))
     fs, path = storage.filesystem(root)
     if storage.is_remote(root):
-        assert path == root[len("s3://"):]  # bucket/prefix, what Tune takes as storage_path
+        assert path == root[len("s3://") :]  # bucket/prefix, what Tune takes as storage_path
     else:
         assert path == root and os.path.isabs(path)
     with fs.open_output_stream(f"{path}/via_fs.txt") as out:  # the returned fs writes where storage reads

@@ -15,8 +15,10 @@ import torch
 from coun_tune.errors import UsageError
 
 BUCKET = "cache-test"
-LINE = re.compile(r"^(original|oracle): epoch (\d+)/(\d+)  loss (\d+\.\d+)  train_acc (\d+\.\d\d)%  "
-                  r"(\d+\.\d) s/epoch  ETA (\S+)$")
+LINE = re.compile(
+    r"^(original|oracle): epoch (\d+)/(\d+)  loss (\d+\.\d+)  train_acc (\d+\.\d\d)%  "
+    r"(\d+\.\d) s/epoch  ETA (\S+)$"
+)
 
 pytest_plugins = ["_s3_helpers"]  # the moto server fixtures: s3_server, s3_env
 
@@ -24,8 +26,13 @@ pytest_plugins = ["_s3_helpers"]  # the moto server fixtures: s3_server, s3_env
 def _s3(endpoint: str):
     from pyarrow import fs
 
-    return fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[1], scheme="http", access_key="testing",
-                           secret_key="testing", region="us-east-1")
+    return fs.S3FileSystem(
+        endpoint_override=endpoint.split("://", 1)[1],
+        scheme="http",
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+    )
 
 
 def s3_objects(endpoint: str, bucket: str, prefix: str) -> list[str]:
@@ -33,13 +40,13 @@ def s3_objects(endpoint: str, bucket: str, prefix: str) -> list[str]:
     from pyarrow import fs
 
     infos = _s3(endpoint).get_file_info(fs.FileSelector(f"{bucket}/{prefix}", recursive=True, allow_not_found=True))
-    return sorted(i.path[len(bucket) + 1:] for i in infos if i.type == fs.FileType.File)
+    return sorted(i.path[len(bucket) + 1 :] for i in infos if i.type == fs.FileType.File)
 
 
 def _copy_prefix(endpoint: str, src: str, dst: str) -> None:
     s3 = _s3(endpoint)
     for key in s3_objects(endpoint, BUCKET, src):
-        s3.copy_file(f"{BUCKET}/{key}", f"{BUCKET}/{dst}{key[len(src):]}")
+        s3.copy_file(f"{BUCKET}/{key}", f"{BUCKET}/{dst}{key[len(src) :]}")
 
 
 @pytest.fixture(scope="module")

@@ -73,8 +73,13 @@ def write_tiny(base: Path) -> dict:
         test_y.append(LABEL[wnid])
         lines.append(f"{name}\t{wnid}\t0\t0\t63\t63")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    return {"root": root, "train_x": np.stack(train_x), "train_y": np.array(train_y),
-            "test_x": np.stack(test_x), "test_y": np.array(test_y)}
+    return {
+        "root": root,
+        "train_x": np.stack(train_x),
+        "train_y": np.array(train_y),
+        "test_x": np.stack(test_x),
+        "test_y": np.array(test_y),
+    }
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -136,15 +141,18 @@ def _missing_annotations(root: Path) -> None:
     (root / "val" / "val_annotations.txt").unlink()
 
 
-@pytest.mark.parametrize("break_it, message", [
-    (_missing_wnids, "no wnids.txt"),
-    (_small_image, "is 32x32, expected 64x64"),
-    (_unknown_val_wnid, "'n99', not in wnids.txt"),
-    (_not_an_image, "cannot read image"),
-    (_missing_class_dir, "missing directory"),
-    (_missing_val_image, "'val_5.JPEG', missing from"),
-    (_missing_annotations, "val_annotations.txt"),
-])
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (_missing_wnids, "no wnids.txt"),
+        (_small_image, "is 32x32, expected 64x64"),
+        (_unknown_val_wnid, "'n99', not in wnids.txt"),
+        (_not_an_image, "cannot read image"),
+        (_missing_class_dir, "missing directory"),
+        (_missing_val_image, "'val_5.JPEG', missing from"),
+        (_missing_annotations, "val_annotations.txt"),
+    ],
+)
 def test_bad_folders_raise_one_line_usage_errors(tmp_path, break_it, message):
     root = write_tiny(tmp_path)["root"]
     break_it(root)

@@ -35,14 +35,26 @@ def search(store, request):
 
 
 def fake_trial(trial_id: str, planned: int = 3, **config):
-    return SimpleNamespace(trial_id=trial_id, config={"lr": 0.05, "epochs": planned, **config}, last_result={},
-                           checkpoint=None, error_file=None, status="RUNNING")
+    return SimpleNamespace(
+        trial_id=trial_id,
+        config={"lr": 0.05, "epochs": planned, **config},
+        last_result={},
+        checkpoint=None,
+        error_file=None,
+        status="RUNNING",
+    )
 
 
 def result(epoch: int, planned: int = 3, acc: float | None = None) -> dict:
     # distinct values per epoch, so "logged once" also means "the first value kept"
-    return {"epoch": epoch, "epochs_planned": planned, "retain_acc": acc if acc is not None else 90.0 + epoch,
-            "forget_gap": 10.0 - epoch, "training_iteration": epoch, "done": False}
+    return {
+        "epoch": epoch,
+        "epochs_planned": planned,
+        "retain_acc": acc if acc is not None else 90.0 + epoch,
+        "forget_gap": 10.0 - epoch,
+        "training_iteration": epoch,
+        "done": False,
+    }
 
 
 def feed(logger, trial, epochs, planned=3, acc=None):
@@ -69,7 +81,7 @@ def test_epochs_repeated_after_a_restore_are_logged_once(search):
     first.on_trial_start(0, [t], t)
     feed(first, t, [1])
     saved = first.get_state()  # Tune's experiment snapshot after epoch 1 ...
-    feed(first, t, [2, 3])     # ... then two more epochs reach MLflow before the driver dies
+    feed(first, t, [2, 3])  # ... then two more epochs reach MLflow before the driver dies
     run_id = saved["runs"]["t1"]
 
     second = MLflowTrialLogger(uri, exp, parent, {"method": "coun"})

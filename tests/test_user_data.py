@@ -43,8 +43,9 @@ def _assert_same(data, images):
 
 def test_npz_in_both_declared_layouts(tmp_path, images):
     tx, ty, sx, sy = images
-    np.savez(tmp_path / "nhwc.npz", train_x=tx.transpose(0, 2, 3, 1), train_y=ty, test_x=sx.transpose(0, 2, 3, 1),
-             test_y=sy)
+    np.savez(
+        tmp_path / "nhwc.npz", train_x=tx.transpose(0, 2, 3, 1), train_y=ty, test_x=sx.transpose(0, 2, 3, 1), test_y=sy
+    )
     np.savez(tmp_path / "nchw.npz", train_x=tx, train_y=ty, test_x=sx, test_y=sy)
     _assert_same(load_user_data(tmp_path / "nhwc.npz", DataDeclaration(1, False, layout="nhwc"), "cifar10"), images)
     _assert_same(load_user_data(tmp_path / "nchw.npz", DataDeclaration(1, False, layout="nchw"), "cifar10"), images)
@@ -59,8 +60,9 @@ def test_parquet_tensor_png_bytes_and_hugging_face_struct(tmp_path, images):
     # test rows first in the file: order within each split is what counts
     order = np.r_[np.arange(len(tx), len(x)), np.arange(len(tx))]
     tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(x[order].transpose(0, 2, 3, 1)))
-    pq.write_table(pa.table({"image": tensor, "label": y[order], "split": [split[i] for i in order]}),
-                   tmp_path / "t.parquet")
+    pq.write_table(
+        pa.table({"image": tensor, "label": y[order], "split": [split[i] for i in order]}), tmp_path / "t.parquet"
+    )
     _assert_same(load_user_data(tmp_path / "t.parquet", DataDeclaration(1, False, layout="nhwc"), "cifar10"), images)
 
     pngs = [_png(im) for im in x]
@@ -114,21 +116,24 @@ def _folder(tmp_path, sizes):
     return tmp_path
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("sizes", "all images must have one size"),
-    ("corrupt_png", "not a readable PNG/JPEG"),
-    ("no_test", "no test/ subfolder"),
-    ("float_npz", "must be uint8"),
-    ("corrupt_npz", "not a readable .npz"),
-    ("npz_missing_key", "lacks array 'test_y'"),
-    ("no_augmentation", "declare the augmentation"),
-    ("mean_channels", "need 1 value"),
-    ("rgb_without_norm", "declare the normalisation"),
-    ("parquet_split", "must be 'train' or 'test'"),
-    ("corrupt_parquet", "not a readable Parquet"),
-    ("missing", "does not exist"),
-    ("crop_too_big", "--crop-padding must be in"),
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("sizes", "all images must have one size"),
+        ("corrupt_png", "not a readable PNG/JPEG"),
+        ("no_test", "no test/ subfolder"),
+        ("float_npz", "must be uint8"),
+        ("corrupt_npz", "not a readable .npz"),
+        ("npz_missing_key", "lacks array 'test_y'"),
+        ("no_augmentation", "declare the augmentation"),
+        ("mean_channels", "need 1 value"),
+        ("rgb_without_norm", "declare the normalisation"),
+        ("parquet_split", "must be 'train' or 'test'"),
+        ("corrupt_parquet", "not a readable Parquet"),
+        ("missing", "does not exist"),
+        ("crop_too_big", "--crop-padding must be in"),
+    ],
+)
 def test_bad_data_is_one_usage_error(tmp_path, case, needle):
     decl, path, ds = DECL, tmp_path / "d", "digits"
     x = np.zeros((4, 1, 8, 8), np.uint8)
@@ -147,25 +152,40 @@ def test_bad_data_is_one_usage_error(tmp_path, case, needle):
         if case == "corrupt_npz":
             path.write_bytes(b"PK\x03\x04 truncated")
         else:
-            arrays = dict(train_x=x.astype(np.float32) if case == "float_npz" else x, train_y=np.zeros(4, int),
-                          test_x=x, test_y=np.zeros(4, int))
+            arrays = dict(
+                train_x=x.astype(np.float32) if case == "float_npz" else x,
+                train_y=np.zeros(4, int),
+                test_x=x,
+                test_y=np.zeros(4, int),
+            )
             if case == "npz_missing_key":
                 arrays.pop("test_y")
             np.savez(path, **arrays)
         decl = DataDeclaration(1, False, layout="nchw")
     elif case in ("no_augmentation", "mean_channels", "rgb_without_norm", "crop_too_big"):
         path = _folder(path, [(8, 8)])
-        decl = {"no_augmentation": DataDeclaration(),
-                "mean_channels": DataDeclaration(1, False, (0.5, 0.5, 0.5), (1, 1, 1)),
-                "rgb_without_norm": DECL, "crop_too_big": DataDeclaration(8, False)}[case]
+        decl = {
+            "no_augmentation": DataDeclaration(),
+            "mean_channels": DataDeclaration(1, False, (0.5, 0.5, 0.5), (1, 1, 1)),
+            "rgb_without_norm": DECL,
+            "crop_too_big": DataDeclaration(8, False),
+        }[case]
         ds = "cifar10" if case == "rgb_without_norm" else ds
     elif case in ("parquet_split", "corrupt_parquet"):
         path = tmp_path / "d.parquet"
         if case == "corrupt_parquet":
             path.write_bytes(b"PAR1 not really")
         else:
-            pq.write_table(pa.table({"image": pa.array([_png(np.zeros((1, 2, 2), np.uint8))], pa.binary()),
-                                     "label": [0], "split": ["validation"]}), path)
+            pq.write_table(
+                pa.table(
+                    {
+                        "image": pa.array([_png(np.zeros((1, 2, 2), np.uint8))], pa.binary()),
+                        "label": [0],
+                        "split": ["validation"],
+                    }
+                ),
+                path,
+            )
     with pytest.raises(UsageError, match=needle) as e:
         load_user_data(path, decl, ds)
     assert "\n" not in str(e.value)

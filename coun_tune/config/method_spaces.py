@@ -63,7 +63,7 @@ def all_specs(dataset: str = "fashion_mnist") -> dict[str, dict]:
             if m == "coun" and cl or m == "ft" and cl:
                 continue  # coun is ft + plug-in; one file for it
             spec = method_spec(m, dataset, cl)
-            out[f"{spec['name'][len(dataset) + 1:]}.yaml"] = spec
+            out[f"{spec['name'][len(dataset) + 1 :]}.yaml"] = spec
     return out
 
 

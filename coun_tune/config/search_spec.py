@@ -42,9 +42,26 @@ SAMPLERS = ("nsga2", "tpe", "gp", "random")
 DOMAIN_KINDS = ("log", "uniform", "int", "choice")
 # Every metric a trial's final report holds: what objectives may name.
 LOGGED_METRICS = tuple(METRICS)
-KEYS = {"name", "scenario", "method", "objectives", "space", "sampler", "num_samples", "max_concurrent_trials",
-        "resources_per_trial", "seed", "storage_path", "tracking_uri", "cache_dir", "batch_size", "mia_every",
-        "description", "storage_endpoint", "scheduler"}
+KEYS = {
+    "name",
+    "scenario",
+    "method",
+    "objectives",
+    "space",
+    "sampler",
+    "num_samples",
+    "max_concurrent_trials",
+    "resources_per_trial",
+    "seed",
+    "storage_path",
+    "tracking_uri",
+    "cache_dir",
+    "batch_size",
+    "mia_every",
+    "description",
+    "storage_endpoint",
+    "scheduler",
+}
 SCHEDULERS = {"mo_asha": {"grace_epochs": 1, "reduction_factor": 2}}  # type -> {key: lowest allowed}
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")
 
@@ -177,8 +194,9 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
         raise UsageError(f"{where} needs a `name` (the MLflow experiment)")
     scenario = validate_scenario(doc.get("scenario") or {}, "scenario")
     if scenario.sequential:
-        raise UsageError("scenario.forget: sequential requests run with `coun-tune unlearn`; "
-                         "a search tunes one request")
+        raise UsageError(
+            "scenario.forget: sequential requests run with `coun-tune unlearn`; a search tunes one request"
+        )
     method = str(doc.get("method", "coun"))
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
@@ -187,8 +205,9 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
         raise UsageError("objectives must map two or three metrics to min or max")
     for m, mode in objectives.items():
         if m not in LOGGED_METRICS:
-            raise UsageError(f"objective {m!r} is not a metric the engine logs; "
-                             f"choose from {', '.join(LOGGED_METRICS)}")
+            raise UsageError(
+                f"objective {m!r} is not a metric the engine logs; choose from {', '.join(LOGGED_METRICS)}"
+            )
         if mode not in ("min", "max"):
             raise UsageError(f"objective {m}: mode must be min or max, got {mode!r}")
     declared = method_hparams(method)
@@ -198,8 +217,9 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     space, fixed = {}, {}
     for hp, value in space_doc.items():
         if hp not in declared:
-            raise UsageError(f"space.{hp}: method {method!r} has no hyperparameter {hp!r}; "
-                             f"it has {', '.join(sorted(declared))}")
+            raise UsageError(
+                f"space.{hp}: method {method!r} has no hyperparameter {hp!r}; it has {', '.join(sorted(declared))}"
+            )
         d = _domain(hp, value, declared[hp].kind)
         (space if isinstance(d, Domain) else fixed)[hp] = d
     if not space:
@@ -235,19 +255,33 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     cpu = _number(res.get("cpu", 1), "resources_per_trial.cpu")
     gpu = _number(res.get("gpu", 0), "resources_per_trial.gpu")
     if cpu <= 0 or gpu < 0 or (gpu > 1 and gpu != int(gpu)):
-        raise UsageError(f"resources_per_trial: cpu must be > 0 and gpu a fraction in [0, 1] or a whole number, "
-                         f"got {res!r}")
+        raise UsageError(
+            f"resources_per_trial: cpu must be > 0 and gpu a fraction in [0, 1] or a whole number, got {res!r}"
+        )
     batch_size = doc.get("batch_size")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 2):
         raise UsageError(f"batch_size must be an integer >= 2, got {batch_size!r}")
     storage_path = _storage_uri(doc.get("storage_path", "./coun_tune_results"), "storage_path")
     cache_dir = None if doc.get("cache_dir") is None else _storage_uri(doc["cache_dir"], "cache_dir")
     tracking_uri = check_tracking_uri_form(str(doc.get("tracking_uri", "sqlite:///mlflow.db")))
-    return SearchSpec(name=name.strip(), scenario=scenario, method=method, objectives=dict(objectives),
-                      space=space, fixed=fixed, sampler=sampler, resources_per_trial={"cpu": cpu, "gpu": gpu},
-                      storage_path=storage_path, tracking_uri=tracking_uri, cache_dir=cache_dir,
-                      batch_size=batch_size, storage_endpoint=_endpoint(doc.get("storage_endpoint")),
-                      scheduler=_scheduler(doc.get("scheduler")), source=dict(doc), **ints)
+    return SearchSpec(
+        name=name.strip(),
+        scenario=scenario,
+        method=method,
+        objectives=dict(objectives),
+        space=space,
+        fixed=fixed,
+        sampler=sampler,
+        resources_per_trial={"cpu": cpu, "gpu": gpu},
+        storage_path=storage_path,
+        tracking_uri=tracking_uri,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        storage_endpoint=_endpoint(doc.get("storage_endpoint")),
+        scheduler=_scheduler(doc.get("scheduler")),
+        source=dict(doc),
+        **ints,
+    )
 
 
 def load_search_spec(path: str | Path) -> SearchSpec:

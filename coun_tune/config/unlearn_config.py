@@ -40,8 +40,11 @@ class UnlearnConfig:
     source: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        out = {"scenario": {k: v for k, v in self.scenario.to_dict().items() if v is not None},
-               "method": self.method, "hparams": dict(self.hparams)}
+        out = {
+            "scenario": {k: v for k, v in self.scenario.to_dict().items() if v is not None},
+            "method": self.method,
+            "hparams": dict(self.hparams),
+        }
         if self.batch_size is not None:
             out["batch_size"] = self.batch_size
         if self.seed is not None:
@@ -123,13 +126,22 @@ def validate_scenario(d: dict, where: str = "scenario") -> Scenario:
         raise UsageError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
     need = ARCH_INPUT_SIZE.get(arch or "")
     if need is not None and IMAGE_SIZES.get(dataset) != need:
-        raise UsageError(f"architecture {arch!r} takes {need}x{need} images; {dataset} has "
-                         f"{IMAGE_SIZES.get(dataset)}x{IMAGE_SIZES.get(dataset)}")
+        raise UsageError(
+            f"architecture {arch!r} takes {need}x{need} images; {dataset} has "
+            f"{IMAGE_SIZES.get(dataset)}x{IMAGE_SIZES.get(dataset)}"
+        )
     root = d.get("data_root")
     if root is not None and not Path(str(root)).is_dir():
         raise UsageError(f"{dataset}: data directory {str(root)!r} does not exist")
-    return Scenario(dataset=dataset, forget=forget, seed=seed, arch=arch, recipe=recipe,
-                    data_root=None if root is None else str(root), split_seed=split_seed)
+    return Scenario(
+        dataset=dataset,
+        forget=forget,
+        seed=seed,
+        arch=arch,
+        recipe=recipe,
+        data_root=None if root is None else str(root),
+        split_seed=split_seed,
+    )
 
 
 def build_unlearn_config(doc: dict, overrides: dict[str, Any]) -> UnlearnConfig:

@@ -8,5 +8,16 @@ from coun_tune.core.models import build_model
 from coun_tune.core.recipes import Scenario
 from coun_tune.core.splits import Split, materialize_split
 
-__all__ = ["DatasetArrays", "load_dataset", "DivergedError", "ScenarioData", "resolve_hparams", "run_unlearning",
-           "contrastive_loss", "build_model", "Scenario", "Split", "materialize_split"]
+__all__ = [
+    "DatasetArrays",
+    "load_dataset",
+    "DivergedError",
+    "ScenarioData",
+    "resolve_hparams",
+    "run_unlearning",
+    "contrastive_loss",
+    "build_model",
+    "Scenario",
+    "Split",
+    "materialize_split",
+]

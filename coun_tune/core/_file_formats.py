@@ -124,7 +124,10 @@ def load_fashion_mnist(root: str, download: bool) -> DatasetArrays:
     test_x, test_y = _read_fashion_split(files["test_x"], files["test_y"])
     return DatasetArrays(
         name="fashion_mnist",
-        train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
         num_classes=10,
         augment=AugmentPolicy(crop_padding=2, flip=True, mean=(0.286,), std=(0.353,)),
     )
@@ -223,11 +226,30 @@ def _read_cifar_batch(path: Path, dataset: str, label_key: bytes, num_classes: i
 _CIFAR = {
     # num_classes: (name, directory, train files, test file, meta file, label key, meta names key,
     #               torchvision class, normalisation mean, std)
-    10: ("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-         "batches.meta", b"labels", b"label_names", "CIFAR10",
-         (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    100: ("cifar100", "cifar-100-python", ["train"], "test", "meta", b"fine_labels", b"fine_label_names",
-          "CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    10: (
+        "cifar10",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        "batches.meta",
+        b"labels",
+        b"label_names",
+        "CIFAR10",
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+    ),
+    100: (
+        "cifar100",
+        "cifar-100-python",
+        ["train"],
+        "test",
+        "meta",
+        b"fine_labels",
+        b"fine_label_names",
+        "CIFAR100",
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+    ),
 }
 
 
@@ -260,8 +282,10 @@ def load_cifar(root: str, num_classes: int, download: bool) -> DatasetArrays:
     return DatasetArrays(
         name=name,
         # concatenate / np.array copy: arrays built from in-band pickle buffers may be read-only
-        train_x=np.concatenate([x for x, _ in train]), train_y=np.concatenate([y for _, y in train]),
-        test_x=np.array(test_x, copy=True), test_y=test_y,
+        train_x=np.concatenate([x for x, _ in train]),
+        train_y=np.concatenate([y for _, y in train]),
+        test_x=np.array(test_x, copy=True),
+        test_y=test_y,
         num_classes=num_classes,
         augment=AugmentPolicy(crop_padding=4, flip=True, mean=mean, std=std),
     )

@@ -147,16 +147,19 @@ def load_tinyimagenet(root: str | Path, download: bool = False) -> DatasetArrays
         base = Path(root)
         where = f"no wnids.txt in {str(base / FOLDER)!r} or {str(base)!r}"
         if download:
-            raise UsageError(f"{NAME}: {where}, and TinyImageNet is not downloaded here: fetch {URL} "
-                             f"and unzip it into {str(base)!r}")
+            raise UsageError(
+                f"{NAME}: {where}, and TinyImageNet is not downloaded here: fetch {URL} and unzip it into {str(base)!r}"
+            )
         raise UsageError(f"{NAME}: {where} (unzip {URL} there)")
     wnids = _read_wnids(folder / "wnids.txt")
     train_paths, train_y = _train_files(folder, wnids)
     test_paths, test_y = _val_files(folder, wnids)
     return DatasetArrays(
         name=NAME,
-        train_x=_read_images(train_paths), train_y=train_y,
-        test_x=_read_images(test_paths), test_y=test_y,
+        train_x=_read_images(train_paths),
+        train_y=train_y,
+        test_x=_read_images(test_paths),
+        test_y=test_y,
         num_classes=len(wnids),
         augment=AUGMENT,
     )

@@ -20,9 +20,9 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -51,8 +51,16 @@ def default_cache_dir() -> Path | str:
     return Path(env or Path.home() / ".cache" / "coun-tune")
 
 
-def train_from_scratch(model: FeatureClassifier, x: torch.Tensor, y: torch.Tensor, augmenter, recipe: TrainRecipe,
-                       seed: int, role: str, log: Callable[[str], None] = lambda s: None) -> float:
+def train_from_scratch(
+    model: FeatureClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    augmenter,
+    recipe: TrainRecipe,
+    seed: int,
+    role: str,
+    log: Callable[[str], None] = lambda s: None,
+) -> float:
     """Train `model` in place on x (N, C, H, W) uint8 / y (N,) with cross-entropy, CHN
     augmentation, SGD and step decay. Returns the wall seconds. The original gets the whole
     training split in its stored order (so it is the same model whatever is forgotten later);
@@ -78,8 +86,16 @@ def train_from_scratch(model: FeatureClassifier, x: torch.Tensor, y: torch.Tenso
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == y[idx]).sum()
         sched.step()
-        log(epoch_line(role, epoch + 1, recipe.epochs, loss_sum.item() / len(y), 100.0 * correct.item() / len(y),
-                       time.perf_counter() - t0))
+        log(
+            epoch_line(
+                role,
+                epoch + 1,
+                recipe.epochs,
+                loss_sum.item() / len(y),
+                100.0 * correct.item() / len(y),
+                time.perf_counter() - t0,
+            )
+        )
     return time.perf_counter() - t0
 
 
@@ -92,8 +108,10 @@ def epoch_line(role: str, epoch: int, epochs: int, loss: float, train_acc: float
     """One progress line: `original: epoch 3/30  loss 0.4123  train_acc 87.21%  12.3 s/epoch  ETA 5m32s`.
     elapsed: wall seconds since training started; the ETA assumes the mean epoch so far."""
     per_epoch = elapsed / epoch
-    return (f"{role}: epoch {epoch}/{epochs}  loss {loss:.4f}  train_acc {train_acc:.2f}%  "
-            f"{per_epoch:.1f} s/epoch  ETA {_duration(per_epoch * (epochs - epoch))}")
+    return (
+        f"{role}: epoch {epoch}/{epochs}  loss {loss:.4f}  train_acc {train_acc:.2f}%  "
+        f"{per_epoch:.1f} s/epoch  ETA {_duration(per_epoch * (epochs - epoch))}"
+    )
 
 
 def _sha256(blob: bytes) -> str:
@@ -112,10 +130,19 @@ def cache_key(data: DatasetArrays, split: Split, scenario: Scenario, role: str) 
     every sequential request share one; the oracle depends on the split (its D_r)."""
     from dataclasses import asdict
 
-    inputs = {"format": CACHE_FORMAT, "training_code": TRAINING_CODE_VERSION, "role": role, "dataset": data.name,
-              "augment": asdict(data.augment), "arch": scenario.arch_name,
-              "recipe": scenario.train_recipe.to_dict(), "seed": scenario.seed}
-    inputs["data" if role == "original" else "split_hash"] = data.fingerprint() if role == "original" else split.split_hash
+    inputs = {
+        "format": CACHE_FORMAT,
+        "training_code": TRAINING_CODE_VERSION,
+        "role": role,
+        "dataset": data.name,
+        "augment": asdict(data.augment),
+        "arch": scenario.arch_name,
+        "recipe": scenario.train_recipe.to_dict(),
+        "seed": scenario.seed,
+    }
+    inputs["data" if role == "original" else "split_hash"] = (
+        data.fingerprint() if role == "original" else split.split_hash
+    )
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
 
 
@@ -131,7 +158,9 @@ def load_cached(entry: str | Path) -> tuple[dict, dict] | None:
     try:
         meta = json.loads(meta_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"cache entry {str(entry)!r} has a corrupted meta.json: delete the folder to retrain") from None
+        raise UsageError(
+            f"cache entry {str(entry)!r} has a corrupted meta.json: delete the folder to retrain"
+        ) from None
     if not isinstance(meta, dict) or _sha256(blob) != meta.get("sha256"):
         raise UsageError(f"cached model {model_path!r} fails its checksum: delete {str(entry)!r} to retrain")
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), meta
@@ -151,9 +180,16 @@ class BaseModels:
     cache_entries: dict[str, Path | str]  # a Path for a local cache, the s3:// URI otherwise
 
 
-def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, scen_data: ScenarioData,
-                       cache_dir: str | Path, log: Callable[[str], None] = print,
-                       roles: tuple[str, ...] = ROLES, train_missing: bool = True) -> BaseModels:
+def ensure_base_models(
+    data: DatasetArrays,
+    split: Split,
+    scenario: Scenario,
+    scen_data: ScenarioData,
+    cache_dir: str | Path,
+    log: Callable[[str], None] = print,
+    roles: tuple[str, ...] = ROLES,
+    train_missing: bool = True,
+) -> BaseModels:
     """Load theta_o and theta_r from the cache, training (and caching) whichever is missing.
     Each model's metrics on a split are computed once and cached. A search trial passes
     train_missing=False: the driver made sure they exist, and a trial that cannot see them is
@@ -173,17 +209,24 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
             from_cache[role] = True
             log(f"{role}: loaded from cache {entry}")
         elif not train_missing:
-            raise RuntimeError(f"{role} model missing from the cache at {entry}: on a cluster, cache_dir must be "
-                               "s3://bucket/prefix or shared storage mounted at the same path on every node")
+            raise RuntimeError(
+                f"{role} model missing from the cache at {entry}: on a cluster, cache_dir must be "
+                "s3://bucket/prefix or shared storage mounted at the same path on every node"
+            )
         else:
-            log(f"{role}: training {scenario.arch_name} with recipe {scenario.recipe_name!r} ({scenario.train_recipe.epochs} epochs)")
+            log(
+                f"{role}: training {scenario.arch_name} with recipe {scenario.recipe_name!r} "
+                f"({scenario.train_recipe.epochs} epochs)"
+            )
             if role == "original":
                 x, y = (torch.from_numpy(a).to(device) for a in (data.train_x, data.train_y))
             else:
                 x, y = scen_data.retain.x, scen_data.retain.y
             torch.manual_seed(scenario.seed)  # the same init for theta_o and theta_r
             model = build_model(scenario.arch_name, in_ch, data.num_classes).to(device)
-            seconds = train_from_scratch(model, x, y, scen_data.augmenter, scenario.train_recipe, scenario.seed, role, log)
+            seconds = train_from_scratch(
+                model, x, y, scen_data.augmenter, scenario.train_recipe, scenario.seed, role, log
+            )
             del x, y
             buf = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
@@ -191,8 +234,7 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
             # atomic writes (storage.write_bytes): concurrent runs may share a cache; model.pt
             # first, meta.json (with its checksum) last, so an entry is complete once it has one
             storage.write_bytes(storage.join(entry, "model.pt"), blob)
-            meta = {"sha256": _sha256(blob), "key_inputs": inputs, "wall_seconds": seconds,
-                    "metrics_by_split": {}}
+            meta = {"sha256": _sha256(blob), "key_inputs": inputs, "wall_seconds": seconds, "metrics_by_split": {}}
             from_cache[role] = False
             log(f"{role}: trained in {seconds:.1f}s, cached at {entry}")
         # Metrics depend on the split (which samples are D_u, which test samples count): cached
@@ -210,15 +252,30 @@ def ensure_base_models(data: DatasetArrays, split: Split, scenario: Scenario, sc
         metrics["original"] = {**metrics["original"], **gaps(metrics["original"], metrics["oracle"])}
         orig_train_acc = metrics["original"]["retain_acc"]
         if orig_train_acc < 99.0:
-            log(f"warning: the original reaches only {orig_train_acc:.1f}% retain accuracy; below 99% it has not "
-                "memorized its data and there is little to unlearn (METHOD.md section 5)")
-    return BaseModels(models.get("original"), models.get("oracle"), metrics.get("original", {}),
-                      metrics.get("oracle", {}), from_cache, entries)
+            log(
+                f"warning: the original reaches only {orig_train_acc:.1f}% retain accuracy; below 99% it has not "
+                "memorized its data and there is little to unlearn (METHOD.md section 5)"
+            )
+    return BaseModels(
+        models.get("original"),
+        models.get("oracle"),
+        metrics.get("original", {}),
+        metrics.get("oracle", {}),
+        from_cache,
+        entries,
+    )
 
 
-def oracle_seed_spread(data: DatasetArrays, split: Split, scenario: Scenario, scen_data: ScenarioData,
-                       cache_dir: str | Path, oracle_metrics: dict[str, float], n_seeds: int,
-                       log: Callable[[str], None] = print) -> dict[str, float]:
+def oracle_seed_spread(
+    data: DatasetArrays,
+    split: Split,
+    scenario: Scenario,
+    scen_data: ScenarioData,
+    cache_dir: str | Path,
+    oracle_metrics: dict[str, float],
+    n_seeds: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
     """The noise floor of every gap: oracles retrained on the same D_r with other seeds
     (scenario.seed + 1 ... + n_seeds - 1, cached like any oracle), and their gaps to the
     scenario's oracle. Returns the mean of each gap over those seeds, as `oracle_noise_<gap>`

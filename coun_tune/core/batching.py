@@ -10,8 +10,8 @@ torchvision on a fixed seed).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,9 @@ class Augmenter:
         """(N, C, H, W) uint8 -> (N, C, H, W) float32, (x/255 - mean)/std. Test-time transform."""
         return (x_uint8.float().div_(255.0) - self.mean) / self.std
 
-    def sample_params(self, n: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample_params(
+        self, n: int, generator: torch.Generator, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample crop offsets (top, left), each in [0, 2p], and flip flags (bool)."""
         p = self.policy.crop_padding
         top = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=device)
@@ -59,14 +61,16 @@ class Augmenter:
         return top, left, flip
 
     @staticmethod
-    def crop_flip(x: torch.Tensor, padding: int, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    def crop_flip(
+        x: torch.Tensor, padding: int, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor
+    ) -> torch.Tensor:
         """Crop each sample of (N, C, H, W) at its own offset from the zero-padded image, then
         mirror the flagged ones. Pure function of its inputs (tested against torchvision)."""
         n, c, h, w = x.shape
         if padding > 0:
             padded = F.pad(x, (padding, padding, padding, padding))
-            rows = (top.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # (N, H)
-            cols = (left.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # (N, W)
+            rows = top.view(n, 1) + torch.arange(h, device=x.device).view(1, h)  # (N, H)
+            cols = left.view(n, 1) + torch.arange(w, device=x.device).view(1, w)  # (N, W)
             # Gather rows then columns: two index_select-like gathers over broadcast indices.
             idx_r = rows.view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
             x = padded.gather(2, idx_r)
@@ -80,13 +84,15 @@ class Augmenter:
         return self.normalize(self.crop_flip(x_uint8, self.policy.crop_padding, top, left, flip))
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+def shuffled_batches(
+    n: int, batch_size: int, generator: torch.Generator, device: torch.device
+) -> Iterator[torch.Tensor]:
     """Index batches over a fresh permutation of range(n); the last short batch is kept unless
     it has a single sample (a contrastive batch of one has no negatives, and batch norm
     cannot train on it)."""
     perm = torch.randperm(n, generator=generator, device=device)
     for start in range(0, n, batch_size):
-        idx = perm[start:start + batch_size]
+        idx = perm[start : start + batch_size]
         if idx.numel() >= 2:
             yield idx
 

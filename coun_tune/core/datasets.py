@@ -14,16 +14,23 @@ No download happens unless the caller passes `download=True` (CIFAR only, via to
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from coun_tune.core.dataset_arrays import AugmentPolicy, DatasetArrays
 from coun_tune.errors import UsageError
 
-__all__ = ["AugmentPolicy", "DatasetArrays", "DATASETS", "IMAGE_SIZES", "DEFAULT_ROOTS", "check_dataset_name",
-           "load_dataset"]
+__all__ = [
+    "AugmentPolicy",
+    "DatasetArrays",
+    "DATASETS",
+    "IMAGE_SIZES",
+    "DEFAULT_ROOTS",
+    "check_dataset_name",
+    "load_dataset",
+]
 
 
 def _digits(root: str | None, download: bool) -> DatasetArrays:
@@ -43,7 +50,10 @@ def _digits(root: str | None, download: bool) -> DatasetArrays:
     idx_test.sort()
     return DatasetArrays(
         name="digits",
-        train_x=x[idx_train], train_y=y[idx_train], test_x=x[idx_test], test_y=y[idx_test],
+        train_x=x[idx_train],
+        train_y=y[idx_train],
+        test_x=x[idx_test],
+        test_y=y[idx_test],
         num_classes=10,
         # padding 1 at 8x8 is the same fraction of the image as the paper's 4 at 32x32
         augment=AugmentPolicy(crop_padding=1, flip=False, mean=(0.3,), std=(0.37,)),

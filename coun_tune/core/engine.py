@@ -28,8 +28,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Callable, Collection
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +45,15 @@ from coun_tune.core.models import FeatureClassifier, count_forward_macs
 from coun_tune.core.splits import Split
 from coun_tune.errors import DivergedError, UsageError
 
-__all__ = ["DivergedError", "ScenarioData", "evaluate_scenario", "resolve_hparams", "cosine_floor", "step_loss",
-           "run_unlearning"]
+__all__ = [
+    "DivergedError",
+    "ScenarioData",
+    "evaluate_scenario",
+    "resolve_hparams",
+    "cosine_floor",
+    "step_loss",
+    "run_unlearning",
+]
 
 MOMENTUM, WEIGHT_DECAY, FINAL_LR = 0.9, 5e-4, 1e-4
 
@@ -70,7 +78,7 @@ class ScenarioData:
     split_hash: str
 
     @classmethod
-    def build(cls, data: DatasetArrays, split: Split, device: torch.device | str) -> "ScenarioData":
+    def build(cls, data: DatasetArrays, split: Split, device: torch.device | str) -> ScenarioData:
         def put(x: np.ndarray, y: np.ndarray) -> DeviceSplit:
             return DeviceSplit(torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y).to(device))
 
@@ -85,14 +93,25 @@ class ScenarioData:
         )
 
 
-def evaluate_scenario(model: torch.nn.Module, scenario: ScenarioData, oracle_metrics: dict[str, float] | None = None,
-                      with_mia: bool = True) -> dict[str, float]:
+def evaluate_scenario(
+    model: torch.nn.Module,
+    scenario: ScenarioData,
+    oracle_metrics: dict[str, float] | None = None,
+    with_mia: bool = True,
+) -> dict[str, float]:
     """A model's metrics on a scenario's splits, with its gaps to the oracle when given. The
     MIA's member sample is drawn from the split (member_seed(split_hash)), never from a run's
     seed: the original, the oracle, every unlearned model and every noise-floor oracle of one
     split are scored against the same members."""
-    metrics = evaluate(model, scenario.retain, scenario.forget, scenario.test, scenario.augmenter,
-                       member_seed(scenario.split_hash), with_mia)
+    metrics = evaluate(
+        model,
+        scenario.retain,
+        scenario.forget,
+        scenario.test,
+        scenario.augmenter,
+        member_seed(scenario.split_hash),
+        with_mia,
+    )
     if oracle_metrics is not None:
         metrics.update(gaps(metrics, oracle_metrics))
     return metrics
@@ -103,7 +122,9 @@ def resolve_hparams(method: str, given: dict[str, Any]) -> dict[str, Any]:
     declared = method_hparams(method)
     unknown = sorted(set(given) - set(declared))
     if unknown:
-        raise UsageError(f"method {method!r} has no hyperparameter {unknown[0]!r}; it has {', '.join(sorted(declared))}")
+        raise UsageError(
+            f"method {method!r} has no hyperparameter {unknown[0]!r}; it has {', '.join(sorted(declared))}"
+        )
     out: dict[str, Any] = {}
     for name, h in declared.items():
         v = given.get(name, h.default)
@@ -129,8 +150,16 @@ def resolve_hparams(method: str, given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def step_loss(method: Method, ctx: MethodContext, batch: Batch, epoch: int, step_i: int, cl_weight: float,
-              tau: float, fused_views: bool = False) -> torch.Tensor:
+def step_loss(
+    method: Method,
+    ctx: MethodContext,
+    batch: Batch,
+    epoch: int,
+    step_i: int,
+    cl_weight: float,
+    tau: float,
+    fused_views: bool = False,
+) -> torch.Tensor:
     """The loss of one step on a batch (x (N, C, H, W) uint8, y (N,), forget rows): the
     method's loss on view 1 plus, when the plug-in is on, cl_weight * L_CL(z1, z2) over the
     batch's retain rows (none: no term, e.g. SCRUB's max steps). The loop and the tests call
@@ -144,8 +173,16 @@ def step_loss(method: Method, ctx: MethodContext, batch: Batch, epoch: int, step
         z1, z2 = fused_features(ctx.model, x1, ctx.augmenter(batch.x, ctx.generator))
     else:
         z1 = ctx.model.features(x1)
-    step = Step(x1=x1, y=batch.y, z1=z1, logits=ctx.model.classifier(z1), epoch=epoch, step=step_i,
-                forget=batch.forget, phase=batch.phase)
+    step = Step(
+        x1=x1,
+        y=batch.y,
+        z1=z1,
+        logits=ctx.model.classifier(z1),
+        epoch=epoch,
+        step=step_i,
+        forget=batch.forget,
+        phase=batch.phase,
+    )
     ctx.count(trained=len(batch))
     loss = method.loss(ctx, step)
     if cl_weight > 0:
@@ -196,16 +233,25 @@ def run_unlearning(
     fast.prepare(device, model, original)
     optimizer = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     ctx = MethodContext(
-        model=model, original=original, retain=scenario.retain,
+        model=model,
+        original=original,
+        retain=scenario.retain,
         forget=scenario.forget if method.reads_forget else ForgetGuard(method.name),
-        augmenter=scenario.augmenter, num_classes=scenario.num_classes, batch_size=batch_size,
-        epochs=epochs, generator=generator, hparams=hp, optimizer=optimizer,
+        augmenter=scenario.augmenter,
+        num_classes=scenario.num_classes,
+        batch_size=batch_size,
+        epochs=epochs,
+        generator=generator,
+        hparams=hp,
+        optimizer=optimizer,
     )
     method.prepare(ctx)
     steps = [method.steps_in_epoch(ctx, e) for e in range(epochs)]  # the plan, without drawing
     if min(steps) == 0:
-        raise UsageError(f"method {method_name!r} has no step in an epoch: the retain set ({len(scenario.retain)}) or "
-                         f"forget set is too small for one batch of {batch_size}")
+        raise UsageError(
+            f"method {method_name!r} has no step in an epoch: the retain set ({len(scenario.retain)}) or "
+            f"forget set is too small for one batch of {batch_size}"
+        )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=sum(steps), eta_min=cosine_floor(hp["lr"]))
     start_epoch, wall = 0, 0.0
     if resume is not None:
@@ -251,10 +297,19 @@ def run_unlearning(
         metrics.update(epoch=epoch + 1, wall_seconds=wall, **flops_from_work(ctx.work, forward_macs))
         metrics["loss"] = float(loss.item())
         if on_epoch is not None:
+
             def make_checkpoint(e: int = epoch + 1, w: float = wall, work: tuple = tuple(ctx.work.items())) -> dict:
-                return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                        "method": method.state_dict(), "work": dict(work), "epoch": e, "wall_seconds": w}
+                return {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "method": method.state_dict(),
+                    "work": dict(work),
+                    "epoch": e,
+                    "wall_seconds": w,
+                }
+
             on_epoch(epoch + 1, metrics, make_checkpoint)
     if not metrics:  # resumed from the last epoch's checkpoint: nothing left to train
         metrics = evaluate_scenario(model, scenario, oracle_metrics)

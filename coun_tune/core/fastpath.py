@@ -107,7 +107,7 @@ def fused_features(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor) -
     """Features of both views from one forward: x1, x2 (N, C, H, W) -> z1, z2 (N, D).
     Batch norm in training mode normalises over all 2N samples (see the module docstring)."""
     z = model.features(torch.cat([x1, x2]))
-    return z[: x1.shape[0]], z[x1.shape[0]:]
+    return z[: x1.shape[0]], z[x1.shape[0] :]
 
 
 @contextlib.contextmanager

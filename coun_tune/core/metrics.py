@@ -37,19 +37,37 @@ GAP_OF = {"retain_gap": "retain_acc", "forget_gap": "unlearn_acc", "test_gap": "
 # match the oracle's, not be high or low). Search specs, MLflow logging, the Pareto reference
 # point and `best:` picks all read this.
 METRICS: dict[str, tuple[str | None, bool]] = {
-    "retain_acc": ("max", True), "forget_acc": (None, True), "unlearn_acc": (None, True),
-    "test_acc": ("max", True), "mia_efficacy": (None, True), "mia_loss_attack_acc": (None, True),
-    "retain_gap": ("min", True), "forget_gap": ("min", True), "test_gap": ("min", True), "mia_gap": ("min", True),
-    "avg_gap": ("min", True), "wall_seconds": ("min", False), "flops": ("min", False),
+    "retain_acc": ("max", True),
+    "forget_acc": (None, True),
+    "unlearn_acc": (None, True),
+    "test_acc": ("max", True),
+    "mia_efficacy": (None, True),
+    "mia_loss_attack_acc": (None, True),
+    "retain_gap": ("min", True),
+    "forget_gap": ("min", True),
+    "test_gap": ("min", True),
+    "mia_gap": ("min", True),
+    "avg_gap": ("min", True),
+    "wall_seconds": ("min", False),
+    "flops": ("min", False),
 }
-DIAGNOSTICS = ("flops_true", "mia_efficacy_resample_min", "mia_efficacy_resample_max", "mia_member_saturated",
-               "mia_nonmember_saturated", "loss", "epoch")
+DIAGNOSTICS = (
+    "flops_true",
+    "mia_efficacy_resample_min",
+    "mia_efficacy_resample_max",
+    "mia_member_saturated",
+    "mia_nonmember_saturated",
+    "loss",
+    "epoch",
+)
 SATURATED = 0.999
 MIA_RESAMPLES = 5
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, split: DeviceSplit, augmenter: Augmenter, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict(
+    model: torch.nn.Module, split: DeviceSplit, augmenter: Augmenter, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Test-time pass: (correct (N,) bool, true-label softmax confidence (N,), CE loss (N,))."""
     was_training = model.training
     model.eval()
@@ -124,12 +142,21 @@ def flops_from_work(work: dict[str, int], forward_macs: int) -> dict[str, float]
     sample counts: work["trained"] samples went forward + backward, work["forward_only"]
     forward alone; forward_macs = MACs of one forward of one sample."""
     fwd = 2 * forward_macs  # FLOPs = 2 x MACs
-    return {"flops": float(fwd * (2 * work["trained"] + work["forward_only"])),
-            "flops_true": float(fwd * (3 * work["trained"] + work["forward_only"]))}
+    return {
+        "flops": float(fwd * (2 * work["trained"] + work["forward_only"])),
+        "flops_true": float(fwd * (3 * work["trained"] + work["forward_only"])),
+    }
 
 
-def evaluate(model: torch.nn.Module, retain: DeviceSplit, forget: DeviceSplit, test: DeviceSplit,
-             augmenter: Augmenter, seed: int, with_mia: bool = True) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    retain: DeviceSplit,
+    forget: DeviceSplit,
+    test: DeviceSplit,
+    augmenter: Augmenter,
+    seed: int,
+    with_mia: bool = True,
+) -> dict[str, float]:
     """Accuracies (and, if asked, the MIA metrics) of a model on one scenario's three splits,
     in eval mode with the test-time transform (normalisation only). `seed` draws the MIA's
     members: pass member_seed(split_hash), so it is a property of the split, not of a run."""

@@ -8,7 +8,7 @@ contrastive term is computed on) and `classifier()` (the last linear layer). No 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,8 +17,15 @@ from coun_tune.core import models_extra
 from coun_tune.core.model_base import FeatureClassifier
 from coun_tune.errors import UsageError
 
-__all__ = ["FeatureClassifier", "SmallCNN", "ResNet18", "ARCHITECTURES", "ARCH_INPUT_SIZE", "build_model",
-           "count_forward_macs"]
+__all__ = [
+    "FeatureClassifier",
+    "SmallCNN",
+    "ResNet18",
+    "ARCHITECTURES",
+    "ARCH_INPUT_SIZE",
+    "build_model",
+    "count_forward_macs",
+]
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -36,8 +43,13 @@ class SmallCNN(FeatureClassifier):
         super().__init__()
         w = width
         self.body = nn.Sequential(
-            _conv_bn(in_channels, w), _conv_bn(w, 2 * w), nn.MaxPool2d(2),
-            _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            _conv_bn(in_channels, w),
+            _conv_bn(w, 2 * w),
+            nn.MaxPool2d(2),
+            _conv_bn(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.feature_dim = 4 * w
         self.fc = nn.Linear(4 * w, num_classes)
@@ -69,7 +81,9 @@ class ResNet18(FeatureClassifier):
 
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+        )
         layers, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]

@@ -19,8 +19,26 @@ from torch import nn
 from coun_tune.core.model_base import FeatureClassifier
 
 # VGG-16 ("configuration D"): channel counts of the 3x3 convs, "M" = 2x2 max-pool.
-VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-                                    512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_CFG: tuple[int | str, ...] = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
 
 
 class VGG16BN(FeatureClassifier):
@@ -54,8 +72,9 @@ class VGG16BN(FeatureClassifier):
                 layers += [nn.Conv2d(cin, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
                 cin = int(v)
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(cin, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-                                  nn.ReLU(inplace=True))
+        self.head = nn.Sequential(
+            nn.Linear(cin, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)
+        )
         self.feature_dim = hidden_dim
         self.fc = nn.Linear(hidden_dim, num_classes)
         for m in self.modules():
@@ -82,16 +101,21 @@ class _Attention(nn.Module):
         n, t, _ = x.shape
         qkv = self.to_qkv(self.norm(x)).view(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         # softmax(q k^T / sqrt(dim_head)) v, with dropout on the attention weights while training
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).reshape(n, t, -1))
 
 
 class _FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, dim), nn.Dropout(dropout))
+        self.net = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+            nn.Dropout(dropout),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -124,9 +148,20 @@ class ViTSmall(FeatureClassifier):
     ValueError in `features()`.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int = 32, patch_size: int = 4,
-                 dim: int = 512, depth: int = 6, heads: int = 12, dim_head: int = 64, mlp_dim: int = 1024,
-                 dropout: float = 0.1, emb_dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int = 32,
+        patch_size: int = 4,
+        dim: int = 512,
+        depth: int = 6,
+        heads: int = 12,
+        dim_head: int = 64,
+        mlp_dim: int = 1024,
+        dropout: float = 0.1,
+        emb_dropout: float = 0.1,
+    ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -150,8 +185,10 @@ class ViTSmall(FeatureClassifier):
         flattened as (p1, p2, c) like einops' "b c (h p1) (w p2) -> b (h w) (p1 p2 c)"."""
         n, c, h, w = x.shape
         if h != self.image_size or w != self.image_size:
-            raise ValueError(f"ViTSmall was built for {self.image_size}x{self.image_size} inputs, got {h}x{w} "
-                             f"(use vit_small for 32x32, vit_small_64 for 64x64)")
+            raise ValueError(
+                f"ViTSmall was built for {self.image_size}x{self.image_size} inputs, got {h}x{w} "
+                f"(use vit_small for 32x32, vit_small_64 for 64x64)"
+            )
         p = self.patch_size
         x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
         return x.reshape(n, (h // p) * (w // p), p * p * c)

@@ -5,9 +5,10 @@ unlearn -> metrics with gaps to the oracle."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -39,9 +40,14 @@ class Prepared:
         return self.scenario.defaults.batch_size
 
 
-def prepare(scenario: Scenario, cache_dir: str | Path | None = None, device: torch.device | str | None = None,
-            log: Callable[[str], None] = print, data: DatasetArrays | None = None,
-            train_missing: bool = True) -> Prepared:
+def prepare(
+    scenario: Scenario,
+    cache_dir: str | Path | None = None,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] = print,
+    data: DatasetArrays | None = None,
+    train_missing: bool = True,
+) -> Prepared:
     """Everything a run needs before unlearning starts. `data` may be passed in (a search puts
     it in the Ray object store once and hands it to every trial)."""
     cache_dir = str(cache_dir) if cache_dir else str(default_cache_dir())  # a path or s3:// (never Path(): it eats //)
@@ -56,24 +62,42 @@ def prepare(scenario: Scenario, cache_dir: str | Path | None = None, device: tor
     return Prepared(scenario, data, split, scen_data, base)
 
 
-def unlearn(prep: Prepared, method: str, hparams: dict[str, Any], batch_size: int | None = None,
-            seed: int | None = None, **kwargs: Any) -> tuple[torch.nn.Module, dict[str, float]]:
+def unlearn(
+    prep: Prepared,
+    method: str,
+    hparams: dict[str, Any],
+    batch_size: int | None = None,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.nn.Module, dict[str, float]]:
     """Unlearn a copy of theta_o; returns (theta_u, its final metrics with gaps to the oracle).
     `seed` (default: the scenario's) drives augmentation and batch order."""
     model = copy.deepcopy(prep.base.original).train().requires_grad_(True)
     metrics = run_unlearning(
-        model, prep.base.original, prep.scen_data, method, hparams,
+        model,
+        prep.base.original,
+        prep.scen_data,
+        method,
+        hparams,
         batch_size=batch_size or prep.batch_size,
         seed=prep.scenario.seed if seed is None else seed,
-        oracle_metrics=prep.base.oracle_metrics, **kwargs,
+        oracle_metrics=prep.base.oracle_metrics,
+        **kwargs,
     )
     return model, metrics
 
 
-def unlearn_sequential(scenario: Scenario, method: str, hparams: dict[str, Any], batch_size: int | None = None,
-                       seed: int | None = None, cache_dir: str | Path | None = None,
-                       device: torch.device | str | None = None, log: Callable[[str], None] = print,
-                       data: DatasetArrays | None = None) -> tuple[torch.nn.Module, list[dict]]:
+def unlearn_sequential(
+    scenario: Scenario,
+    method: str,
+    hparams: dict[str, Any],
+    batch_size: int | None = None,
+    seed: int | None = None,
+    cache_dir: str | Path | None = None,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] = print,
+    data: DatasetArrays | None = None,
+) -> tuple[torch.nn.Module, list[dict]]:
     """Sequential forgetting: apply scenario.forget's requests in turn, each unlearning run
     starting from the previous one's model, and measure after each request against the oracle
     of the data remaining at that point (trained, or read from the cache, per request).
@@ -91,10 +115,26 @@ def unlearn_sequential(scenario: Scenario, method: str, hparams: dict[str, Any],
         log(f"request {k + 1}/{len(splits)}: forgetting {split.spec} ({len(split.forget_idx)} samples removed so far)")
         # the model entering this request is the method's theta_o: SalUn's mask, NoT's negated
         # layer and SCRUB/BadTeacher's teachers are taken from it, not from the first original
-        metrics = run_unlearning(model, start, scen_data, method, hparams,
-                                 batch_size=batch_size or scenario.defaults.batch_size,
-                                 seed=(scenario.seed if seed is None else seed) + k, oracle_metrics=base.oracle_metrics)
-        records.append({"request": k + 1, "spec": split.spec, "split_hash": split.split_hash,
-                        "num_forget": int(len(split.forget_idx)), "num_retain": int(len(split.retain_idx)),
-                        "original": base.original_metrics, "oracle": base.oracle_metrics, "unlearned": metrics})
+        metrics = run_unlearning(
+            model,
+            start,
+            scen_data,
+            method,
+            hparams,
+            batch_size=batch_size or scenario.defaults.batch_size,
+            seed=(scenario.seed if seed is None else seed) + k,
+            oracle_metrics=base.oracle_metrics,
+        )
+        records.append(
+            {
+                "request": k + 1,
+                "spec": split.spec,
+                "split_hash": split.split_hash,
+                "num_forget": int(len(split.forget_idx)),
+                "num_retain": int(len(split.retain_idx)),
+                "original": base.original_metrics,
+                "oracle": base.oracle_metrics,
+                "unlearned": metrics,
+            }
+        )
     return model, records

@@ -111,6 +111,12 @@ class Scenario:
         return RECIPES[self.recipe_name]
 
     def to_dict(self) -> dict:
-        return {"dataset": self.dataset, "forget": list(self.forget) if self.sequential else self.forget, "seed": self.seed, "arch": self.arch_name,
-                "recipe": self.recipe_name, "data_root": self.data_root,
-                **({} if self.split_seed is None else {"split_seed": self.split_seed})}
+        return {
+            "dataset": self.dataset,
+            "forget": list(self.forget) if self.sequential else self.forget,
+            "seed": self.seed,
+            "arch": self.arch_name,
+            "recipe": self.recipe_name,
+            "data_root": self.data_root,
+            **({} if self.split_seed is None else {"split_seed": self.split_seed}),
+        }

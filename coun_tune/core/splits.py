@@ -113,8 +113,9 @@ def _content_hash(fingerprint: str, forget_idx: np.ndarray, test_idx: np.ndarray
     return h.hexdigest()
 
 
-def compute_forget_indices(data: DatasetArrays, spec: ForgetSpec, seed: int,
-                           exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def compute_forget_indices(
+    data: DatasetArrays, spec: ForgetSpec, seed: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Pure: (forget_idx, test_idx) for a spec and seed, both sorted int64. `exclude` holds
     samples already removed by earlier requests (sequential forgetting): they are never drawn
     again, and a random fraction is a fraction of the *whole* training set."""
@@ -159,8 +160,9 @@ def _spec_key(fs: ForgetSpec) -> list:
     return [fs.kind, fs.fraction, fs.class_id, ids_hash]
 
 
-def _register(data: DatasetArrays, fingerprint: str, key_parts: list, spec_text: str, seed: int, cache_dir: str | Path,
-              compute) -> Split:
+def _register(
+    data: DatasetArrays, fingerprint: str, key_parts: list, spec_text: str, seed: int, cache_dir: str | Path, compute
+) -> Split:
     """Read the split for `key_parts` from the registry, or compute it (compute() ->
     (forget_idx, test_idx)) and write it once. Verified against its content hash on read."""
     import pyarrow as pa
@@ -175,7 +177,9 @@ def _register(data: DatasetArrays, fingerprint: str, key_parts: list, spec_text:
             role = np.asarray(table.column("role").to_pylist())
             index = table.column("index").to_numpy().astype(np.int64)
         except Exception as e:  # a truncated or foreign file: say so, never a traceback
-            raise UsageError(f"split file {str(path)!r} is unreadable ({type(e).__name__}): delete it to recompute") from None
+            raise UsageError(
+                f"split file {str(path)!r} is unreadable ({type(e).__name__}): delete it to recompute"
+            ) from None
         forget, test_idx = np.sort(index[role == "forget"]), np.sort(index[role == "test"])
         if _content_hash(fingerprint, forget, test_idx) != meta.get("split_hash"):
             raise UsageError(f"split file {str(path)!r} does not match its content hash: delete it to recompute")
@@ -183,13 +187,20 @@ def _register(data: DatasetArrays, fingerprint: str, key_parts: list, spec_text:
     else:
         forget, test_idx = compute()
         split_hash = _content_hash(fingerprint, forget, test_idx)
-        table = pa.table({
-            "role": pa.array(["forget"] * len(forget) + ["test"] * len(test_idx)),
-            "index": pa.array(np.concatenate([forget, test_idx]), type=pa.int64()),
-        }).replace_schema_metadata({
-            "split_hash": split_hash, "dataset": data.name, "dataset_fingerprint": fingerprint,
-            "spec": spec_text, "seed": str(seed),
-        })
+        table = pa.table(
+            {
+                "role": pa.array(["forget"] * len(forget) + ["test"] * len(test_idx)),
+                "index": pa.array(np.concatenate([forget, test_idx]), type=pa.int64()),
+            }
+        ).replace_schema_metadata(
+            {
+                "split_hash": split_hash,
+                "dataset": data.name,
+                "dataset_fingerprint": fingerprint,
+                "spec": spec_text,
+                "seed": str(seed),
+            }
+        )
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
         storage.write_bytes(path, buf.getvalue().to_pybytes())  # atomic: no trial reads a half-written split
@@ -202,8 +213,9 @@ def materialize_split(data: DatasetArrays, spec: str | ForgetSpec, seed: int, ca
     writing it (once) if not. The file is verified against its content hash on every read."""
     fs = parse_forget_spec(spec) if isinstance(spec, str) else spec
     fingerprint = data.fingerprint()
-    return _register(data, fingerprint, _spec_key(fs), str(fs), seed, cache_dir,
-                     lambda: compute_forget_indices(data, fs, seed))
+    return _register(
+        data, fingerprint, _spec_key(fs), str(fs), seed, cache_dir, lambda: compute_forget_indices(data, fs, seed)
+    )
 
 
 def sequential_splits(data: DatasetArrays, specs: list[str], seed: int, cache_dir: str | Path) -> list[Split]:
@@ -223,7 +235,16 @@ def sequential_splits(data: DatasetArrays, specs: list[str], seed: int, cache_di
         test_idx = np.intersect1d(test_idx, req_test)
         key_parts = key_parts + [_spec_key(fs)]
         frozen_removed, frozen_test = removed.copy(), test_idx.copy()
-        text = " then ".join(str(parse_forget_spec(s)) for s in specs[:k + 1])
-        splits.append(_register(data, fingerprint, ["sequential", key_parts], text, seed, cache_dir,
-                                lambda r=frozen_removed, t=frozen_test: (r, t)))
+        text = " then ".join(str(parse_forget_spec(s)) for s in specs[: k + 1])
+        splits.append(
+            _register(
+                data,
+                fingerprint,
+                ["sequential", key_parts],
+                text,
+                seed,
+                cache_dir,
+                lambda r=frozen_removed, t=frozen_test: (r, t),
+            )
+        )
     return splits

@@ -40,7 +40,7 @@ def _check(uri: str) -> None:
     text = str(uri)
     if "://" in text and not is_remote(text):
         raise UsageError(f"storage {text!r}: only local paths and s3://bucket/prefix are supported")
-    if is_remote(text) and not text[len(S3):].split("/", 1)[0]:
+    if is_remote(text) and not text[len(S3) :].split("/", 1)[0]:
         raise UsageError(f"storage {text!r}: an s3:// URI needs a bucket name (s3://bucket/prefix)")
 
 
@@ -56,8 +56,7 @@ def _endpoint() -> tuple[str | None, str]:
 
 
 @lru_cache(maxsize=8)
-def _s3(endpoint: str | None, scheme: str, key: str | None, secret: str | None, token: str | None,
-        region: str | None):
+def _s3(endpoint: str | None, scheme: str, key: str | None, secret: str | None, token: str | None, region: str | None):
     from pyarrow import fs
 
     kwargs = dict(scheme=scheme, allow_bucket_creation=True)
@@ -78,9 +77,10 @@ def filesystem(uri: str):
         endpoint, scheme = _endpoint()
         env = os.environ.get
         region = env("AWS_DEFAULT_REGION") or env("AWS_REGION") or ("us-east-1" if endpoint else None)
-        fs = _s3(endpoint, scheme, env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"), env("AWS_SESSION_TOKEN"),
-                 region)
-        return fs, str(uri)[len(S3):].strip("/")
+        fs = _s3(
+            endpoint, scheme, env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"), env("AWS_SESSION_TOKEN"), region
+        )
+        return fs, str(uri)[len(S3) :].strip("/")
     from pyarrow import fs
 
     return fs.LocalFileSystem(), _local(uri)

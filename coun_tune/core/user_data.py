@@ -90,11 +90,15 @@ def _stack(images: list[np.ndarray], names: list[str]) -> np.ndarray:
     h, w = images[0].shape[:2]
     for im, name in zip(images, names):
         if im.shape[:2] != (h, w):
-            raise UsageError(f"image {name} is {im.shape[1]}x{im.shape[0]} pixels; {names[0]} is {w}x{h}: "
-                             "all images must have one size (nothing is resized)")
+            raise UsageError(
+                f"image {name} is {im.shape[1]}x{im.shape[0]} pixels; {names[0]} is {w}x{h}: "
+                "all images must have one size (nothing is resized)"
+            )
     colour = any(im.ndim == 3 for im in images)
-    out = [np.repeat(im[:, :, None], 3, 2) if colour and im.ndim == 2 else im if im.ndim == 3 else im[:, :, None]
-           for im in images]
+    out = [
+        np.repeat(im[:, :, None], 3, 2) if colour and im.ndim == 2 else im if im.ndim == 3 else im[:, :, None]
+        for im in images
+    ]
     return np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2))
 
 
@@ -155,8 +159,9 @@ def _read_npz(path: Path, layout: str | None) -> tuple[np.ndarray, ...]:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("train_x", "train_y", "test_x", "test_y") if k not in z.files]
             if missing:
-                raise UsageError(f"data file {str(path)!r} lacks array {missing[0]!r} "
-                                 "(needs train_x, train_y, test_x, test_y)")
+                raise UsageError(
+                    f"data file {str(path)!r} lacks array {missing[0]!r} (needs train_x, train_y, test_x, test_y)"
+                )
             arrays = {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
     except UsageError:
         raise
@@ -178,8 +183,9 @@ def _parquet_images(col, layout: str | None, where: str) -> np.ndarray:
     if pa.types.is_struct(col.type) and col.type.get_field_index("bytes") >= 0:  # Hugging Face's image layout
         col = col.field("bytes")
     if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
-        raise UsageError(f"{where}: column 'image' must be a uint8 fixed_shape_tensor or PNG/JPEG bytes, "
-                         f"got {col.type}")
+        raise UsageError(
+            f"{where}: column 'image' must be a uint8 fixed_shape_tensor or PNG/JPEG bytes, got {col.type}"
+        )
     raws = col.to_pylist()
     if any(r is None for r in raws):
         raise UsageError(f"{where}: column 'image' has nulls")
@@ -214,8 +220,10 @@ def _read_parquet(path: Path, layout: str | None) -> tuple[np.ndarray, ...]:
 
 def _policy(decl: DataDeclaration, channels: int, calibration_dataset: str | None) -> AugmentPolicy:
     if decl.crop_padding is None or decl.flip is None:
-        raise UsageError("declare the augmentation the model was trained with: --crop-padding N and --flip or "
-                         "--no-flip (or data: {crop_padding: N, flip: true|false} in the config)")
+        raise UsageError(
+            "declare the augmentation the model was trained with: --crop-padding N and --flip or "
+            "--no-flip (or data: {crop_padding: N, flip: true|false} in the config)"
+        )
     mean, std = decl.mean, decl.std
     if (mean is None) != (std is None):
         raise UsageError("give both --mean and --std, or neither")
@@ -223,8 +231,10 @@ def _policy(decl: DataDeclaration, channels: int, calibration_dataset: str | Non
         mean, std = DATASET_NORMALIZATION.get(calibration_dataset or "", (None, None))
         if mean is None or len(mean) != channels:
             known = f"the config's dataset {calibration_dataset!r} has {len(mean)}" if mean else "no known default"
-            raise UsageError(f"the images have {channels} channel(s) and {known}: declare the normalisation the "
-                             "model was trained with, --mean and --std")
+            raise UsageError(
+                f"the images have {channels} channel(s) and {known}: declare the normalisation the "
+                "model was trained with, --mean and --std"
+            )
     if len(mean) != channels or len(std) != channels:
         raise UsageError(f"--mean/--std need {channels} value(s) (one per channel), got {len(mean)} and {len(std)}")
     if min(std) <= 0:
@@ -250,16 +260,26 @@ def load_user_data(path: str | Path, decl: DataDeclaration, calibration_dataset:
         if len(x) == 0:
             raise UsageError(f"data {str(p)!r}: the {s} split is empty")
     if train_x.shape[1:] != test_x.shape[1:]:
-        raise UsageError(f"data {str(p)!r}: train images are {train_x.shape[1:]} (C, H, W) but test images "
-                         f"{test_x.shape[1:]}")
+        raise UsageError(
+            f"data {str(p)!r}: train images are {train_x.shape[1:]} (C, H, W) but test images {test_x.shape[1:]}"
+        )
     if decl.crop_padding is not None and not 0 <= decl.crop_padding < min(train_x.shape[2:]):
-        raise UsageError(f"--crop-padding must be in [0, {min(train_x.shape[2:])}) for "
-                         f"{train_x.shape[2]}x{train_x.shape[3]} images, got {decl.crop_padding}")
+        raise UsageError(
+            f"--crop-padding must be in [0, {min(train_x.shape[2:])}) for "
+            f"{train_x.shape[2]}x{train_x.shape[3]} images, got {decl.crop_padding}"
+        )
     k = len(classes) if classes else int(max(train_y.max(), test_y.max())) + 1
     if decl.num_classes is not None:
         if decl.num_classes < k:
             raise UsageError(f"--num-classes {decl.num_classes}, but the data has labels up to {k - 1}")
         k = decl.num_classes
-    arrays = DatasetArrays(name="user", train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=k,
-                           augment=_policy(decl, train_x.shape[1], calibration_dataset))
+    arrays = DatasetArrays(
+        name="user",
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=k,
+        augment=_policy(decl, train_x.shape[1], calibration_dataset),
+    )
     return UserData(arrays, source, classes)

@@ -49,7 +49,6 @@ class LastLinearClassifier(FeatureClassifier):
         return torch.flatten(self.net(x), 1)
 
 
-
 def user_module(model: nn.Module) -> nn.Module:
     """A copy of the model as the user's own class: a LastLinearClassifier's network with its
     Linear back in place (its state dict then has the user's keys and loads into their class)."""
@@ -68,8 +67,10 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
     uvicorn/gunicorn's app strings."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise UsageError(f"--arch {spec!r}: give a coun-tune architecture ({', '.join(sorted(ARCHITECTURES))}) "
-                         "or package.module:factory")
+        raise UsageError(
+            f"--arch {spec!r}: give a coun-tune architecture ({', '.join(sorted(ARCHITECTURES))}) "
+            "or package.module:factory"
+        )
     added = os.getcwd() not in sys.path
     if added:
         sys.path.insert(0, os.getcwd())
@@ -111,8 +112,11 @@ def build_user_model(arch: str, in_channels: int, num_classes: int) -> FeatureCl
         raise UsageError(f"--arch {arch!r}: the factory failed ({type(e).__name__}: {e})") from None
     if not isinstance(net, nn.Module):
         raise UsageError(f"--arch {arch!r}: the factory returned a {type(net).__name__}, not a torch.nn.Module")
-    if callable(getattr(net, "features", None)) and callable(getattr(net, "classifier", None)) \
-            and not isinstance(net.features, nn.Module):
+    if (
+        callable(getattr(net, "features", None))
+        and callable(getattr(net, "classifier", None))
+        and not isinstance(net.features, nn.Module)
+    ):
         return net  # the user's own split (torchvision's VGG has *modules* named features/classifier: not this)
     return LastLinearClassifier(net)
 
@@ -126,8 +130,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a pickle of arbitrary objects, not a torch file at all
-        raise UsageError(f"model file {str(p)!r} is not a state dict torch.load(weights_only=True) can read "
-                         f"({type(e).__name__})") from None
+        raise UsageError(
+            f"model file {str(p)!r} is not a state dict torch.load(weights_only=True) can read ({type(e).__name__})"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -142,12 +147,13 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: st
     if isinstance(model, LastLinearClassifier):  # put the Linear back for the load, under its own key
         state_dict = dict(state_dict)
         prefix = model.fc_path + "."
-        fc_sd = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+        fc_sd = {k[len(prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
         try:
             model.fc.load_state_dict(fc_sd, strict=True)
         except RuntimeError as e:
-            raise UsageError(f"the model's classifier {model.fc_path!r} does not match {arch}: "
-                             f"{_first_line(e)}") from None
+            raise UsageError(
+                f"the model's classifier {model.fc_path!r} does not match {arch}: {_first_line(e)}"
+            ) from None
     try:
         target.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
@@ -172,16 +178,20 @@ def check_model(model: nn.Module, image: torch.Tensor, num_classes: int, arch: s
             z = model.features(image)
             logits = model(image)
         except Exception as e:
-            raise UsageError(f"{arch} does not take {tuple(image.shape[1:])} (C, H, W) images: "
-                             f"{type(e).__name__}: {_first_line(e)}") from None
+            raise UsageError(
+                f"{arch} does not take {tuple(image.shape[1:])} (C, H, W) images: {type(e).__name__}: {_first_line(e)}"
+            ) from None
         if z.ndim != 2 or z.shape[0] != 1:
             raise UsageError(f"{arch}: features() must return (N, D), got {tuple(z.shape)}")
         if tuple(logits.shape) != (1, num_classes):
-            raise UsageError(f"{arch} outputs {tuple(logits.shape[1:])} logits per image; the data has "
-                             f"{num_classes} classes")
+            raise UsageError(
+                f"{arch} outputs {tuple(logits.shape[1:])} logits per image; the data has {num_classes} classes"
+            )
         if not torch.allclose(model.classifier(z), logits, rtol=1e-4, atol=1e-5):
-            raise UsageError(f"{arch}: forward(x) differs from classifier(features(x)); its last nn.Linear is "
-                             "not its last operation: give an architecture with features() and classifier()")
+            raise UsageError(
+                f"{arch}: forward(x) differs from classifier(features(x)); its last nn.Linear is "
+                "not its last operation: give an architecture with features() and classifier()"
+            )
         return int(z.shape[1])
     finally:
         model.train(was)

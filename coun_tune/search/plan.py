@@ -53,8 +53,11 @@ class SearchState:
         uri = storage.join(exp_uri, SEARCH_STATE)
         try:
             doc = json.loads(storage.read_bytes(uri))
-            return cls(**{k: doc[k] for k in ("parent_run_id", "experiment_id", "tracking_uri")},
-                       spec_hash=doc.get("spec_hash", ""), status=doc.get("status", "running"))
+            return cls(
+                **{k: doc[k] for k in ("parent_run_id", "experiment_id", "tracking_uri")},
+                spec_hash=doc.get("spec_hash", ""),
+                status=doc.get("status", "running"),
+            )
         except (OSError, ValueError, KeyError, TypeError):
             raise UsageError(f"search state {uri} is unreadable or incomplete") from None
 
@@ -82,7 +85,7 @@ def _search_dirs(storage_uri: str, name: str) -> list[str]:
     pattern = re.compile(rf"{re.escape(name)}_\d{{8}}-\d{{6}}(-\d+)?")
 
     def order(n: str) -> tuple[str, int]:  # (stamp, k): "-10" sorts after "-9"
-        suffix = n[len(name) + 1:]
+        suffix = n[len(name) + 1 :]
         return suffix[:15], int(suffix[16:]) if len(suffix) > 15 else 1
 
     return sorted((n for n in storage.list_dir(storage_uri) if pattern.fullmatch(n)), key=order)
@@ -137,8 +140,10 @@ def make_plan(spec: SearchSpec, address: str | None, tracking_uri: str | None, r
         exp_uri = latest_search(storage_uri, spec.name)
         state = SearchState.load(exp_uri)
         if state.spec_hash and state.spec_hash != digest:
-            raise UsageError(f"--resume: the spec changed since search {exp_uri.rsplit('/', 1)[-1]} started; "
-                             "run it without --resume to start a new search")
+            raise UsageError(
+                f"--resume: the spec changed since search {exp_uri.rsplit('/', 1)[-1]} started; "
+                "run it without --resume to start a new search"
+            )
         if tracking_uri is not None and tracking_uri != state.tracking_uri:
             raise UsageError(f"--resume: this search logs to {state.tracking_uri}, not {tracking_uri}")
         tracking_uri = state.tracking_uri
@@ -151,8 +156,10 @@ def make_plan(spec: SearchSpec, address: str | None, tracking_uri: str | None, r
         import torch  # local Ray sees the GPUs torch sees; without one, trials would wait forever
 
         if spec.resources_per_trial["gpu"] > torch.cuda.device_count():
-            raise UsageError(f"resources_per_trial asks for {spec.resources_per_trial['gpu']:g} GPU but local Ray sees "
-                             f"{torch.cuda.device_count()}: set gpu: 0 here, or pass --address of a GPU cluster")
+            raise UsageError(
+                f"resources_per_trial asks for {spec.resources_per_trial['gpu']:g} GPU but local Ray sees "
+                f"{torch.cuda.device_count()}: set gpu: 0 here, or pass --address of a GPU cluster"
+            )
     if address is not None:
         from coun_tune.search.ray_session import check_address
 

@@ -45,8 +45,14 @@ class TrialProgress(Callback):
     # restored Tuner unpickles its own copy of this callback, so no reference survives to ask).
     ends_by_search: dict[str, dict] = {}
 
-    def __init__(self, search_name: str, objectives: list[str], params: list[str], num_samples: int,
-                 fixed_epochs: int | None = None):
+    def __init__(
+        self,
+        search_name: str,
+        objectives: list[str],
+        params: list[str],
+        num_samples: int,
+        fixed_epochs: int | None = None,
+    ):
         self.search_name, self.objectives, self.params = search_name, list(objectives), list(params)
         self.num_samples, self.fixed_epochs = num_samples, fixed_epochs
         self.trials: dict[str, dict] = {}  # trial id -> {status, epoch, epochs, objectives..., params...}
@@ -78,15 +84,27 @@ class TrialProgress(Callback):
             print(self._line(self._columns()), flush=True)
             self._header_shown = True
         epoch = "-" if row.get("epoch") is None else f"{row['epoch']}/{row.get('epochs') or '?'}"
-        cells = [trial_id, status, epoch, *[_fmt(row.get(k)) for k in self.objectives],
-                 *[_fmt(row.get("config", {}).get(k)) for k in self.params]]
+        cells = [
+            trial_id,
+            status,
+            epoch,
+            *[_fmt(row.get(k)) for k in self.objectives],
+            *[_fmt(row.get("config", {}).get(k)) for k in self.params],
+        ]
         print(self._line(cells), file=sys.stdout, flush=True)
 
     def _row(self, trial) -> dict:
         config = {k: trial.config.get(k) for k in self.params}
-        return self.trials.setdefault(trial.trial_id, {
-            "n": len(self.trials), "config": config, "epoch": None, "status": "pending",
-            "epochs": trial.config.get("epochs", self.fixed_epochs)})
+        return self.trials.setdefault(
+            trial.trial_id,
+            {
+                "n": len(self.trials),
+                "config": config,
+                "epoch": None,
+                "status": "pending",
+                "epochs": trial.config.get("epochs", self.fixed_epochs),
+            },
+        )
 
     def on_trial_start(self, iteration, trials, trial, **info):
         row = self._row(trial)
@@ -99,8 +117,12 @@ class TrialProgress(Callback):
             if isinstance(result.get(k), (int, float)):
                 row[k] = float(result[k])
         self._show(trial.trial_id, "running")
-        if os.environ.get(TEST_SIGINT_ENV) and len(trials) >= self.num_samples and trial is trials[-1] \
-                and not row.get("test_sigint_sent"):
+        if (
+            os.environ.get(TEST_SIGINT_ENV)
+            and len(trials) >= self.num_samples
+            and trial is trials[-1]
+            and not row.get("test_sigint_sent")
+        ):
             row["test_sigint_sent"] = True
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -126,18 +148,28 @@ def trial_rows(search_name: str) -> dict[str, dict]:
     return dict(TrialProgress.ends_by_search.get(search_name, {}))
 
 
-def summary(progress_rows: dict[str, dict], objectives: list[str], params: list[str], num_samples: int,
-            wall_s: float) -> str:
+def summary(
+    progress_rows: dict[str, dict], objectives: list[str], params: list[str], num_samples: int, wall_s: float
+) -> str:
     """The end-of-search screen: counts, then up to SUMMARY_ROWS trials in trial order."""
     status = [r.get("status") for r in progress_rows.values()]
     pruned = f", {status.count(PRUNED)} pruned by early stopping" if PRUNED in status else ""
-    head = (f"{status.count(COMPLETED)} of {num_samples} trials completed{pruned}, {status.count(FAILED)} failed, "
-            f"{status.count(INTERRUPTED)} interrupted; {wall_s:.0f} s")
+    head = (
+        f"{status.count(COMPLETED)} of {num_samples} trials completed{pruned}, {status.count(FAILED)} failed, "
+        f"{status.count(INTERRUPTED)} interrupted; {wall_s:.0f} s"
+    )
     rows = []
     for tid, r in sorted(progress_rows.items(), key=lambda kv: kv[1].get("n", 0))[:SUMMARY_ROWS]:
         ep = "-" if r.get("epoch") is None else f"{r['epoch']}/{r.get('epochs') or '?'}"
-        rows.append([tid, r.get("status"), ep, *[_fmt(r.get(k)) for k in objectives],
-                     *[_fmt(r.get("config", {}).get(k)) for k in params]])
+        rows.append(
+            [
+                tid,
+                r.get("status"),
+                ep,
+                *[_fmt(r.get(k)) for k in objectives],
+                *[_fmt(r.get("config", {}).get(k)) for k in params],
+            ]
+        )
     more = len(progress_rows) - SUMMARY_ROWS
     tail = f"\n... and {more} more trials (all of them are in MLflow)" if more > 0 else ""
     return head + "\n" + table(["trial", "status", "epoch", *objectives, *params], rows) + tail

@@ -41,13 +41,14 @@ def runs_dir() -> Path:
 
 # --- processes ------------------------------------------------------------------------------
 
+
 def start_time(pid: int) -> int | None:
     """A process's start time (clock ticks since boot, /proc/PID/stat field 22); None if gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2:].split()
+    fields = raw[raw.rindex(")") + 2 :].split()
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
@@ -68,7 +69,7 @@ def descendants(root: int) -> list[int]:
             raw = Path(f"/proc/{e}/stat").read_text()
         except OSError:
             continue
-        children.setdefault(int(raw[raw.rindex(")") + 2:].split()[1]), []).append(int(e))
+        children.setdefault(int(raw[raw.rindex(")") + 2 :].split()[1]), []).append(int(e))
     out, todo = [], list(children.get(root, []))
     while todo:
         p = todo.pop()
@@ -88,6 +89,7 @@ def pids_naming(fragment: str) -> list[int]:
 
 def _stop(procs: list[tuple[int, int]], grace: float = 5.0) -> None:
     """SIGTERM (pid, start time) pairs that still match, wait, SIGKILL the rest."""
+
     def live():
         return [p for p, t in procs if start_time(p) == t]
 
@@ -104,14 +106,19 @@ def _stop(procs: list[tuple[int, int]], grace: float = 5.0) -> None:
 
 # --- run records ----------------------------------------------------------------------------
 
+
 def write_record(temp_dir: str) -> Path:
     """Record (or refresh) what this driver's local Ray consists of now: its processes are the
     driver's descendants (Ray's agents and workers rename themselves `ray::...`, so only the
     tree finds them once the driver is gone) and anything naming the temp dir."""
     pid = os.getpid()
     procs = [(p, start_time(p)) for p in sorted(set(descendants(pid)) | set(pids_naming(temp_dir)))]
-    record = {"driver_pid": pid, "driver_start": start_time(pid), "temp_dir": temp_dir,
-              "processes": [[p, t] for p, t in procs if t is not None]}
+    record = {
+        "driver_pid": pid,
+        "driver_start": start_time(pid),
+        "temp_dir": temp_dir,
+        "processes": [[p, t] for p, t in procs if t is not None],
+    }
     path = runs_dir() / f"{pid}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -142,13 +149,13 @@ def clean_dead_runs(log=lambda s: None) -> list[dict]:
         else:
             _stop(procs)
         path.unlink(missing_ok=True)
-        log(f"cleaned up after an earlier coun-tune run (driver {pid}, gone): "
-            f"{len(procs)} Ray process(es), {temp_dir}")
+        log(f"cleaned up after an earlier coun-tune run (driver {pid}, gone): {len(procs)} Ray process(es), {temp_dir}")
         cleaned.append(rec)
     return cleaned
 
 
 # --- connecting -----------------------------------------------------------------------------
+
 
 def check_address(address: str) -> None:
     """A cluster address must answer before Ray is asked to connect: Ray retries for ever."""
@@ -161,8 +168,9 @@ def check_address(address: str) -> None:
         with socket.create_connection((host, int(port)), timeout=10):
             pass
     except OSError as e:
-        raise UsageError(f"--address {address}: nothing answers there ({e.strerror or e}); "
-                         "is the Ray head running?") from None
+        raise UsageError(
+            f"--address {address}: nothing answers there ({e.strerror or e}); is the Ray head running?"
+        ) from None
 
 
 def probe_connect(address: str, timeout: float) -> None:
@@ -173,11 +181,17 @@ def probe_connect(address: str, timeout: float) -> None:
 
     code = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); ray.shutdown()"
     try:
-        proc = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=timeout,
-                              start_new_session=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, address],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
     except subprocess.TimeoutExpired:
-        raise UsageError(f"--address {address}: no answer within {timeout:.0f} s "
-                         "(is it a Ray head's GCS port?)") from None
+        raise UsageError(
+            f"--address {address}: no answer within {timeout:.0f} s (is it a Ray head's GCS port?)"
+        ) from None
     if proc.returncode != 0:
         last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no reason given"]
         raise UsageError(f"--address {address}: Ray could not connect ({last[0][:300]})")
@@ -218,8 +232,13 @@ class RaySession:
             # manager and worker gRPC ports listen on all interfaces in Ray 2.60 whatever the node
             # IP (a 127.0.0.1 node IP is rewritten to the machine's address): token auth, on by
             # default, is what guards them; nothing here turns it off.
-            ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     _temp_dir=self.temp_dir, runtime_env=runtime_env)
+            ray.init(
+                num_cpus=self.num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=False,
+                _temp_dir=self.temp_dir,
+                runtime_env=runtime_env,
+            )
         finally:
             self.record = write_record(self.temp_dir)
         return self

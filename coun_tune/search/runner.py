@@ -43,11 +43,19 @@ class RunInfo:
     mia_epochs: list[int]  # early-stopping rungs where an objective needs the MIA (else [])
 
     @classmethod
-    def of(cls, plan: SearchPlan) -> "RunInfo":
+    def of(cls, plan: SearchPlan) -> RunInfo:
         s = plan.spec
-        return cls(scenario=s.scenario.to_dict(), method=s.method, fixed=dict(s.fixed), batch_size=s.batch_size,
-                   seed=s.scenario.seed, cache_dir=plan.cache_dir, mia_every=s.mia_every,
-                   cpus=s.resources_per_trial["cpu"], mia_epochs=mia_rung_epochs(s))
+        return cls(
+            scenario=s.scenario.to_dict(),
+            method=s.method,
+            fixed=dict(s.fixed),
+            batch_size=s.batch_size,
+            seed=s.scenario.seed,
+            cache_dir=plan.cache_dir,
+            mia_every=s.mia_every,
+            cpus=s.resources_per_trial["cpu"],
+            mia_epochs=mia_rung_epochs(s),
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +75,7 @@ class Outcome:
 
 
 # --- Optuna / Tune configuration (one place to change the searcher or add a scheduler) --------
+
 
 def optuna_space(space: dict[str, Domain]) -> dict:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -102,8 +111,13 @@ def make_searcher(spec: SearchSpec):
     # tells trials the scheduler stopped to Optuna as PRUNED (Ray's OptunaSearch: COMPLETE)
     from coun_tune.search.samplers import PruningOptunaSearch
 
-    return PruningOptunaSearch(space=optuna_space(spec.space), metric=list(spec.objectives),
-                               mode=list(spec.objectives.values()), sampler=make_sampler(spec), seed=spec.seed)
+    return PruningOptunaSearch(
+        space=optuna_space(spec.space),
+        metric=list(spec.objectives),
+        mode=list(spec.objectives.values()),
+        sampler=make_sampler(spec),
+        seed=spec.seed,
+    )
 
 
 def make_scheduler(plan: SearchPlan):
@@ -131,29 +145,43 @@ def mia_rung_epochs(spec: SearchSpec) -> list[int]:
     from coun_tune.search.scheduler import rung_epochs
 
     d = spec.space.get("epochs")
-    top = resolve_hparams(spec.method, dict(spec.fixed))["epochs"] if d is None else \
-        max(d.choices) if d.kind == "choice" else d.high
+    top = (
+        resolve_hparams(spec.method, dict(spec.fixed))["epochs"]
+        if d is None
+        else max(d.choices)
+        if d.kind == "choice"
+        else d.high
+    )
     return rung_epochs(cfg["grace_epochs"], cfg["reduction_factor"], int(top))
 
 
 def tune_config(spec: SearchSpec, searcher, scheduler=None):
     from ray import tune
 
-    return tune.TuneConfig(search_alg=searcher, num_samples=spec.num_samples, scheduler=scheduler,
-                           max_concurrent_trials=spec.max_concurrent_trials)
+    return tune.TuneConfig(
+        search_alg=searcher,
+        num_samples=spec.num_samples,
+        scheduler=scheduler,
+        max_concurrent_trials=spec.max_concurrent_trials,
+    )
 
 
 # --- the steps --------------------------------------------------------------------------------
 
-def run_search(spec: SearchSpec, address: str | None = None, tracking_uri: str | None = None,
-               resume: bool = False, out=sys.stdout) -> Outcome:
+
+def run_search(
+    spec: SearchSpec, address: str | None = None, tracking_uri: str | None = None, resume: bool = False, out=sys.stdout
+) -> Outcome:
     """Run (or resume) a search; see the module docstring for the steps."""
     from coun_tune.search.ray_session import RaySession
 
     plan = make_plan(spec, address, tracking_uri, resume)
     if plan.state is not None and plan.state.status == FINISHED:
-        print(f"search {plan.name} already finished (MLflow parent run {plan.state.parent_run_id}); "
-              "nothing to resume. Run the spec without --resume to start a new search.", file=out)
+        print(
+            f"search {plan.name} already finished (MLflow parent run {plan.state.parent_run_id}); "
+            "nothing to resume. Run the spec without --resume to start a new search.",
+            file=out,
+        )
         return Outcome(ALREADY_FINISHED, plan.state.parent_run_id, plan.state.experiment_id)
     # The SVC MIA (and so mia_*, avg_gap) may be computed only at the last epoch; Optuna reads
     # only the last report, so Tune must not insist every report holds every objective.
@@ -188,12 +216,16 @@ def train_base_models(plan: SearchPlan, data_ref, out) -> dict:
     from coun_tune.search.trainable import ensure_base_models_streaming
 
     # streams one line per training epoch to `out`; a UsageError on the worker comes back as itself
-    base = ensure_base_models_streaming(plan.spec.scenario.to_dict(), plan.cache_dir, data_ref,
-                                        plan.spec.resources_per_trial, out)
+    base = ensure_base_models_streaming(
+        plan.spec.scenario.to_dict(), plan.cache_dir, data_ref, plan.spec.resources_per_trial, out
+    )
     for role in ("original", "oracle"):
         how = "from the cache" if base["from_cache"][role] else "trained now (Ray task)"
-        print(f"{role}: {how}; retain_acc {base[role]['retain_acc']:.2f}, forget_acc {base[role]['forget_acc']:.2f}, "
-              f"test_acc {base[role]['test_acc']:.2f}", file=out)
+        print(
+            f"{role}: {how}; retain_acc {base[role]['retain_acc']:.2f}, forget_acc {base[role]['forget_acc']:.2f}, "
+            f"test_acc {base[role]['test_acc']:.2f}",
+            file=out,
+        )
     return base
 
 
@@ -213,17 +245,33 @@ def open_parent_run(plan: SearchPlan, base: dict):
         client.set_tag(state.parent_run_id, "status", "running")
     else:
         experiment_id = ensure_experiment(client, plan.tracking_uri, spec.name)
-        parent = client.create_run(experiment_id, run_name=plan.name,
-                                   tags={ROLE: "search", "coun_tune.method": spec.method, "status": "running",
-                                         "coun_tune.objectives": json.dumps(spec.objectives),
-                                         "coun_tune.search_dir": plan.exp_uri})
-        log_params(client, parent.info.run_id, {
-            "sampler": spec.sampler, "num_samples": spec.num_samples, "method": spec.method,
-            "max_concurrent_trials": spec.max_concurrent_trials, "split_hash": base["split_hash"],
-            **{f"scenario.{k}": v for k, v in spec.scenario.to_dict().items()}})
+        parent = client.create_run(
+            experiment_id,
+            run_name=plan.name,
+            tags={
+                ROLE: "search",
+                "coun_tune.method": spec.method,
+                "status": "running",
+                "coun_tune.objectives": json.dumps(spec.objectives),
+                "coun_tune.search_dir": plan.exp_uri,
+            },
+        )
+        log_params(
+            client,
+            parent.info.run_id,
+            {
+                "sampler": spec.sampler,
+                "num_samples": spec.num_samples,
+                "method": spec.method,
+                "max_concurrent_trials": spec.max_concurrent_trials,
+                "split_hash": base["split_hash"],
+                **{f"scenario.{k}": v for k, v in spec.scenario.to_dict().items()},
+            },
+        )
         client.log_dict(parent.info.run_id, spec.to_dict(), "spec.yaml")
-        client.log_dict(parent.info.run_id, {"original": base["original"], "oracle": base["oracle"]},
-                        "base_models.json")
+        client.log_dict(
+            parent.info.run_id, {"original": base["original"], "oracle": base["oracle"]}, "base_models.json"
+        )
         state = SearchState(parent.info.run_id, experiment_id, plan.tracking_uri, plan.spec_hash)
     state.status = "running"
     state.save(plan.exp_uri)
@@ -248,24 +296,29 @@ def build_tuner(plan: SearchPlan, state: SearchState, data_ref):
     spec, res = plan.spec, plan.spec.resources_per_trial
     trainable = tune.with_resources(
         tune.with_parameters(unlearn_trial, data=data_ref, run_info=RunInfo.of(plan).to_dict()),
-        {"cpu": res["cpu"], "gpu": res["gpu"]})
+        {"cpu": res["cpu"], "gpu": res["gpu"]},
+    )
     fs, path = _tune_storage(plan.exp_uri)
     if plan.resume:  # callbacks (and their saved state) come back with the experiment
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
-    logger = MLflowTrialLogger(plan.tracking_uri, state.experiment_id, state.parent_run_id,
-                               {"method": spec.method, **spec.fixed})
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    logger = MLflowTrialLogger(
+        plan.tracking_uri, state.experiment_id, state.parent_run_id, {"method": spec.method, **spec.fixed}
+    )
     epochs = None if "epochs" in spec.space else resolve_hparams(spec.method, dict(spec.fixed))["epochs"]
     progress = TrialProgress(plan.name, list(spec.objectives), list(spec.space), spec.num_samples, epochs)
     return tune.Tuner(
         trainable,
         tune_config=tune_config(spec, make_searcher(spec), make_scheduler(plan)),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs,
-            callbacks=[logger, progress], failure_config=tune.FailureConfig(max_failures=1),
+            name=plan.name,
+            storage_path=path.rsplit("/", 1)[0],
+            storage_filesystem=fs,
+            callbacks=[logger, progress],
+            failure_config=tune.FailureConfig(max_failures=1),
             verbose=0,  # our TrialProgress prints one line per trial event instead
             # resume and the MLflow model artifact need only the latest
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
     )
 
 
@@ -275,7 +328,8 @@ def fit_trials(plan: SearchPlan, tuner) -> tuple[str, dict, float]:
     Interrupted is read from how each trial ended, not from counts: on Ctrl-C Tune saves its
     state, then marks the trials it stops TERMINATED like finished ones, so a Ctrl-C after the
     sampler created its last trial looked like a finished search."""
-    from coun_tune.search.progress import COMPLETED, FAILED as TRIAL_FAILED, PRUNED, trial_rows
+    from coun_tune.search.progress import COMPLETED, PRUNED, trial_rows
+    from coun_tune.search.progress import FAILED as TRIAL_FAILED
 
     t0 = time.time()
     tuner.fit()
@@ -311,8 +365,11 @@ def conclude(plan: SearchPlan, client, state: SearchState, status: str, rows: di
         client.set_terminated(parent_id, status="FAILED")
         state.status = FAILED
         state.save(plan.exp_uri)
-        print(f"\nno trial completed (their reasons are the `error` tags of the child runs in MLflow "
-              f"experiment {spec.name!r})", file=out)
+        print(
+            f"\nno trial completed (their reasons are the `error` tags of the child runs in MLflow "
+            f"experiment {spec.name!r})",
+            file=out,
+        )
         return outcome
     client.set_tag(parent_id, "status", "completed")
     client.log_metric(parent_id, "search_wall_seconds", wall)
@@ -328,7 +385,10 @@ def conclude(plan: SearchPlan, client, state: SearchState, status: str, rows: di
     print(f"\nexported the knee config to {outcome.export_path}", file=out)
     if not storage.is_remote(export_uri):
         print(f"  apply it: coun-tune unlearn --config {outcome.export_path} --output out/", file=out)
-    ui = f"mlflow ui --backend-store-uri {plan.tracking_uri} --host 127.0.0.1 --port 5000" \
-        if plan.tracking_uri.startswith("sqlite") else f"open {plan.tracking_uri}"
+    ui = (
+        f"mlflow ui --backend-store-uri {plan.tracking_uri} --host 127.0.0.1 --port 5000"
+        if plan.tracking_uri.startswith("sqlite")
+        else f"open {plan.tracking_uri}"
+    )
     print(f"review in MLflow: {ui}  (experiment {spec.name!r}, parent run {parent_id})", file=out)
     return outcome

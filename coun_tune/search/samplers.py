@@ -21,8 +21,11 @@ class NoRepeatNSGAII(optuna.samplers.NSGAIISampler):
         params = super().sample_relative(study, trial, search_space)
         # compare on the jointly sampled keys only: the rest (an int domain, say) is drawn
         # independently and repeats a small range by chance
-        if params and any(all(t.params.get(k) == v for k, v in params.items())
-                          for t in study.get_trials(deepcopy=False) if t.number != trial.number):
+        if params and any(
+            all(t.params.get(k) == v for k, v in params.items())
+            for t in study.get_trials(deepcopy=False)
+            if t.number != trial.number
+        ):
             return {}
         return params
 

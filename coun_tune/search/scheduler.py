@@ -33,6 +33,7 @@ TIME_ATTR = "epoch"  # what a trial reports after each epoch (1-based), beside E
 
 # --- ranking: pure functions (the Pareto sorting itself is coun_tune.pareto's) -----------------
 
+
 def priority_positions(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:
     """(n, m) raw metric values -> (n,) int: how many points rank strictly ahead of each one,
     ordering by non-dominated rank, then by larger crowding distance within the front. Equal
@@ -60,6 +61,7 @@ def rung_epochs(grace_epochs: int, reduction_factor: int, up_to: int) -> list[in
 
 # --- decisions: pure bookkeeping --------------------------------------------------------------
 
+
 class RungDecisions:
     """Asynchronous successive halving over several objectives.
 
@@ -70,8 +72,9 @@ class RungDecisions:
 
     def __init__(self, objectives: dict[str, str], grace_epochs: int = 1, reduction_factor: int = 3):
         if grace_epochs < 1 or reduction_factor < 2:
-            raise ValueError(f"mo_asha needs grace_epochs >= 1 and reduction_factor >= 2, "
-                             f"got {grace_epochs}, {reduction_factor}")
+            raise ValueError(
+                f"mo_asha needs grace_epochs >= 1 and reduction_factor >= 2, got {grace_epochs}, {reduction_factor}"
+            )
         self.objectives = dict(objectives)
         self.grace, self.eta = int(grace_epochs), int(reduction_factor)
         self.recorded: dict[int, dict[str, list[float]]] = {}
@@ -105,8 +108,10 @@ class RungDecisions:
         return done[trial_id]
 
     def state(self) -> dict:
-        return {"recorded": {str(k): v for k, v in self.recorded.items()},
-                "decided": {str(k): v for k, v in self.decided.items()}}
+        return {
+            "recorded": {str(k): v for k, v in self.recorded.items()},
+            "decided": {str(k): v for k, v in self.decided.items()},
+        }
 
     def load(self, state: dict) -> None:
         self.recorded = {int(k): dict(v) for k, v in state.get("recorded", {}).items()}
@@ -122,6 +127,7 @@ def _number(x) -> float:
 
 # --- Tune glue --------------------------------------------------------------------------------
 
+
 class MOASHA(FIFOScheduler):
     """The Tune scheduler: feeds each result's epoch, planned epochs and objective values to
     RungDecisions and returns its CONTINUE / STOP. state_path: JSON file the rungs are kept in
@@ -130,8 +136,13 @@ class MOASHA(FIFOScheduler):
     # decisions must be applied to the result they were made on (as Tune's ASHA does)
     _supports_buffered_results = False
 
-    def __init__(self, objectives: dict[str, str], grace_epochs: int = 1, reduction_factor: int = 3,
-                 state_path: str | None = None):
+    def __init__(
+        self,
+        objectives: dict[str, str],
+        grace_epochs: int = 1,
+        reduction_factor: int = 3,
+        state_path: str | None = None,
+    ):
         super().__init__()
         self.rungs = RungDecisions(objectives, grace_epochs, reduction_factor)
         self.state_path = state_path
@@ -151,8 +162,9 @@ class MOASHA(FIFOScheduler):
             self._load()
         if TIME_ATTR not in result:
             return TrialScheduler.CONTINUE
-        decision = self.rungs.on_result(trial.trial_id, int(result[TIME_ATTR]), result,
-                                        float(result.get(EPOCHS_PLANNED, math.inf)))
+        decision = self.rungs.on_result(
+            trial.trial_id, int(result[TIME_ATTR]), result, float(result.get(EPOCHS_PLANNED, math.inf))
+        )
         if self.state_path:
             tmp = f"{self.state_path}.tmp"
             Path(tmp).write_text(json.dumps(self.rungs.state()))
@@ -164,5 +176,6 @@ class MOASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         rungs = ", ".join(f"epoch {e}: {len(t)}" for e, t in sorted(self.rungs.recorded.items()))
-        return (f"MOASHA (grace {self.rungs.grace}, eta {self.rungs.eta}): {self.num_stopped} stopped; "
-                f"rungs {rungs or '-'}")
+        return (
+            f"MOASHA (grace {self.rungs.grace}, eta {self.rungs.eta}): {self.num_stopped} stopped; rungs {rungs or '-'}"
+        )

@@ -13,8 +13,9 @@ import queue
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -32,8 +33,7 @@ STATE_FILE = "state.pt"
 
 def trial_config(run_info: dict, hparams: dict[str, Any]) -> dict:
     """The `coun-tune unlearn --config` document that reproduces this trial."""
-    cfg = {"scenario": run_info["scenario"], "method": run_info["method"], "hparams": hparams,
-           "seed": run_info["seed"]}
+    cfg = {"scenario": run_info["scenario"], "method": run_info["method"], "hparams": hparams, "seed": run_info["seed"]}
     if run_info.get("batch_size"):
         cfg["batch_size"] = run_info["batch_size"]
     return cfg
@@ -65,13 +65,22 @@ def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
             (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             tune.report({**metrics, EPOCHS_PLANNED: planned}, checkpoint=tune.Checkpoint.from_directory(d))
 
-    unlearn(prep, run_info["method"], hparams, batch_size=run_info.get("batch_size"), seed=run_info["seed"],
-            on_epoch=on_epoch, resume=resume, mia_every=run_info.get("mia_every", 0),
-            mia_epochs=run_info.get("mia_epochs", ()))
+    unlearn(
+        prep,
+        run_info["method"],
+        hparams,
+        batch_size=run_info.get("batch_size"),
+        seed=run_info["seed"],
+        on_epoch=on_epoch,
+        resume=resume,
+        mia_every=run_info.get("mia_every", 0),
+        mia_epochs=run_info.get("mia_epochs", ()),
+    )
 
 
-def ensure_base_models_task(scenario: dict, cache_dir: str, data: DatasetArrays, cpus: int,
-                            log: Callable[[str], None] | None = None) -> dict:
+def ensure_base_models_task(
+    scenario: dict, cache_dir: str, data: DatasetArrays, cpus: int, log: Callable[[str], None] | None = None
+) -> dict:
     """Run as a Ray task before the tuner starts: train theta_o / theta_r if the cache lacks
     them. Returns what the driver prints: metrics and whether each came from the cache.
     `log` gets each progress line as it happens (one per training epoch)."""
@@ -84,9 +93,15 @@ def ensure_base_models_task(scenario: dict, cache_dir: str, data: DatasetArrays,
             log(line)
 
     prep = prepare(Scenario(**scenario), cache_dir, log=record, data=data)
-    return {"original": prep.base.original_metrics, "oracle": prep.base.oracle_metrics,
-            "from_cache": prep.base.from_cache, "log": lines, "split_hash": prep.split.split_hash,
-            "num_forget": int(len(prep.split.forget_idx)), "num_retain": int(len(prep.split.retain_idx))}
+    return {
+        "original": prep.base.original_metrics,
+        "oracle": prep.base.oracle_metrics,
+        "from_cache": prep.base.from_cache,
+        "log": lines,
+        "split_hash": prep.split.split_hash,
+        "num_forget": int(len(prep.split.forget_idx)),
+        "num_retain": int(len(prep.split.retain_idx)),
+    }
 
 
 _DONE = object()
@@ -125,8 +140,9 @@ def ensure_base_models_streaming(scenario: dict, cache_dir: str, data_ref, resou
     raised on the worker (a corrupted cache file, say) is raised here as itself."""
     import ray
 
-    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"],
-                      num_returns="streaming")(_base_models_stream)
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], num_returns="streaming")(
+        _base_models_stream
+    )
     try:
         for ref in task.remote(scenario, cache_dir, data_ref, int(max(1, resources["cpu"]))):
             item = ray.get(ref)

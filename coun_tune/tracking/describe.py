@@ -54,6 +54,7 @@ def run_name(number: str, sampled: dict[str, Any]) -> str:
 
 # --- links ----------------------------------------------------------------------------------
 
+
 def ui_base(tracking_uri: str) -> str:
     """Where the UI of this tracking store is: the server itself, or a local `mlflow ui`."""
     return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI
@@ -62,8 +63,9 @@ def ui_base(tracking_uri: str) -> str:
 def ui_command(tracking_uri: str) -> str | None:
     """The command that serves the UI of a SQLite store (None: a server is its own UI)."""
     db = sqlite_path(tracking_uri)
-    return None if db is None else (f"mlflow ui --backend-store-uri sqlite:///{db.resolve()} "
-                                    "--host 127.0.0.1 --port 5000")
+    return (
+        None if db is None else (f"mlflow ui --backend-store-uri sqlite:///{db.resolve()} --host 127.0.0.1 --port 5000")
+    )
 
 
 SHARED_VIEW = "mlflow.sharedViewState."  # experiment tag prefix of a saved view (the UI's "Share")
@@ -81,27 +83,64 @@ def view_state(parent_run_id: str, objectives: dict[str, str], searched: Sequenc
     objectives' scatter (points coloured by run colour: the front red) and a parallel
     coordinates chart of the searched hyperparameters against the objectives."""
     names = list(objectives)
-    metrics = [*names, *[m for m in ("is_pareto", "pareto_rank", "crowding_distance", "avg_gap", "test_acc")
-                         if m not in names]]
+    metrics = [
+        *names,
+        *[m for m in ("is_pareto", "pareto_rank", "crowding_distance", "avg_gap", "test_acc") if m not in names],
+    ]
     charts = []
     for i, (x, y) in enumerate(zip(names, names[1:] + names[:1]) if len(names) > 2 else [tuple(names)]):
         if len(names) < 2:
             break
-        charts.append({"uuid": f"coun-tune-scatter-{i}", "type": "SCATTER", "runsCountToCompare": 100,
-                       "metricSectionId": PARETO_SECTION, "deleted": False, "isGenerated": False,
-                       "displayName": f"{x} vs {y} (red: Pareto front)",
-                       "xaxis": {"key": x, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"}})
-    charts.append({"uuid": "coun-tune-parallel", "type": "PARALLEL", "runsCountToCompare": 100,
-                   "metricSectionId": PARETO_SECTION, "deleted": False, "isGenerated": False,
-                   "displayName": "hyperparameters against the objectives", "selectedParams": list(searched),
-                   "selectedMetrics": [*names, "is_pareto"], "showAllRuns": True})
-    return {"searchFilter": f"tags.`{PARENT}` = '{parent_run_id}'", "orderByKey": "metrics.`pareto_rank`",
-            "orderByAsc": True, "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
-            "modelVersionFilter": "All Runs",
-            "selectedColumns": [*[f"metrics.`{m}`" for m in metrics], *[f"params.`{p}`" for p in searched]],
-            "compareRunCharts": charts, "isAccordionReordered": True, "hideEmptyCharts": True,
-            "compareRunSections": [{"uuid": PARETO_SECTION, "name": "Pareto front (coun-tune)", "display": True,
-                                    "isReordered": True, "deleted": False, "isGenerated": False}]}
+        charts.append(
+            {
+                "uuid": f"coun-tune-scatter-{i}",
+                "type": "SCATTER",
+                "runsCountToCompare": 100,
+                "metricSectionId": PARETO_SECTION,
+                "deleted": False,
+                "isGenerated": False,
+                "displayName": f"{x} vs {y} (red: Pareto front)",
+                "xaxis": {"key": x, "type": "METRIC"},
+                "yaxis": {"key": y, "type": "METRIC"},
+            }
+        )
+    charts.append(
+        {
+            "uuid": "coun-tune-parallel",
+            "type": "PARALLEL",
+            "runsCountToCompare": 100,
+            "metricSectionId": PARETO_SECTION,
+            "deleted": False,
+            "isGenerated": False,
+            "displayName": "hyperparameters against the objectives",
+            "selectedParams": list(searched),
+            "selectedMetrics": [*names, "is_pareto"],
+            "showAllRuns": True,
+        }
+    )
+    return {
+        "searchFilter": f"tags.`{PARENT}` = '{parent_run_id}'",
+        "orderByKey": "metrics.`pareto_rank`",
+        "orderByAsc": True,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": [*[f"metrics.`{m}`" for m in metrics], *[f"params.`{p}`" for p in searched]],
+        "compareRunCharts": charts,
+        "isAccordionReordered": True,
+        "hideEmptyCharts": True,
+        "compareRunSections": [
+            {
+                "uuid": PARETO_SECTION,
+                "name": "Pareto front (coun-tune)",
+                "display": True,
+                "isReordered": True,
+                "deleted": False,
+                "isGenerated": False,
+            }
+        ],
+    }
 
 
 def runs_fragment(experiment_id: str, parent_run_id: str, chart: bool = False, shared: bool = True) -> str:
@@ -111,8 +150,13 @@ def runs_fragment(experiment_id: str, parent_run_id: str, chart: bool = False, s
     if shared:  # the UI ignores a saved view when the URL also holds search facets
         query["viewStateShareKey"] = share_key(parent_run_id)
     else:
-        query.update({"searchFilter": f"tags.`{PARENT}` = '{parent_run_id}'",
-                      "orderByKey": "metrics.`pareto_rank`", "orderByAsc": "true"})
+        query.update(
+            {
+                "searchFilter": f"tags.`{PARENT}` = '{parent_run_id}'",
+                "orderByKey": "metrics.`pareto_rank`",
+                "orderByAsc": "true",
+            }
+        )
     if chart:
         query["compareRunsMode"] = "CHART"
     return f"#/experiments/{experiment_id}/runs?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
@@ -128,6 +172,7 @@ def runs_link(tracking_uri: str, experiment_id: str, parent_run_id: str, chart: 
 
 # --- provenance -----------------------------------------------------------------------------
 
+
 def provenance() -> dict[str, str]:
     """coun-tune's version, and the git commit when it runs from a checkout (dirty if edited)."""
     import coun_tune
@@ -136,10 +181,15 @@ def provenance() -> dict[str, str]:
     root = Path(coun_tune.__file__).resolve().parents[1]
     if (root / ".git").exists():
         try:
-            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                    text=True, timeout=10).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            commit = subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             commit, dirty = "", ""
         if commit:
@@ -150,49 +200,82 @@ def provenance() -> dict[str, str]:
 
 # --- Markdown -------------------------------------------------------------------------------
 
+
 def _cell(v: Any) -> str:
     return "–" if v is None else short(v).replace("|", "\\|")
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(c if isinstance(c, str) and c.startswith("[") else _cell(c) for c in r) + " |"
-              for r in rows]
+    lines += [
+        "| " + " | ".join(c if isinstance(c, str) and c.startswith("[") else _cell(c) for c in r) + " |" for r in rows
+    ]
     return "\n".join(lines)
 
 
-def search_description(*, name: str, experiment_id: str, parent_run_id: str, tracking_uri: str, scenario: dict,
-                       split_hash: str | None, method: str, objectives: dict[str, str], hv: dict,
-                       front: list[dict], baselines: dict[str, dict], param_names: list[str], n_trials: int,
-                       spec: dict | None, prov: dict[str, str]) -> str:
+def search_description(
+    *,
+    name: str,
+    experiment_id: str,
+    parent_run_id: str,
+    tracking_uri: str,
+    scenario: dict,
+    split_hash: str | None,
+    method: str,
+    objectives: dict[str, str],
+    hv: dict,
+    front: list[dict],
+    baselines: dict[str, dict],
+    param_names: list[str],
+    n_trials: int,
+    spec: dict | None,
+    prov: dict[str, str],
+) -> str:
     """The parent run's (and the experiment's) Markdown description.
     hv: {normalised, raw, reference: {metric: value}, ideal: {metric: value}} in metric units.
     front: rows of the Pareto trials ({run_id, trial_id, metrics..., param.X...})."""
     names = list(objectives)
     extra = [m for m in ("avg_gap", "test_acc") if m not in names]
     scen = ", ".join(f"{k} {v}" for k, v in scenario.items() if v is not None)
-    lines = [f"## coun-tune search `{name}`: {method}", "",
-             f"**Scenario**: {scen}" + (f"; split_hash `{split_hash}`" if split_hash else ""), "",
-             "**Objectives**: " + ", ".join(f"{k} ({ARROW[m]})" for k, m in objectives.items()), "",
-             f"**Hypervolume**: {hv['normalised']:.4f} (normalised: the share of the box from the ideal point "
-             f"({', '.join(f'{k} {short(v)}' for k, v in hv['ideal'].items())}) to the reference point "
-             f"({', '.join(f'{k} {short(v)}' for k, v in hv['reference'].items())}) that the front dominates; "
-             f"raw {hv['raw']:.4g})", "",
-             f"**Pareto front**: {len(front)} of {n_trials} completed trials (each row links to its run):", ""]
-    rows = [[f"[trial {trial_label(r)}]({run_fragment(experiment_id, r['run_id'])})",
-             *[r.get(k) for k in names], *[r.get(m) for m in extra], *[r.get(f"param.{p}") for p in param_names]]
-            for r in front]
+    lines = [
+        f"## coun-tune search `{name}`: {method}",
+        "",
+        f"**Scenario**: {scen}" + (f"; split_hash `{split_hash}`" if split_hash else ""),
+        "",
+        "**Objectives**: " + ", ".join(f"{k} ({ARROW[m]})" for k, m in objectives.items()),
+        "",
+        f"**Hypervolume**: {hv['normalised']:.4f} (normalised: the share of the box from the ideal point "
+        f"({', '.join(f'{k} {short(v)}' for k, v in hv['ideal'].items())}) to the reference point "
+        f"({', '.join(f'{k} {short(v)}' for k, v in hv['reference'].items())}) that the front dominates; "
+        f"raw {hv['raw']:.4g})",
+        "",
+        f"**Pareto front**: {len(front)} of {n_trials} completed trials (each row links to its run):",
+        "",
+    ]
+    rows = [
+        [
+            f"[trial {trial_label(r)}]({run_fragment(experiment_id, r['run_id'])})",
+            *[r.get(k) for k in names],
+            *[r.get(m) for m in extra],
+            *[r.get(f"param.{p}") for p in param_names],
+        ]
+        for r in front
+    ]
     for label, b in baselines.items():
         cell = f"[{label}]({run_fragment(experiment_id, b['run_id'])})" if b.get("run_id") else label
         rows.append([cell, *[b.get(k) for k in names], *[b.get(m) for m in extra], *[None] * len(param_names)])
     lines += [md_table(["run", *names, *extra, *param_names], rows), ""]
-    lines += [f"**Review**: [this search's runs]({runs_fragment(experiment_id, parent_run_id)}) "
-              f"(sorted by `pareto_rank`; `is_pareto` = 1 on the front) · "
-              f"[charts]({runs_fragment(experiment_id, parent_run_id, chart=True)}) "
-              "(red: Pareto front, grey: dominated, blue: original, green: oracle) · "
-              "`pareto.png`, `pareto.html` and the trials table `trials.json` are this run's artifacts.", "",
-              "**Export** the knee (or `best:METRIC`, or a constraint such as `retain_acc>=99`):",
-              f"`coun-tune export {parent_run_id} --pick knee --output picked.yaml --tracking-uri {tracking_uri}`", ""]
+    lines += [
+        f"**Review**: [this search's runs]({runs_fragment(experiment_id, parent_run_id)}) "
+        f"(sorted by `pareto_rank`; `is_pareto` = 1 on the front) · "
+        f"[charts]({runs_fragment(experiment_id, parent_run_id, chart=True)}) "
+        "(red: Pareto front, grey: dominated, blue: original, green: oracle) · "
+        "`pareto.png`, `pareto.html` and the trials table `trials.json` are this run's artifacts.",
+        "",
+        "**Export** the knee (or `best:METRIC`, or a constraint such as `retain_acc>=99`):",
+        f"`coun-tune export {parent_run_id} --pick knee --output picked.yaml --tracking-uri {tracking_uri}`",
+        "",
+    ]
     prov_line = f"coun-tune {prov.get('coun_tune.version', '?')}"
     if prov.get("mlflow.source.git.commit"):
         prov_line += f", git commit `{prov['mlflow.source.git.commit'][:12]}`"

@@ -28,7 +28,7 @@ def client_for(tracking_uri: str):
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
-    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+    return Path(tracking_uri[len("sqlite:///") :]) if tracking_uri.startswith("sqlite:///") else None
 
 
 def check_tracking_uri(tracking_uri: str, must_exist: bool) -> None:
@@ -93,13 +93,18 @@ def find_parent_run(client, ref: str):
         try:
             run = client.get_run(ref)
         except MlflowException:
-            raise UsageError(f"{ref!r} is neither an MLflow experiment name nor a run id "
-                             "in this tracking store") from None
+            raise UsageError(
+                f"{ref!r} is neither an MLflow experiment name nor a run id in this tracking store"
+            ) from None
         if run.data.tags.get(ROLE) != "search":
             raise UsageError(f"run {ref} is not a coun-tune search (parent) run")
         return run
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE}` = 'search'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{ROLE}` = 'search'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not runs:
         raise UsageError(f"experiment {ref!r} has no coun-tune search run")
     return runs[0]
@@ -109,9 +114,12 @@ def child_runs(client, parent) -> list:
     """Every trial run nested under `parent` (all pages)."""
     out, token = [], None
     while True:
-        page = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`{PARENT}` = '{parent.info.run_id}'",
-                                  max_results=1000, page_token=token)
+        page = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{PARENT}` = '{parent.info.run_id}'",
+            max_results=1000,
+            page_token=token,
+        )
         out.extend(page)
         token = page.token
         if not token:
@@ -123,4 +131,4 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-        client.log_batch(run_id, params=items[i:i + 100])
+        client.log_batch(run_id, params=items[i : i + 100])

@@ -73,12 +73,17 @@ def model_info(config: dict, state: dict) -> dict:
             break
     if channels is None or size is None:
         raise UsageError(f"cannot tell the input shape of a {arch} model on dataset {dataset!r}")
-    return {"arch": arch, "dataset": dataset, "num_classes": num_classes, "image_shape": [channels, size, size],
-            "method": config.get("method"), "hparams": resolve_hparams(config["method"], config.get("hparams", {}))}
+    return {
+        "arch": arch,
+        "dataset": dataset,
+        "num_classes": num_classes,
+        "image_shape": [channels, size, size],
+        "method": config.get("method"),
+        "hparams": resolve_hparams(config["method"], config.get("hparams", {})),
+    }
 
 
-def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dict | None = None,
-              step: int = 0) -> str:
+def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dict | None = None, step: int = 0) -> str:
     """Log `model` (an eval-able torch module on any device) as the run's MLflow PyTorch model.
     info: model_info(...) (image_shape gives the signature: float32 (N, C, H, W), the
     dataset's normalisation applied; output (N, num_classes) logits). Returns the model id."""
@@ -86,10 +91,14 @@ def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dic
 
     run = client.get_run(run_id)
     params = {k: str(v) for k, v in info.get("hparams", {}).items()}
-    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
-                                        params=params, model_type="pytorch",
-                                        tags={"coun_tune.arch": str(info["arch"]),
-                                              "coun_tune.method": str(info["method"])})
+    logged = client.create_logged_model(
+        run.info.experiment_id,
+        name=MODEL_NAME,
+        source_run_id=run_id,
+        params=params,
+        model_type="pytorch",
+        tags={"coun_tune.arch": str(info["arch"]), "coun_tune.method": str(info["method"])},
+    )
     try:
         _save(client, logged, run_id, model, config, info, metrics)
     except BaseException:
@@ -115,14 +124,27 @@ def _save(client, logged, run_id: str, model, config: dict, info: dict, metrics:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_NAME
         for fmt in SERIALIZATIONS:
-            mlflow_model = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
-                                 model_id=logged.model_id,
-                                 metadata={"input": "float32 (N, C, H, W): uint8 / 255, normalised as the dataset",
-                                           "output": "(N, num_classes) logits", "serialization": fmt})
+            mlflow_model = Model(
+                artifact_path=logged.artifact_location,
+                model_uuid=logged.model_id,
+                run_id=run_id,
+                model_id=logged.model_id,
+                metadata={
+                    "input": "float32 (N, C, H, W): uint8 / 255, normalised as the dataset",
+                    "output": "(N, num_classes) logits",
+                    "serialization": fmt,
+                },
+            )
             try:
-                mlflow.pytorch.save_model(model, str(path), mlflow_model=mlflow_model, signature=signature,
-                                          input_example=example, pip_requirements=_requirements(fmt),
-                                          serialization_format=fmt)
+                mlflow.pytorch.save_model(
+                    model,
+                    str(path),
+                    mlflow_model=mlflow_model,
+                    signature=signature,
+                    input_example=example,
+                    pip_requirements=_requirements(fmt),
+                    serialization_format=fmt,
+                )
                 break
             except Exception:  # torch.export cannot trace every module: try the next format
                 shutil.rmtree(path, ignore_errors=True)
@@ -171,8 +193,9 @@ def logged_model_of(client, run_id: str):
     run = client.get_run(run_id)
     found, token = [], None
     while True:
-        page = client.search_logged_models([run.info.experiment_id], filter_string=f"name = '{MODEL_NAME}'",
-                                           page_token=token)
+        page = client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"name = '{MODEL_NAME}'", page_token=token
+        )
         found += [m for m in page if m.source_run_id == run_id and m.status == LoggedModelStatus.READY]
         token = page.token
         if not token:
@@ -194,13 +217,24 @@ def register_model(client, run_id: str, name: str, alias: str) -> str:
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    same = [v for v in client.search_model_versions(f"name = '{name}'")
-            if v.run_id == run_id and v.source == logged.artifact_location]
+    same = [
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
+        if v.run_id == run_id and v.source == logged.artifact_location
+    ]
     # source: the storage location itself. A `models:/ID` source makes MLflow's SQL registry look
     # the model up through the process-global tracking URI, not this client's (an MLflow TODO).
-    version = same[0] if same else client.create_model_version(
-        name, source=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
-        tags={"coun_tune.run_id": run_id})
+    version = (
+        same[0]
+        if same
+        else client.create_model_version(
+            name,
+            source=logged.artifact_location,
+            run_id=run_id,
+            model_id=logged.model_id,
+            tags={"coun_tune.run_id": run_id},
+        )
+    )
     client.set_registered_model_alias(name, alias, str(version.version))
     return f"models:/{name}/{version.version}"
 
@@ -212,13 +246,13 @@ def _artifact_location(client, uri: str) -> str:
 
     try:
         if uri.startswith("runs:/"):
-            run_id, _, path = uri[len("runs:/"):].partition("/")
+            run_id, _, path = uri[len("runs:/") :].partition("/")
             logged = logged_model_of(client, run_id) if path.strip("/") in ("", MODEL_NAME) else None
             # any other path (runs:/RUN_ID/model): the run's plain artifacts there
             if logged:
                 return logged.artifact_location
             return client.get_run(run_id).info.artifact_uri + "/" + path.strip("/")
-        rest = uri[len("models:/"):].strip("/")
+        rest = uri[len("models:/") :].strip("/")
         if rest.startswith("m-") and "/" not in rest and "@" not in rest:
             return client.get_logged_model(rest).artifact_location
         if "@" in rest:
@@ -256,8 +290,9 @@ def load_model_uri(uri: str, tracking_uri: str) -> tuple[dict, dict]:
 
     location = _artifact_location(client_for(tracking_uri), uri)
     with tempfile.TemporaryDirectory() as d:
-        weights, config_file, info_file = (_download(location, tracking_uri, f, d)
-                                           for f in ("model.pt", "config.yaml", "model_info.json"))
+        weights, config_file, info_file = (
+            _download(location, tracking_uri, f, d) for f in ("model.pt", "config.yaml", "model_info.json")
+        )
         if weights is None or config_file is None:
             raise UsageError(f"model URI {uri!r} has no model.pt/config.yaml (not a coun-tune model)")
         try:
@@ -273,7 +308,7 @@ def load_model_uri(uri: str, tracking_uri: str) -> tuple[dict, dict]:
 
 def model_uri_details(client, uri: str) -> dict[str, Any]:
     """Where a registered model URI points: name, version, run id, model id (for provenance)."""
-    rest = uri[len("models:/"):]
+    rest = uri[len("models:/") :]
     if "@" in rest:
         name, alias = rest.split("@", 1)
         v = client.get_model_version_by_alias(name, alias)

@@ -60,9 +60,15 @@ def trial_rows(client, parent, include_pruned: bool = False) -> list[dict]:
         pruned = run.info.status == "KILLED" and "pruned_at_epoch" in run.data.metrics
         if run.info.status != "FINISHED" and not (include_pruned and pruned):
             continue
-        rows.append({"run_id": run.info.run_id, "trial_id": run.data.tags.get(TRIAL_ID, ""),
-                     "trial_number": run.data.tags.get(describe.TRIAL_NUMBER),
-                     **{f"param.{k}": v for k, v in run.data.params.items()}, **run.data.metrics})
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "trial_id": run.data.tags.get(TRIAL_ID, ""),
+                "trial_number": run.data.tags.get(describe.TRIAL_NUMBER),
+                **{f"param.{k}": v for k, v in run.data.params.items()},
+                **run.data.metrics,
+            }
+        )
     rows.sort(key=lambda r: (int(r["trial_number"]) if str(r["trial_number"]).isdigit() else 0, r["trial_id"]))
     return rows
 
@@ -94,9 +100,17 @@ def ensure_baselines(client, parent) -> dict[str, dict]:
         metrics.update(gaps(metrics, base["oracle"]))
         run = existing.get(label)
         if run is None:
-            run = client.create_run(parent.info.experiment_id, run_name=BASELINE_NAMES[label],
-                                    tags={PARENT: parent.info.run_id, ROLE: "baseline", BASELINE: label,
-                                          describe.RUN_COLOR: describe.COLORS[label], "status": "baseline"})
+            run = client.create_run(
+                parent.info.experiment_id,
+                run_name=BASELINE_NAMES[label],
+                tags={
+                    PARENT: parent.info.run_id,
+                    ROLE: "baseline",
+                    BASELINE: label,
+                    describe.RUN_COLOR: describe.COLORS[label],
+                    "status": "baseline",
+                },
+            )
             from coun_tune.tracking.mlflow_store import log_params
 
             log_params(client, run.info.run_id, params)
@@ -117,8 +131,9 @@ def rank_front(values: np.ndarray, modes: list[str]) -> tuple[np.ndarray, np.nda
     return ranks, np.minimum(crowd, len(modes) + 1.0)
 
 
-def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None = None, out=sys.stdout,
-                  include_pruned: bool = False) -> dict:
+def review_pareto(
+    client, parent_run_id: str, objectives: dict[str, str] | None = None, out=sys.stdout, include_pruned: bool = False
+) -> dict:
     """Compute the front of a search from MLflow and write it back (see the module docstring)."""
     import pandas as pd
     from mlflow.entities import Metric
@@ -140,14 +155,19 @@ def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None 
     hv_raw = pareto.hypervolume(front_min, ref)
     hv = pareto.normalised_hypervolume(front_min, ref, ideal)
     sign = np.array([1.0 if m == "min" else -1.0 for m in modes])  # back from the minimised space
-    hv_info = {"normalised": hv, "raw": hv_raw, "reference": dict(zip(names, (ref * sign).tolist())),
-               "ideal": dict(zip(names, (ideal * sign).tolist()))}
+    hv_info = {
+        "normalised": hv,
+        "raw": hv_raw,
+        "reference": dict(zip(names, (ref * sign).tolist())),
+        "ideal": dict(zip(names, (ideal * sign).tolist())),
+    }
 
     ts = int(time.time() * 1000)
     for r, rank, cd in zip(rows, ranks, crowd):
         r.update(is_pareto=float(rank == 0), pareto_rank=float(rank), crowding_distance=float(cd))
-        client.log_batch(r["run_id"], metrics=[Metric(k, r[k], ts, 0)
-                                               for k in ("is_pareto", "pareto_rank", "crowding_distance")])
+        client.log_batch(
+            r["run_id"], metrics=[Metric(k, r[k], ts, 0) for k in ("is_pareto", "pareto_rank", "crowding_distance")]
+        )
         client.set_tag(r["run_id"], "pareto", "true" if rank == 0 else "false")
         client.set_tag(r["run_id"], describe.RUN_COLOR, describe.COLORS["pareto" if rank == 0 else "dominated"])
     baselines = ensure_baselines(client, parent)
@@ -155,8 +175,14 @@ def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None 
     prov = describe.provenance()
     for k, v in prov.items():
         client.set_tag(parent_run_id, k, v)
-    client.log_batch(parent_run_id, metrics=[Metric("hypervolume", hv, ts, 0), Metric("hypervolume_raw", hv_raw, ts, 0),
-                                              Metric("pareto_size", float(mask.sum()), ts, 0)])
+    client.log_batch(
+        parent_run_id,
+        metrics=[
+            Metric("hypervolume", hv, ts, 0),
+            Metric("hypervolume_raw", hv_raw, ts, 0),
+            Metric("pareto_size", float(mask.sum()), ts, 0),
+        ],
+    )
     client.set_tag(parent_run_id, "hypervolume_reference", json.dumps(hv_info["reference"]))
 
     params = sorted({k for r in rows for k in r if k.startswith("param.") and k[6:] not in PARAM_SKIP})
@@ -165,58 +191,119 @@ def review_pareto(client, parent_run_id: str, objectives: dict[str, str] | None 
     shown = sorted(np.flatnonzero(mask), key=lambda i: values[i, 0])
     extra = [m for m in ("avg_gap", "test_acc") if m not in names]
     headers = ["trial", *names, *extra, *searched]
-    front_rows = [[describe.trial_label(rows[i]), *[rows[i][k] for k in names],
-                   *[rows[i].get(m) for m in extra], *[describe.short(rows[i].get(f"param.{p}")) for p in searched]]
-                  for i in shown]
+    front_rows = [
+        [
+            describe.trial_label(rows[i]),
+            *[rows[i][k] for k in names],
+            *[rows[i].get(m) for m in extra],
+            *[describe.short(rows[i].get(f"param.{p}")) for p in searched],
+        ]
+        for i in shown
+    ]
     name = (spec or {}).get("name") or client.get_experiment(parent.info.experiment_id).name
     tracking_uri = client.tracking_uri
-    describe_search = lambda spec_shown: describe.search_description(  # noqa: E731
-        name=name, experiment_id=parent.info.experiment_id, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
-        scenario={k[len("scenario."):]: v for k, v in parent.data.params.items()
-                  if k.startswith("scenario.") and v not in ("None", "")},
-        split_hash=parent.data.params.get("split_hash"), method=parent.data.tags.get("coun_tune.method", "?"),
-        objectives=objectives, hv=hv_info, front=[rows[i] for i in shown], baselines=baselines,
-        param_names=searched, n_trials=len(rows), spec=spec_shown, prov=prov)
+    describe_search = (
+        lambda spec_shown: describe.search_description(  # noqa: E731
+            name=name,
+            experiment_id=parent.info.experiment_id,
+            parent_run_id=parent_run_id,
+            tracking_uri=tracking_uri,
+            scenario={
+                k[len("scenario.") :]: v
+                for k, v in parent.data.params.items()
+                if k.startswith("scenario.") and v not in ("None", "")
+            },
+            split_hash=parent.data.params.get("split_hash"),
+            method=parent.data.tags.get("coun_tune.method", "?"),
+            objectives=objectives,
+            hv=hv_info,
+            front=[rows[i] for i in shown],
+            baselines=baselines,
+            param_names=searched,
+            n_trials=len(rows),
+            spec=spec_shown,
+            prov=prov,
+        )
+    )
     note = describe_search(spec)
     if len(note) > MAX_NOTE:  # MLflow caps a run tag at 8000 characters; spec.yaml is an artifact anyway
         note = describe_search(None)
     if len(note) > MAX_NOTE:
-        note = note[:MAX_NOTE - 80] + "\n\n(cut here: the whole front is in trials.json)\n"
+        note = note[: MAX_NOTE - 80] + "\n\n(cut here: the whole front is in trials.json)\n"
     client.set_tag(parent_run_id, describe.NOTE, note)
     client.set_experiment_tag(parent.info.experiment_id, describe.NOTE, note)
     client.set_experiment_tag(parent.info.experiment_id, describe.EXPERIMENT_KIND, "custom_model_development")
-    client.set_experiment_tag(parent.info.experiment_id, describe.SHARED_VIEW + describe.share_key(parent_run_id),
-                              json.dumps(describe.view_state(parent_run_id, objectives, searched)))
+    client.set_experiment_tag(
+        parent.info.experiment_id,
+        describe.SHARED_VIEW + describe.share_key(parent_run_id),
+        json.dumps(describe.view_state(parent_run_id, objectives, searched)),
+    )
 
-    table_cols = ["trial", "run_id", "is_pareto", "pareto_rank", "crowding_distance", *names,
-                  *[m for m in ("retain_acc", "forget_acc", "test_acc", "mia_efficacy", "forget_gap", "avg_gap",
-                                "wall_seconds", "flops") if m not in names], *[p[6:] for p in params]]
-    trials = pd.DataFrame([{c: (describe.trial_label(r) if c == "trial" else
-                                r.get(c, r.get(f"param.{c}"))) for c in table_cols} for r in rows])
+    table_cols = [
+        "trial",
+        "run_id",
+        "is_pareto",
+        "pareto_rank",
+        "crowding_distance",
+        *names,
+        *[
+            m
+            for m in (
+                "retain_acc",
+                "forget_acc",
+                "test_acc",
+                "mia_efficacy",
+                "forget_gap",
+                "avg_gap",
+                "wall_seconds",
+                "flops",
+            )
+            if m not in names
+        ],
+        *[p[6:] for p in params],
+    ]
+    trials = pd.DataFrame(
+        [
+            {c: (describe.trial_label(r) if c == "trial" else r.get(c, r.get(f"param.{c}"))) for c in table_cols}
+            for r in rows
+        ]
+    )
     with tempfile.TemporaryDirectory() as d:
         # log_table's own format and tag (the UI shows the file as a table), written whole:
         # log_table itself appends to an existing table, and a review may run again
         trials.to_json(Path(d) / "trials.json", orient="split", index=False)
         logged = json.loads(client.get_run(parent_run_id).data.tags.get(LOGGED_ARTIFACTS, "[]"))
         if {"path": "trials.json", "type": "table"} not in logged:
-            client.set_tag(parent_run_id, LOGGED_ARTIFACTS,
-                           json.dumps([*logged, {"path": "trials.json", "type": "table"}]))
+            client.set_tag(
+                parent_run_id, LOGGED_ARTIFACTS, json.dumps([*logged, {"path": "trials.json", "type": "table"}])
+            )
         as_text = {c: str for c in ["trial", "run_id", *[p[6:] for p in params]]}
         trials.astype(as_text).to_parquet(Path(d) / "trials.parquet")
         title = f"{name}: Pareto front of {len(rows)} trials (labels: trial numbers), hypervolume {hv:.3f}"
         svg = pareto_figure(rows, names, modes, mask, baselines, Path(d) / "pareto.png", title)
-        (Path(d) / "pareto.html").write_text(pareto_page(svg, headers, front_rows, title,
-                                                         f"reference point {hv_info['reference']}"))
+        (Path(d) / "pareto.html").write_text(
+            pareto_page(svg, headers, front_rows, title, f"reference point {hv_info['reference']}")
+        )
         for f in ("trials.json", "trials.parquet", "pareto.png", "pareto.html"):
             client.log_artifact(parent_run_id, str(Path(d) / f))
 
-    print("\nPareto front (" + ", ".join(f"{k}: {v}" for k, v in objectives.items()) +
-          f"), hypervolume {hv:.4f} (normalised; raw {hv_raw:.2f}):", file=out)
+    print(
+        "\nPareto front ("
+        + ", ".join(f"{k}: {v}" for k, v in objectives.items())
+        + f"), hypervolume {hv:.4f} (normalised; raw {hv_raw:.2f}):",
+        file=out,
+    )
     print(table(headers, front_rows), file=out)
     print(f"{int(mask.sum())} of {len(rows)} completed trials on the front", file=out)
     print_review_link(tracking_uri, parent.info.experiment_id, parent_run_id, out)
-    return {"rows": rows, "mask": mask.tolist(), "hypervolume": hv, "hypervolume_raw": hv_raw,
-            "objectives": objectives, "baselines": baselines}
+    return {
+        "rows": rows,
+        "mask": mask.tolist(),
+        "hypervolume": hv,
+        "hypervolume_raw": hv_raw,
+        "objectives": objectives,
+        "baselines": baselines,
+    }
 
 
 def print_review_link(tracking_uri: str, experiment_id: str, parent_run_id: str, out=sys.stdout) -> None:
@@ -235,6 +322,7 @@ def searched_names(spec: dict | None, params: list[str]) -> list[str]:
 
 # --- export ---------------------------------------------------------------------------------
 
+
 def alias_for(pick: str) -> str:
     """An MLflow alias naming the pick: knee, best_retain_acc, retain_acc_ge_99."""
     kind, metric, op, value = pareto.parse_pick(pick)
@@ -246,8 +334,15 @@ def alias_for(pick: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{metric}_{ops[op]}_{value:g}")
 
 
-def export_config(client, parent_run_id: str, pick: str, output: str | Path, include_pruned: bool = False,
-                  model_name: str | None = None, register: bool = True) -> Path:
+def export_config(
+    client,
+    parent_run_id: str,
+    pick: str,
+    output: str | Path,
+    include_pruned: bool = False,
+    model_name: str | None = None,
+    register: bool = True,
+) -> Path:
     """Write the picked trial's unlearn config (its `model/config.yaml`: every hyperparameter,
     defaults included) to `output` with a header naming the search, the trial, its metrics and
     its registered model: `model_name` (default: the search's experiment name) version N with
@@ -277,15 +372,22 @@ def export_config(client, parent_run_id: str, pick: str, output: str | Path, inc
                 model_uri = register_model(client, row["run_id"], name, alias_for(pick))
             except Exception as e:  # the config is still worth writing; say why there is no model
                 not_registered = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                print(f"coun-tune: warning: the picked trial's model was not registered ({not_registered})",
-                      file=sys.stderr)
+                print(
+                    f"coun-tune: warning: the picked trial's model was not registered ({not_registered})",
+                    file=sys.stderr,
+                )
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metrics = {k: round(float(row[k]), 4) for k in ("retain_acc", "forget_acc", "test_acc", "mia_efficacy",
-                                                    "forget_gap", "avg_gap") if k in row}
-    header = (f"# exported by coun-tune from search run {parent_run_id}, trial {describe.trial_label(row)} "
-              f"(Tune id {row['trial_id']}) "
-              f"(MLflow run {row['run_id']}), pick {pick!r}\n# trial metrics: {json.dumps(metrics)}\n")
+    metrics = {
+        k: round(float(row[k]), 4)
+        for k in ("retain_acc", "forget_acc", "test_acc", "mia_efficacy", "forget_gap", "avg_gap")
+        if k in row
+    }
+    header = (
+        f"# exported by coun-tune from search run {parent_run_id}, trial {describe.trial_label(row)} "
+        f"(Tune id {row['trial_id']}) "
+        f"(MLflow run {row['run_id']}), pick {pick!r}\n# trial metrics: {json.dumps(metrics)}\n"
+    )
     if not_registered:
         header += f"# model not registered: {not_registered}\n"
     if model_uri:
@@ -300,5 +402,5 @@ def exported_model_uri(path: str | Path) -> str | None:
     `coun-tune unlearn --config`), or None."""
     for line in Path(path).read_text().splitlines():
         if line.startswith("# model_uri: "):
-            return line[len("# model_uri: "):].split()[0]
+            return line[len("# model_uri: ") :].split()[0]
     return None

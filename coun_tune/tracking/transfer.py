@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import yaml
@@ -23,8 +23,15 @@ from coun_tune.report import table
 from coun_tune.tracking.review import objectives_of, trial_rows
 
 
-def transfer_check(client, parent_run_id: str, split_seeds: list[int], cache_dir: str | None = None,
-                   device: str | None = None, log: Callable[[str], None] = print, out=sys.stdout) -> list[dict]:
+def transfer_check(
+    client,
+    parent_run_id: str,
+    split_seeds: list[int],
+    cache_dir: str | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+    out=sys.stdout,
+) -> list[dict]:
     """Returns one record per (Pareto trial, split seed) with the run's final metrics; logs
     `transfer.parquet` on the parent run and `transfer_<objective>_mean/_std` on each trial."""
     import pyarrow as pa
@@ -48,8 +55,9 @@ def transfer_check(client, parent_run_id: str, split_seeds: list[int], cache_dir
     records, datasets = [], {}
     for row in front:
         with tempfile.TemporaryDirectory() as d:
-            cfg = build_unlearn_config(yaml.safe_load(Path(client.download_artifacts(
-                row["run_id"], "model/config.yaml", d)).read_text()), {})
+            cfg = build_unlearn_config(
+                yaml.safe_load(Path(client.download_artifacts(row["run_id"], "model/config.yaml", d)).read_text()), {}
+            )
         key = (cfg.scenario.dataset, cfg.scenario.data_root)
         if key not in datasets:
             datasets[key] = load_dataset(*key)
@@ -57,8 +65,14 @@ def transfer_check(client, parent_run_id: str, split_seeds: list[int], cache_dir
             log(f"trial {row['trial_id']}: held-out forget set, split seed {s}")
             prep = prepare(replace(cfg.scenario, split_seed=s), cache_dir, device, log=log, data=datasets[key])
             _, m = unlearn(prep, cfg.method, cfg.hparams, batch_size=cfg.batch_size, seed=cfg.seed)
-            records.append({"run_id": row["run_id"], "trial_id": row["trial_id"], "split_seed": s,
-                            **{k: float(m[k]) for k in METRICS if k in m}})
+            records.append(
+                {
+                    "run_id": row["run_id"],
+                    "trial_id": row["trial_id"],
+                    "split_seed": s,
+                    **{k: float(m[k]) for k in METRICS if k in m},
+                }
+            )
     summary = []
     for row in front:
         mine = [r for r in records if r["run_id"] == row["run_id"]]
@@ -74,7 +88,10 @@ def transfer_check(client, parent_run_id: str, split_seeds: list[int], cache_dir
         pq.write_table(pa.table({c: [r.get(c) for r in records] for c in cols}), Path(d) / "transfer.parquet")
         client.log_artifact(parent_run_id, str(Path(d) / "transfer.parquet"))
     headers = ["trial"] + [h for k in names for h in (f"{k} (calibration)", f"{k} (held-out, n={len(split_seeds)})")]
-    print(f"\nPareto configs on held-out forget sets (split seeds {', '.join(map(str, split_seeds))}), "
-          "each against its own oracle:", file=out)
+    print(
+        f"\nPareto configs on held-out forget sets (split seeds {', '.join(map(str, split_seeds))}), "
+        "each against its own oracle:",
+        file=out,
+    )
     print(table(headers, summary), file=out)
     return records

@@ -76,15 +76,19 @@ class MLflowTrialLogger(Callback):
         # The map is saved with Tune's experiment state, which may predate a driver crash: a run
         # created for this trial just before it would be orphaned. Look for it before creating.
         existing = self.client.search_runs(
-            [self.experiment_id], max_results=1,
-            filter_string=f"tags.`{PARENT}` = '{self.parent_run_id}' and tags.`{TRIAL_ID}` = '{trial.trial_id}'")
+            [self.experiment_id],
+            max_results=1,
+            filter_string=f"tags.`{PARENT}` = '{self.parent_run_id}' and tags.`{TRIAL_ID}` = '{trial.trial_id}'",
+        )
         if existing:
             self.runs[trial.trial_id] = existing[0].info.run_id
             return self.on_trial_start(iteration, trials, trial, **info)
         number = str(len(self.runs) + 1)  # in order of start; the map survives a restore, so does the count
-        run = self.client.create_run(self.experiment_id, run_name=run_name(number, trial.config),
-                                     tags={PARENT: self.parent_run_id, ROLE: "trial", TRIAL_ID: trial.trial_id,
-                                           TRIAL_NUMBER: number})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=run_name(number, trial.config),
+            tags={PARENT: self.parent_run_id, ROLE: "trial", TRIAL_ID: trial.trial_id, TRIAL_NUMBER: number},
+        )
         self.runs[trial.trial_id] = run.info.run_id
         log_params(self.client, run.info.run_id, self._params(trial.config))
 
@@ -114,7 +118,9 @@ class MLflowTrialLogger(Callback):
         if step <= self.last_step.get(trial.trial_id, 0):
             return  # an epoch repeated after a restore: logged once already (same values on CPU)
         self.last_step[trial.trial_id] = step
-        metrics = [Metric(k, float(result[k]), ts, step) for k in METRIC_KEYS if isinstance(result.get(k), (int, float))]
+        metrics = [
+            Metric(k, float(result[k]), ts, step) for k in METRIC_KEYS if isinstance(result.get(k), (int, float))
+        ]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
 
@@ -171,4 +177,3 @@ class MLflowTrialLogger(Callback):
         self.client.set_tag(run_id, "status", "failed")
         self.client.set_tag(run_id, "error", reason)
         self.client.set_terminated(run_id, status="FAILED")
-

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from coun_tune.core.methods.ascent import GA, NegGradPlus
 from coun_tune.core.methods.base import (
-    COMMON_HPARAMS, Batch, ForgetDataAccessError, ForgetGuard, HParam, Method, MethodContext, Step,
+    COMMON_HPARAMS,
+    Batch,
+    ForgetDataAccessError,
+    ForgetGuard,
+    HParam,
+    Method,
+    MethodContext,
+    Step,
 )
 from coun_tune.core.methods.distill import SCRUB, BadTeacher
 from coun_tune.core.methods.ft import FT, CoUn
@@ -33,5 +40,16 @@ def method_hparams(name: str) -> dict[str, HParam]:
     return out
 
 
-__all__ = ["METHODS", "get_method", "method_hparams", "Method", "MethodContext", "Batch", "Step", "HParam",
-           "ForgetGuard", "ForgetDataAccessError", "COMMON_HPARAMS"]
+__all__ = [
+    "METHODS",
+    "get_method",
+    "method_hparams",
+    "Method",
+    "MethodContext",
+    "Batch",
+    "Step",
+    "HParam",
+    "ForgetGuard",
+    "ForgetDataAccessError",
+    "COMMON_HPARAMS",
+]

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,15 @@ class GA(Method):
     name = "ga"
     reads_forget = True
     hparams = (
-        HParam("lr", 1e-4, 1e-5, 1e-3, log=True, help="GA: initial SGD learning rate (its authors: ~1e-5..1e-3)",
-               valid=(0.0, float("inf"))),
+        HParam(
+            "lr",
+            1e-4,
+            1e-5,
+            1e-3,
+            log=True,
+            help="GA: initial SGD learning rate (its authors: ~1e-5..1e-3)",
+            valid=(0.0, float("inf")),
+        ),
     )
 
     def epoch_batches(self, ctx: MethodContext, epoch: int) -> Iterator[Batch]:
@@ -42,10 +49,13 @@ class GA(Method):
                 yield b
                 continue
             r = ctx.retain
-            idx = torch.randperm(len(r), generator=ctx.generator, device=ctx.generator.device)[:ctx.batch_size]
+            idx = torch.randperm(len(r), generator=ctx.generator, device=ctx.generator.device)[: ctx.batch_size]
             idx = idx.to(r.x.device)
-            yield Batch(torch.cat([b.x, r.x[idx]]), torch.cat([b.y, r.y[idx]]),
-                        torch.cat([b.forget, torch.zeros(len(idx), dtype=torch.bool, device=b.forget.device)]))
+            yield Batch(
+                torch.cat([b.x, r.x[idx]]),
+                torch.cat([b.y, r.y[idx]]),
+                torch.cat([b.forget, torch.zeros(len(idx), dtype=torch.bool, device=b.forget.device)]),
+            )
 
     def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
         return batches_in(len(ctx.forget), ctx.forget_batch_size())
@@ -64,8 +74,14 @@ class NegGradPlus(Method):
     name = "neggrad_plus"
     reads_forget = True
     hparams = (
-        HParam("neggrad_beta", 0.999, 0.95, 0.9999, help="NegGrad+: weight of retain CE; 1 - beta weighs forget ascent",
-               valid=(0.0, 1.0)),
+        HParam(
+            "neggrad_beta",
+            0.999,
+            0.95,
+            0.9999,
+            help="NegGrad+: weight of retain CE; 1 - beta weighs forget ascent",
+            valid=(0.0, 1.0),
+        ),
     )
 
     def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:

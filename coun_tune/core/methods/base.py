@@ -14,8 +14,9 @@ data: touching it raises, so "FT and CoUn never read D_u" is enforced, not assum
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +62,14 @@ class ForgetGuard:
         object.__setattr__(self, "_method", method_name)
 
     def __getattr__(self, name: str) -> Any:
-        raise ForgetDataAccessError(f"method {self._method!r} read the forget data ({name!r}) but declares reads_forget=False")
+        raise ForgetDataAccessError(
+            f"method {self._method!r} read the forget data ({name!r}) but declares reads_forget=False"
+        )
 
     def __len__(self) -> int:
-        raise ForgetDataAccessError(f"method {self._method!r} read the forget data (len) but declares reads_forget=False")
+        raise ForgetDataAccessError(
+            f"method {self._method!r} read the forget data (len) but declares reads_forget=False"
+        )
 
 
 @dataclass
@@ -191,8 +196,12 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     student only (the teacher's logits are detached). This is SCRUB's `DistillKL` and Bad
     Teacher's `F.kl_div(log_softmax(student), softmax(teacher))` with T = 1 and a per-sample
     ("batchmean") reduction, the one that is a true KL divergence."""
-    return F.kl_div(F.log_softmax(student_logits.float(), dim=1), F.log_softmax(teacher_logits.detach().float(), dim=1),
-                    reduction="batchmean", log_target=True)
+    return F.kl_div(
+        F.log_softmax(student_logits.float(), dim=1),
+        F.log_softmax(teacher_logits.detach().float(), dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
 
 
 class Method:

@@ -29,13 +29,22 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from coun_tune.core.methods.base import (
-    Batch, HParam, Method, MethodContext, Step, batches_in, forget_epoch, kl_to_teacher, mixed_epoch, retain_epoch,
+    Batch,
+    HParam,
+    Method,
+    MethodContext,
+    Step,
+    batches_in,
+    forget_epoch,
+    kl_to_teacher,
+    mixed_epoch,
+    retain_epoch,
 )
 
 
@@ -47,12 +56,33 @@ class SCRUB(Method):
     name = "scrub"
     reads_forget = True
     hparams = (
-        HParam("scrub_max_steps", 2, 1, 10, kind="int", help="SCRUB: epochs that start with a max pass over D_u",
-               valid=(0, float("inf"))),
-        HParam("scrub_alpha", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of KL to the teacher on D_r (own: 0.001)",
-               valid=(0.0, float("inf"))),
-        HParam("scrub_gamma", 1.0, 0.1, 3.0, log=True, help="SCRUB: weight of CE on D_r (own: 0.99)",
-               valid=(0.0, float("inf"))),
+        HParam(
+            "scrub_max_steps",
+            2,
+            1,
+            10,
+            kind="int",
+            help="SCRUB: epochs that start with a max pass over D_u",
+            valid=(0, float("inf")),
+        ),
+        HParam(
+            "scrub_alpha",
+            1.0,
+            0.1,
+            3.0,
+            log=True,
+            help="SCRUB: weight of KL to the teacher on D_r (own: 0.001)",
+            valid=(0.0, float("inf")),
+        ),
+        HParam(
+            "scrub_gamma",
+            1.0,
+            0.1,
+            3.0,
+            log=True,
+            help="SCRUB: weight of CE on D_r (own: 0.99)",
+            valid=(0.0, float("inf")),
+        ),
     )
 
     def epoch_batches(self, ctx: MethodContext, epoch: int) -> Iterator[Batch]:
@@ -107,7 +137,7 @@ class BadTeacher(Method):
         self.bad = random_teacher(ctx.original, g)
         n_r = len(ctx.retain)
         perm = torch.randperm(n_r, generator=g, device=g.device)
-        self.retain_idx = perm[:int(self.RETAIN_FRACTION * n_r)].to(ctx.retain.x.device)
+        self.retain_idx = perm[: int(self.RETAIN_FRACTION * n_r)].to(ctx.retain.x.device)
 
     def epoch_batches(self, ctx: MethodContext, epoch: int) -> Iterator[Batch]:
         return mixed_epoch(ctx, ctx.forget.y, self.retain_idx)

@@ -36,10 +36,24 @@ class L1Sparse(FT):
     name = "l1_sparse"
     reads_forget = False
     hparams = (
-        HParam("l1_alpha", 5e-4, 1e-4, 1e-1, log=True, help="l1-sparse: initial weight of ||theta||_1",
-               valid=(0.0, float("inf"))),
-        HParam("l1_epochs", 4, 1, 20, kind="int", help="l1-sparse: epochs over which the l1 weight decays to 0",
-               valid=(1, float("inf"))),
+        HParam(
+            "l1_alpha",
+            5e-4,
+            1e-4,
+            1e-1,
+            log=True,
+            help="l1-sparse: initial weight of ||theta||_1",
+            valid=(0.0, float("inf")),
+        ),
+        HParam(
+            "l1_epochs",
+            4,
+            1,
+            20,
+            kind="int",
+            help="l1-sparse: epochs over which the l1 weight decays to 0",
+            valid=(1, float("inf")),
+        ),
     )
 
     @staticmethod

@@ -22,7 +22,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,14 +66,18 @@ def saliency_mask(original: torch.nn.Module, ctx: MethodContext, threshold: floa
         loss = -F.cross_entropy(model(ctx.augmenter.normalize(forget.x[idx])), forget.y[idx])
         loss.backward()  # grads accumulate over batches, like SalUn's `gradients[name] += grad`
     names = [n for n, _ in model.named_parameters()]
-    flat = torch.cat([p.grad.abs().flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
-                      for _, p in model.named_parameters()])
+    flat = torch.cat(
+        [
+            p.grad.abs().flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+            for _, p in model.named_parameters()
+        ]
+    )
     k = int(flat.numel() * threshold)
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[torch.argsort(flat, descending=True, stable=True)[:k]] = True
     out, start = {}, 0
     for name, p in zip(names, model.parameters()):
-        out[name] = keep[start:start + p.numel()].view_as(p)
+        out[name] = keep[start : start + p.numel()].view_as(p)
         start += p.numel()
     return out
 
@@ -83,8 +88,14 @@ class SalUn(RL):
     name = "salun"
     reads_forget = True
     hparams = (
-        HParam("salun_threshold", 0.5, 0.1, 1.0, help="SalUn: fraction of weights (top |grad| on D_u) that may change",
-               valid=(0.0, 1.0)),
+        HParam(
+            "salun_threshold",
+            0.5,
+            0.1,
+            1.0,
+            help="SalUn: fraction of weights (top |grad| on D_u) that may change",
+            valid=(0.0, 1.0),
+        ),
     )
 
     def __init__(self) -> None:
