@@ -385,10 +385,6 @@ def conclude(plan: SearchPlan, client, state: SearchState, status: str, rows: di
     print(f"\nexported the knee config to {outcome.export_path}", file=out)
     if not storage.is_remote(export_uri):
         print(f"  apply it: coun-tune unlearn --config {outcome.export_path} --output out/", file=out)
-    ui = (
-        f"mlflow ui --backend-store-uri {plan.tracking_uri} --host 127.0.0.1 --port 5000"
-        if plan.tracking_uri.startswith("sqlite")
-        else f"open {plan.tracking_uri}"
-    )
-    print(f"review in MLflow: {ui}  (experiment {spec.name!r}, parent run {parent_id})", file=out)
+    # the review printed the link to this search's runs (and how to serve a SQLite store) above
+    print(f"MLflow: experiment {spec.name!r}, parent run {parent_id} (the review link is above)", file=out)
     return outcome

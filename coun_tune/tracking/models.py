@@ -20,6 +20,7 @@ may each point at their own store, so the global tracking URI of fluent mlflow i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -136,6 +137,10 @@ def _save(client, logged, run_id: str, model, config: dict, info: dict, metrics:
                 },
             )
             try:
+                # MLflow warns on every pickle save; coun-tune itself never unpickles (it loads
+                # the plain state dict beside it with weights_only=True), and the warning
+                # buries the search's progress table
+                logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
                 mlflow.pytorch.save_model(
                     model,
                     str(path),
