@@ -277,8 +277,10 @@ def test_the_next_search_removes_what_a_sigkilled_driver_left(tmp_path, prepared
         rec = json.loads(record.read_text())  # as last refreshed by the driver
         recorded = [(p, t) for p, t in rec["processes"]]
         alive = [p for p, t in recorded if start_time(p) == t]
-        # the fault: Ray's agents outlive their driver (renamed ray::..., in the killed session)
-        assert alive and set(alive) <= set(session_pids(proc.pid)) and Path(temp_dir).is_dir()
+        # the fault: Ray's agents outlive their driver (renamed ray::...). Most stay in the killed
+        # session, but not all: a Ray process may start its own session, so the cleanup must go
+        # by the run record (PID + start time), not by session.
+        assert alive and Path(temp_dir).is_dir()
         assert any(cmdline(p).startswith("ray::") for p in alive)
 
         nxt = run_cli(["search", "spec.yaml"], cwd=tmp_path, env=env)

@@ -492,6 +492,28 @@ def test_mia_members_come_from_the_split_not_the_run_seed(scen):
     assert member_seed(scen.split_hash) == member_seed("tiny-split") != member_seed(other.split_hash)
 
 
+def test_mia_members_are_the_ones_the_splits_hash_draws(prepared):
+    """evaluate_scenario's member sample is drawn with member_seed(split_hash), re-derived here
+    from SalUn's recipe (|test| retain samples as members, the test set as non-members); another
+    split hash draws other members and so scores the same model differently."""
+    from coun_tune.core.metrics import member_seed, predict, svc_mia_efficacy
+
+    sd, model = prepared.scen_data, prepared.base.oracle
+    _, r_conf, _ = predict(model, sd.retain, sd.augmenter)
+    _, f_conf, _ = predict(model, sd.forget, sd.augmenter)
+    _, t_conf, _ = predict(model, sd.test, sd.augmenter)
+
+    def by_hand(split_hash: str) -> float:
+        members = np.random.default_rng(member_seed(split_hash)).choice(len(r_conf), len(t_conf), replace=False)
+        return svc_mia_efficacy(r_conf[members], t_conf, f_conf)
+
+    assert evaluate_scenario(model, sd)["mia_efficacy"] == by_hand(sd.split_hash)
+    others = [dataclasses.replace(sd, split_hash=f"another-split-{i}") for i in range(4)]
+    scores = {evaluate_scenario(model, o)["mia_efficacy"] for o in others}
+    assert scores == {by_hand(o.split_hash) for o in others}
+    assert len(scores | {by_hand(sd.split_hash)}) > 1  # the draw matters on this split
+
+
 # ---------------------------------------------------------------------------------- flops
 
 
