@@ -179,14 +179,19 @@ def mixed_epoch(ctx: MethodContext, forget_y: torch.Tensor, retain_idx: torch.Te
     |D_u| / (|D_u| + |D_r|) of every epoch's rows."""
     f, r = ctx.forget, ctx.retain
     rx, ry = (r.x, r.y) if retain_idx is None else (r.x[retain_idx], r.y[retain_idx])
-    n_f = len(f)
-    for idx in shuffled_batches(n_f + len(ry), ctx.batch_size, ctx.generator, r.x.device):
+    n_f, n_r = len(f), len(ry)
+    for idx in shuffled_batches(n_f + n_r, ctx.batch_size, ctx.generator, r.x.device):
         is_f = idx < n_f
-        x = torch.empty((len(idx), *rx.shape[1:]), dtype=rx.dtype, device=rx.device)
-        y = torch.empty(len(idx), dtype=ry.dtype, device=ry.device)
-        x[is_f], y[is_f] = f.x[idx[is_f]], forget_y[idx[is_f]]
-        x[~is_f], y[~is_f] = rx[idx[~is_f] - n_f], ry[idx[~is_f] - n_f]
-        yield Batch(x, y, is_f)
+        if n_f == 0 or n_r == 0:  # one source only: plain gathers
+            x, y = (rx[idx], ry[idx]) if n_f == 0 else (f.x[idx], forget_y[idx])
+            yield Batch(x, y, is_f)
+            continue
+        # Gather a row from each source for every position and keep the right one with
+        # torch.where: boolean-mask indexing (x[is_f] = ...) needs the mask's count on the
+        # host, a GPU sync on every step. The clamped indices of the unused side are discarded.
+        fi, ri = idx.clamp(max=n_f - 1), (idx - n_f).clamp(min=0, max=n_r - 1)
+        x = torch.where(is_f.view(-1, *[1] * (rx.dim() - 1)), f.x[fi], rx[ri])
+        yield Batch(x, torch.where(is_f, forget_y[fi], ry[ri]), is_f)
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
