@@ -100,9 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run only these searches (labels below); ratios whose searches did not run are skipped",
     )
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="search epochs in [LOW, HIGH] instead of the spec's (a longer budget gives early stopping more rungs)",
+    )
     args = ap.parse_args(argv)
     base = yaml.safe_load(SPEC.read_text())
     base.update(max_concurrent_trials=args.concurrent)
+    if args.epochs:
+        base["space"] = {**base["space"], "epochs": {"int": list(args.epochs)}}
     results: dict[tuple[str, int], dict] = {}
     plan = [(s, {"sampler": s, "num_samples": args.trials}) for s in SAMPLERS]
     plan += [
@@ -141,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return f"{statistics.mean(per_seed):.3f} (per seed {', '.join(f'{x:.3f}' for x in per_seed)})"
 
     print(
-        f"\nN = {args.trials} trials, seeds {args.seeds}, {args.concurrent} concurrent; reference point "
+        f"\nN = {args.trials} trials, seeds {args.seeds}, {args.concurrent} concurrent, epochs "
+        f"{base['space']['epochs']}; reference point "
         f"forget_gap {ref[0]:.3f}, retain_acc {-ref[1]:.3f}; mean hypervolume:"
     )
     for label, _ in plan:

@@ -96,6 +96,18 @@ def test_one_parent_one_child_per_trial(search):
         assert {"model/model.pt", "model/config.yaml", "model/metrics.json"} <= names
 
 
+def test_trials_reuse_their_worker_processes(search):
+    """Starting a trial's actor costs seconds (a Python process importing torch and Ray); with
+    reuse_actors the 4 trials, 2 at a time, run in fewer processes than trials."""
+    root, _ = search
+    pids = {
+        json.loads(line)["pid"]
+        for f in root.glob("results/local*/unlearn_trial_*/result.json")
+        for line in f.read_text().splitlines()
+    }
+    assert 1 <= len(pids) < 4, pids
+
+
 def test_pareto_tags_match_brute_force(search):
     root, proc = search
     client, parents, children = runs_of(f"sqlite:///{root}/mlflow.db", "local")
