@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="search epochs in [LOW, HIGH] instead of the spec's (a longer budget gives early stopping more rungs)",
     )
+    ap.add_argument(
+        "--merge",
+        default=None,
+        help="an earlier run's --json file (same --trials and --epochs): its searches of labels this run "
+        "does not run join the results and the shared reference point",
+    )
     args = ap.parse_args(argv)
     base = yaml.safe_load(SPEC.read_text())
     base.update(max_concurrent_trials=args.concurrent)
@@ -119,8 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         ("random_2N", {"sampler": "random", "num_samples": 2 * args.trials}),
         ("nsga2_mo_asha", {"sampler": "nsga2", "num_samples": args.trials, "scheduler": MO_ASHA}),
     ]
+    all_labels = [label for label, _ in plan]
     if args.only:
         plan = [(label, o) for label, o in plan if label in args.only]
+    if args.merge:
+        running = {label for label, _ in plan}
+        for key, r in json.loads(Path(args.merge).read_text()).items():
+            label, seed = key.rsplit("/", 1)
+            if label not in running and int(seed) in args.seeds:
+                results[(label, int(seed))] = {**r, "points": [tuple(p) for p in r["points"]]}
     with tempfile.TemporaryDirectory(prefix="ctune-bench-") as tmp, RaySession(None, log=lambda s: None):
         work = Path(tmp)
         for seed in args.seeds:
@@ -155,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{base['space']['epochs']}; reference point "
         f"forget_gap {ref[0]:.3f}, retain_acc {-ref[1]:.3f}; mean hypervolume:"
     )
-    for label, _ in plan:
-        print(f"  {label:14s} {mean(label, 'hypervolume'):8.4f}   epochs {mean(label, 'epochs'):6.1f}")
+    for label in all_labels:
+        if all((label, s) in results for s in args.seeds):
+            merged = " (merged)" if not any(label == x for x, _ in plan) else ""
+            print(f"  {label:14s} {mean(label, 'hypervolume'):8.4f}   epochs {mean(label, 'epochs'):6.1f}{merged}")
     print("\nratios (mean over seeds of per-seed ratios):")
     for s in ("nsga2", "tpe", "gp", "random_2N"):
         print(f"  hypervolume {s:>9s} / random at N:  {ratio(s, 'random')}")

@@ -100,3 +100,28 @@ def test_cluster_storage_fields():
     assert spec.scheduler == {"type": "mo_asha", "grace_epochs": 2, "reduction_factor": 2}
     plain = validate_search_spec(dict(DOC))
     assert plain.scheduler is None and plain.storage_endpoint is None and plain.cache_dir is None
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+def test_tpe_and_gp_use_their_model_after_half_the_budget(sampler):
+    """Optuna's TPE and GP draw their first 10 trials at random by default, which made an
+    8-trial search random search. Here: the first 4 of 8 are the random sampler's draws (same
+    seed), the 5th comes from the model. Real Optuna, a toy two-objective function."""
+    import optuna
+
+    from coun_tune.search.runner import make_sampler, optuna_space
+
+    doc = {**DOC, "space": {"temperature": {"log": [0.03, 0.3]}, "lr": {"log": [0.01, 0.1]}, "epochs": 1}}
+    spec = validate_search_spec({**doc, "num_samples": 8, "sampler": sampler, "seed": 3})
+    dists = optuna_space(spec.space)
+
+    def proposals(s) -> list[dict]:
+        study = optuna.create_study(directions=["minimize", "maximize"], sampler=s)
+        for _ in range(spec.num_samples):
+            t = study.ask(dists)
+            study.tell(t, [(t.params["lr"] - 0.03) ** 2, -abs(t.params["temperature"] - 0.1)])
+        return [t.params for t in study.trials]
+
+    model, random = proposals(make_sampler(spec)), proposals(optuna.samplers.RandomSampler(seed=3))
+    assert model[:4] == random[:4]
+    assert model[4] != random[4]

@@ -100,10 +100,14 @@ def make_sampler(spec: SearchSpec):
         from coun_tune.search.samplers import NoRepeatNSGAII
 
         return NoRepeatNSGAII(population_size=max(2, min(50, spec.num_samples // 2)), seed=spec.seed)
+    # TPE and GP draw their first n_startup_trials at random (Optuna's default: 10), so a search
+    # of 10 trials or fewer never used the model (measured: at 8 trials, tpe and gp proposed
+    # exactly random's configs). Like NSGA-II's population: half the budget, at most 10.
+    startup = max(2, min(10, spec.num_samples // 2))
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True)
+        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, n_startup_trials=startup)
     if spec.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=spec.seed)
+        return optuna.samplers.GPSampler(seed=spec.seed, n_startup_trials=startup)
     return optuna.samplers.RandomSampler(seed=spec.seed)
 
 
