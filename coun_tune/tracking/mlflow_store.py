@@ -22,6 +22,9 @@ ROLE, TRIAL_ID, PARENT = "coun_tune.role", "coun_tune.trial_id", "mlflow.parentR
 def client_for(tracking_uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # against an http server MLflow prints two "View run/experiment at" lines for every run it
+    # ends, which break the trials table; the search prints its one review link itself
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
