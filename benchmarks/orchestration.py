@@ -1,7 +1,7 @@
 """Orchestration: how busy a search keeps its trial slots, and what each trial costs beyond its
 own training and evaluation, on a real TWO-NODE Ray cluster on loopback (CPU, a real search).
 
-    .venv/bin/python benchmarks/orchestration.py --trials 6 --epochs 12
+    .venv/bin/python benchmarks/orchestration.py --trials 6 --epochs 40
 
 Setup: two `ray start` nodes (head + worker, one CPU each, bounded --memory and
 --object-store-memory, token auth, temp dirs of their own) and `coun-tune search SPEC --address`
@@ -334,7 +334,12 @@ def write_spec(path: Path, name: str, work: Path, trials: int, epochs: int, slot
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=6, help="num_samples of the search")
-    ap.add_argument("--epochs", type=int, default=12, help="epochs per trial (a trial should last >= 30 s)")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=40,
+        help="epochs per trial (a trial should last >= 30 s: 40 gave 31-35 s on a quiet 2-core box)",
+    )
     ap.add_argument("--quick", action="store_true", help="2 trials of 1 epoch (a smoke run, not a measurement)")
     ap.add_argument("--json", default=None, help="also write every figure here")
     args = ap.parse_args(argv)
