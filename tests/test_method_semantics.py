@@ -188,6 +188,17 @@ def test_ga_loss_is_minus_ce_on_forget_rows(scen):
     assert _loss(m, ctx, batch) == pytest.approx(want, rel=1e-5)
 
 
+def test_ga_loss_on_a_batch_with_retain_rows_counts_the_forget_rows_only(scen):
+    """With the plug-in on, GA's batches carry retain rows after the forget rows; its own term
+    is still -CE over the forget rows alone (the retain rows feed the contrastive term only)."""
+    m, ctx = _ctx(scen, "ga")
+    x = torch.cat([scen.forget.x, scen.retain.x[:3]])
+    y = torch.cat([scen.forget.y, scen.retain.y[:3]])
+    forget = torch.tensor([True] * len(scen.forget) + [False] * 3)
+    want = -np_ce(np_logits(np_params(ctx.model), scen.forget.x), scen.forget.y)
+    assert _loss(m, ctx, Batch(x, y, forget)) == pytest.approx(want, rel=1e-5)
+
+
 def test_rl_labels_from_the_generator_and_one_mixed_pass(scen):
     m, ctx = _ctx(scen, "rl", seed=7)
     batches = list(m.epoch_batches(ctx, 0))
