@@ -95,6 +95,9 @@ def mlflow_server(tracking_uri: str, timeout: float = 180):
 def browser():
     from playwright.sync_api import sync_playwright
 
+    why = chromium_missing()
+    if why:  # fail, saying why: a skipped browser test would hide a broken review
+        raise AssertionError(why)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM)
         try:

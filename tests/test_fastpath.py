@@ -256,7 +256,6 @@ def test_compiled_features_are_removed_after_use():
     copy.deepcopy(model)  # nothing compiled is left on the model
 
 
-@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile is absent from this torch build")
 def test_compile_option_trains_like_eager(monkeypatch):
     """Slow (~15-40 s: inductor compiles the tiny model's forward and backward once)."""
     compiled = []

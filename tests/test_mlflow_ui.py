@@ -14,7 +14,6 @@ import pytest
 
 from tests._browser import (
     browser,
-    chromium_missing,
     image_loaded,
     mlflow_server,
     open_page,
@@ -22,7 +21,7 @@ from tests._browser import (
     tiny_search,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(chromium_missing() is not None, reason=chromium_missing() or "")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
