@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     all_labels = [label for label, _ in plan]
     if args.only:
         plan = [(label, o) for label, o in plan if label in args.only]
+    running = {label for label, _ in plan}
     if args.merge:
-        running = {label for label, _ in plan}
         for key, r in json.loads(Path(args.merge).read_text()).items():
             label, seed = key.rsplit("/", 1)
             if label not in running and int(seed) in args.seeds:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for label in all_labels:
         if all((label, s) in results for s in args.seeds):
-            merged = " (merged)" if not any(label == x for x, _ in plan) else ""
+            merged = "" if label in running else " (merged)"
             print(f"  {label:14s} {mean(label, 'hypervolume'):8.4f}   epochs {mean(label, 'epochs'):6.1f}{merged}")
     print("\nratios (mean over seeds of per-seed ratios):")
     for s in ("nsga2", "tpe", "gp", "random_2N"):

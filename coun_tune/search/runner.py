@@ -94,20 +94,21 @@ def optuna_space(space: dict[str, Domain]) -> dict:
 def make_sampler(spec: SearchSpec):
     import optuna
 
+    # Every model-based sampler starts with random configs for about half the budget.
+    half = max(2, spec.num_samples // 2)
     if spec.sampler == "nsga2":
         # NSGA-II's first generation is random; a population of about half the budget lets a
         # small search see at least one generation of selection.
         from coun_tune.search.samplers import NoRepeatNSGAII
 
-        return NoRepeatNSGAII(population_size=max(2, min(50, spec.num_samples // 2)), seed=spec.seed)
+        return NoRepeatNSGAII(population_size=min(50, half), seed=spec.seed)
     # TPE and GP draw their first n_startup_trials at random (Optuna's default: 10), so a search
     # of 10 trials or fewer never used the model (measured: at 8 trials, tpe and gp proposed
-    # exactly random's configs). Like NSGA-II's population: half the budget, at most 10.
-    startup = max(2, min(10, spec.num_samples // 2))
+    # exactly random's configs); at most Optuna's 10.
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, n_startup_trials=startup)
+        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, n_startup_trials=min(10, half))
     if spec.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=spec.seed, n_startup_trials=startup)
+        return optuna.samplers.GPSampler(seed=spec.seed, n_startup_trials=min(10, half))
     return optuna.samplers.RandomSampler(seed=spec.seed)
 
 
