@@ -131,5 +131,6 @@ def test_resnet18_macs_match_the_papers_cost_figure():
 
     macs = count_forward_macs(build_model("resnet18", 3, K), (3, 32, 32))
     assert macs == pytest.approx(0.557e9, rel=5e-3)
-    coun = flops_from_work({"trained": 2 * 45_000 * 40, "forward_only": 0}, macs)  # two views per retain sample
+    # each retain sample trained once per epoch with two views: (2 + 2) forward-equivalents
+    coun = flops_from_work({"trained": 45_000 * 40, "views": 45_000 * 40, "forward_only": 0}, macs)
     assert coun["flops"] == pytest.approx(8.02e15, rel=5e-3)

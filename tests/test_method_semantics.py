@@ -232,20 +232,42 @@ def test_rl_labels_are_uniform_over_all_classes_true_included(scen):
 
 
 def test_l1_weight_decays_linearly_per_epoch(scen):
-    alpha, l1_epochs = 0.01, 4
-    m, ctx = _ctx(scen, "l1_sparse", {"l1_alpha": alpha, "l1_epochs": l1_epochs})
+    """l1_fraction 0.5 of a 6-epoch run = 3 epochs: alpha x (1, 2/3, 1/3), then 0."""
+    alpha = 0.01
+    m, ctx = _ctx(scen, "l1_sparse", {"l1_alpha": alpha, "l1_fraction": 0.5, "epochs": 6})
+    ctx.epochs = 6  # _ctx builds a 2-epoch context; the run's epochs decide the l1 epochs
     batch = _retain_batch(scen)
     p = np_params(ctx.model)
     ce = np_ce(np_logits(p, batch.x), batch.y)
     norm = sum(np.abs(v).sum() for v in p.values())
-    for epoch, factor in enumerate([1.0, 0.75, 0.5, 0.25, 0.0, 0.0]):
+    for epoch, factor in enumerate([1.0, 2 / 3, 1 / 3, 0.0, 0.0, 0.0]):
         assert _loss(m, ctx, batch, epoch) == pytest.approx(ce + alpha * factor * norm, rel=1e-5), epoch
-    assert L1Sparse.alpha(alpha, l1_epochs, 2) == pytest.approx(alpha / 2)
+
+
+@pytest.mark.parametrize(
+    "fraction,epochs,factors",
+    [
+        # CoUn's setting, the first 4 of 50 epochs: the released code's decay over 4 epochs
+        (0.08, 50, [1.0, 0.75, 0.5, 0.25] + [0.0] * 46),
+        # the same setting at a 5-epoch budget: 0.08 x 5 = 0.4 -> at least one epoch, at full weight
+        (0.08, 5, [1.0, 0.0, 0.0, 0.0, 0.0]),
+        # l1-sparse's own setting (no_l1_epochs 0): every epoch, decaying over the whole run
+        (1.0, 10, [1.0 - e / 10 for e in range(10)]),
+        (1.0, 5, [1.0, 0.8, 0.6, 0.4, 0.2]),
+        # half the run at 5 and at 50 epochs: 2.5 rounds half up to 3; 25 of 50
+        (0.5, 5, [1.0, 2 / 3, 1 / 3, 0.0, 0.0]),
+        (0.5, 50, [1.0 - e / 25 for e in range(25)] + [0.0] * 25),
+    ],
+)
+def test_l1_epochs_are_a_share_of_the_budget(fraction, epochs, factors):
+    """Which epochs apply l1 (and at what weight) at two budgets: the schedule of the run's
+    own epochs, so a search over epochs compares one method at every budget."""
+    assert [L1Sparse.alpha(1.0, fraction, epochs, e) for e in range(epochs)] == pytest.approx(factors, abs=1e-12)
 
 
 def test_scrub_max_and_min_steps(scen):
     a, gmm = 0.7, 1.3
-    m, ctx = _ctx(scen, "scrub", {"scrub_alpha": a, "scrub_gamma": gmm, "scrub_max_steps": 1})
+    m, ctx = _ctx(scen, "scrub", {"scrub_alpha": a, "scrub_gamma": gmm, "scrub_max_fraction": 0.5})
     batches = list(m.epoch_batches(ctx, 0))
     assert [b.phase for b in batches] == ["max"] + ["min"] * 3
     ps, pt = np_params(ctx.model), np_params(ctx.original)
@@ -410,12 +432,34 @@ def test_steps_per_epoch(scen, monkeypatch, method, steps, forget_rows, rows):
 
 def test_scrub_takes_msteps_max_passes(scen, monkeypatch):
     """SCRUB's notebooks: `for epoch in range(1, sgda_epochs + 1): if epoch <= msteps: max`:
-    msteps = 2 over 4 epochs gives max passes in the first 2 epochs only."""
+    half the run (fraction 0.5) over 4 epochs gives max passes in the first 2 epochs only."""
     rec = _recording(monkeypatch, "scrub")
-    _run(scen, "scrub", {"epochs": 4, "scrub_max_steps": 2})
+    _run(scen, "scrub", {"epochs": 4, "scrub_max_fraction": 0.5})
     per_epoch = [[s[1] for s in rec["steps"] if s[0] == e] for e in range(4)]
     assert per_epoch == [["max"] + ["min"] * 3] * 2 + [["min"] * 3] * 2
     assert len(rec["lr"]) == 2 * 4 + 2 * 3  # max steps are steps of the schedule too
+
+
+@pytest.mark.parametrize(
+    "fraction,epochs,max_epochs",
+    [
+        (2 / 3, 3, [0, 1]),  # SCRUB's own notebook: msteps 2 of sgda_epochs 3
+        (2 / 3, 6, [0, 1, 2, 3]),  # the same share at twice the budget
+        (0.2, 50, list(range(10))),  # CoUn's largest setting, 10 max-steps of 50 epochs
+        (0.2, 5, [0]),  # the same share at 5 epochs
+        (0.02, 50, [0]),  # CoUn's smallest, 1 of 50
+        (0.02, 5, [0]),  # never less than one max pass when the fraction is > 0
+        (0.0, 5, []),  # 0: no max pass at all
+    ],
+)
+def test_scrub_max_passes_are_a_share_of_the_budget(scen, fraction, epochs, max_epochs):
+    """Which epochs start with a max pass at two budgets, read from the epoch plan."""
+    m, ctx = _ctx(scen, "scrub", {"scrub_max_fraction": fraction})
+    ctx.epochs = epochs
+    n_min = math.ceil(N_R / B)  # 3 retain batches; D_u (4) is one forget batch
+    got = [e for e in range(epochs) if [b.phase for b in m.epoch_batches(ctx, e)][0] == "max"]
+    assert got == max_epochs
+    assert [m.steps_in_epoch(ctx, e) for e in range(epochs)] == [n_min + (e in max_epochs) for e in range(epochs)]
 
 
 def _cosine(lr, floor, total):
@@ -432,7 +476,11 @@ def _cosine(lr, floor, total):
 )
 def test_learning_rate_at_every_step(scen, monkeypatch, method, lr, floor):
     rec = _recording(monkeypatch, method)
-    _run(scen, method, {"epochs": 3, "lr": lr, "scrub_max_steps": 1} if method == "scrub" else {"epochs": 3, "lr": lr})
+    _run(
+        scen,
+        method,
+        {"epochs": 3, "lr": lr, "scrub_max_fraction": 0.34} if method == "scrub" else {"epochs": 3, "lr": lr},
+    )
     total = {"ft": 9, "ga": 3, "scrub": 10}[method]
     assert rec["lr"] == pytest.approx(_cosine(lr, floor, total), rel=1e-9, abs=1e-15)
 
@@ -529,31 +577,59 @@ def test_mia_members_are_the_ones_the_splits_hash_draws(prepared):
 
 
 def test_flops_paper_convention_reproduces_the_papers_coun_figure():
-    """8.02 PFLOPs for CoUn on CIFAR-10: 45k retain images x 40 epochs x two views, each view
-    trained (forward + backward) at 0.557 GMACs per forward."""
-    f = flops_from_work({"trained": 2 * 45_000 * 40, "forward_only": 0}, int(0.557e9))
-    assert f["flops"] == pytest.approx(8.02e15, rel=2e-3)
-    assert f["flops_true"] == pytest.approx(8.02e15 * 1.5, rel=2e-3)
-    ft = flops_from_work({"trained": 45_000 * 40, "forward_only": 0}, int(0.557e9))
-    assert ft["flops"] == pytest.approx(4.01e15, rel=2e-3)  # FT at equal epochs: half CoUn's
+    """The paper's cost convention (METHOD.md section 4): a trained sample costs (views + 2)
+    forward-equivalents, FLOPs = 2 x MACs. CoUn on CIFAR-10: 45k retain images x 40 epochs,
+    two views each: 45e3 * 40 * (2 + 2) * 2 * 0.557e9 = 8.02e15. FT, one view, at the same
+    40 epochs: 45e3 * 40 * (1 + 2) * 2 * 0.557e9 = 6.02e15, so CoUn/FT = 4/3 at equal epochs.
+    flops_true counts every view as a forward + a backward (3 forwards): CoUn 6, FT 3."""
+    macs, n, epochs = int(0.557e9), 45_000, 40
+    coun = flops_from_work({"trained": n * epochs, "views": n * epochs, "forward_only": 0}, macs)
+    ft = flops_from_work({"trained": n * epochs, "views": 0, "forward_only": 0}, macs)
+    assert 45_000 * 40 * 4 * 2 * 0.557e9 == pytest.approx(8.02e15, abs=0.005e15)  # the paper's row, by hand
+    assert coun["flops"] == pytest.approx(8.02e15, abs=0.005e15)
+    assert ft["flops"] == pytest.approx(45_000 * 40 * 3 * 2 * 0.557e9, rel=1e-12)  # 6.0156e15
+    assert coun["flops"] / ft["flops"] == pytest.approx(4 / 3, rel=1e-12)
+    assert coun["flops_true"] == pytest.approx(45_000 * 40 * 6 * 2 * 0.557e9, rel=1e-12)
+    assert ft["flops_true"] == ft["flops"]  # one view: the convention and the true work agree
+    # a forward-only pass (a teacher's) costs 1 forward in both
+    teacher = flops_from_work({"trained": 0, "views": 0, "forward_only": 7}, 5)
+    assert teacher == {"flops": 70.0, "flops_true": 70.0}
+
+
+# The engine counts the CL plug-in's second view with `ctx.count(trained=...)` today, i.e. as a
+# new sample (3 forwards) instead of an extra view of one (1 forward): CoUn then costs 6 per
+# retain sample, not the paper's 4. The fix is one line in engine.step_loss
+# (`ctx.count(views=len(x_r))`); until it lands the plug-in rows are expected to fail.
+_VIEW2_PENDING = pytest.mark.xfail(
+    strict=True, reason="engine.step_loss counts view 2 as a trained sample; needs ctx.count(views=...)"
+)
 
 
 @pytest.mark.parametrize(
-    "method,hp,trained,forward_only",
+    "method,hp,samples,views,forward_only",
     [
-        ("ft", {}, 10, 0),
-        ("coun", {}, 20, 0),  # two views
-        ("ga", {"lr": 1e-3}, 4, 0),
-        ("neggrad_plus", {}, 10 + 3 * 4, 0),  # each retain step: a forget batch of 4
-        ("scrub", {"scrub_max_steps": 1}, 14, 14),  # epoch 1: 4 max + 10 min rows, teacher on each
-        ("bad_teacher", {}, 7, 14),  # two teachers on each mixed row
+        ("ft", {}, 10, 0, 0),
+        pytest.param("coun", {}, 10, 10, 0, marks=_VIEW2_PENDING),  # two views of each retain sample
+        ("ga", {"lr": 1e-3}, 4, 0, 0),
+        ("neggrad_plus", {}, 10 + 3 * 4, 0, 0),  # each retain step: a forget batch of 4
+        ("scrub", {"scrub_max_fraction": 1.0}, 14, 0, 14),  # epoch 1: 4 max + 10 min rows, teacher on each
+        ("bad_teacher", {}, 7, 0, 14),  # two teachers on each mixed row
+        ("salun", {}, 4 + 14, 0, 0),  # the saliency pass over D_u is a trained pass, then 14 mixed rows
     ],
 )
-def test_flops_hand_counted(scen, method, hp, trained, forward_only):
+def test_flops_hand_counted(scen, method, hp, samples, views, forward_only):
     macs = 3 * 4 + 3 * K  # conv: 3 outputs x (2 x 2 x 1); fc: 3 x 3
     _, metrics = _run(scen, method, {"epochs": 1, **hp})
-    assert metrics["flops"] == 2 * macs * (2 * trained + forward_only)
-    assert metrics["flops_true"] == 2 * macs * (3 * trained + forward_only)
+    assert metrics["flops"] == 2 * macs * ((samples + views) + 2 * samples + forward_only)
+    assert metrics["flops_true"] == 2 * macs * (3 * (samples + views) + forward_only)
+
+
+@_VIEW2_PENDING
+def test_flops_coun_over_ft_is_four_thirds_at_equal_epochs(scen):
+    _, ft = _run(scen, "ft", {"epochs": 2})
+    _, coun = _run(scen, "coun", {"epochs": 2})
+    assert coun["flops"] / ft["flops"] == pytest.approx(4 / 3, rel=1e-12)
+    assert coun["flops_true"] / ft["flops_true"] == pytest.approx(2.0, rel=1e-12)
 
 
 def test_hparam_ranges_and_lr_floor():

@@ -5,13 +5,14 @@ Names used everywhere (JSON, MLflow, YAML):
   retain_gap, forget_gap (= |UA - UA*|), test_gap, mia_gap, avg_gap (mean of the four),
   wall_seconds, flops.
 Cost (`flops_from_work`): FLOPs = 2 x MACs of the Conv2d/Linear layers, in the paper's
-  convention: a sample trained on (forward + backward) counts 2 forwards, a forward alone
-  (a teacher's) 1. The paper's CoUn figure on CIFAR-10 fixes it: 8.02 PFLOPs for 45k retain
-  images at 0.557 GMACs per forward (ResNet-18) over 40 epochs is 8.02e15 / (45e3 * 40 *
-  2 * 0.557e9) = 4.0 forwards per retain sample and epoch, i.e. two views x (forward +
-  backward) at 2 forwards each. FT (one view) is then 2 forwards per retain sample: 4.01
-  PFLOPs at 40 epochs, exactly half CoUn's at equal epochs. `flops_true` (a diagnostic) counts
-  the backward as 2 forwards (a training pass = 3 forwards): FT 3, CoUn 6 per retain sample.
+  convention (METHOD.md section 4): a trained sample costs (views + 2) forward-equivalents,
+  each of its views forwarded once and the backward counted as two forwards once per sample;
+  a forward alone (a teacher's, an evaluation) costs 1. So FT, NoT, l1-sparse and Retrain cost
+  3 per trained sample and CoUn (two views) 4 per retain sample: CoUn/FT = 4/3 at equal
+  epochs. The paper's CoUn figure on CIFAR-10 fixes it: 45k retain images x 40 epochs x 4 x
+  2 x 0.557 GMACs (ResNet-18) = 8.02 PFLOPs. `flops_true` (a diagnostic) is the work as run:
+  every view is a forward and a backward of its own, 3 forward-equivalents per view trained:
+  FT 3, CoUn 6 per retain sample.
 Diagnostics of the MIA (it is bistable on near-perfect models, METHOD.md section 4):
   mia_member_saturated, mia_nonmember_saturated: % of members (retain sample) / non-members
       (test) with true-label confidence above 0.999;
@@ -139,12 +140,16 @@ def member_seed(split_hash: str) -> int:
 
 def flops_from_work(work: dict[str, int], forward_macs: int) -> dict[str, float]:
     """`flops` (the paper's convention, see the module docstring) and `flops_true` from a run's
-    sample counts: work["trained"] samples went forward + backward, work["forward_only"]
-    forward alone; forward_macs = MACs of one forward of one sample."""
+    sample counts (MethodContext.work): work["trained"] samples went forward + backward once,
+    work["views"] further views of those samples went forward + backward with them (the CL
+    plug-in's second view), work["forward_only"] samples went forward alone.
+    forward_macs = MACs of one forward of one sample. Per trained sample with v views:
+    flops = v + 2 forward-equivalents, flops_true = 3 v."""
     fwd = 2 * forward_macs  # FLOPs = 2 x MACs
+    trained, views, forward_only = work["trained"], work.get("views", 0), work["forward_only"]
     return {
-        "flops": float(fwd * (2 * work["trained"] + work["forward_only"])),
-        "flops_true": float(fwd * (3 * work["trained"] + work["forward_only"])),
+        "flops": float(fwd * ((trained + views) + 2 * trained + forward_only)),
+        "flops_true": float(fwd * (3 * (trained + views) + forward_only)),
     }
 
 

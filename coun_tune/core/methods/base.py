@@ -14,6 +14,7 @@ data: touching it raises, so "FT and CoUn never read D_u" is enforced, not assum
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,9 +111,11 @@ class Step:
 class MethodContext:
     """What a method may use. `forget` is a ForgetGuard unless the method reads_forget.
     `original` is a frozen copy of theta_o (for teachers, masks); `generator` the run's RNG.
-    `work` counts samples for the FLOPs metrics: "trained" (forward + backward) and
-    "forward_only" (e.g. a teacher's forward); the engine counts its own passes, a method
-    adds what it runs besides (`count`)."""
+    `work` counts samples for the FLOPs metrics (metrics.flops_from_work): "trained" samples
+    went forward + backward (counted once per sample and step, whatever its number of views),
+    "views" further views of samples already counted went forward + backward with them (the
+    CL plug-in's second view), "forward_only" samples went forward alone (e.g. a teacher's).
+    The engine counts its own passes, a method adds what it runs besides (`count`)."""
 
     model: FeatureClassifier
     original: FeatureClassifier
@@ -127,11 +130,14 @@ class MethodContext:
     state: dict[str, Any] = field(default_factory=dict)
     # The engine's optimiser (the shared SGD recipe); None outside a run.
     optimizer: torch.optim.Optimizer | None = None
-    work: dict[str, int] = field(default_factory=lambda: {"trained": 0, "forward_only": 0})
+    work: dict[str, int] = field(default_factory=lambda: {"trained": 0, "views": 0, "forward_only": 0})
 
-    def count(self, trained: int = 0, forward_only: int = 0) -> None:
-        self.work["trained"] += int(trained)
-        self.work["forward_only"] += int(forward_only)
+    def count(self, trained: int = 0, forward_only: int = 0, views: int = 0) -> None:
+        """trained: new samples forward + backward (one view each); views: extra views of
+        samples this step already counted; forward_only: samples forward alone. (`get`: a
+        checkpoint written before "views" existed resumes with 0.)"""
+        for key, n in (("trained", trained), ("views", views), ("forward_only", forward_only)):
+            self.work[key] = self.work.get(key, 0) + int(n)
 
     # Forget data. These helpers go through `self.forget`, so a method that declares
     # reads_forget=False and calls them hits the ForgetGuard and raises.
@@ -149,6 +155,17 @@ class MethodContext:
         idx = torch.randperm(len(forget), generator=self.generator, device=self.generator.device)[:n]
         idx = idx.to(forget.x.device)
         return self.augmenter(forget.x[idx], self.generator), forget.y[idx]
+
+
+def budget_epochs(fraction: float, epochs: int) -> int:
+    """How many of a run's `epochs` a budget-relative hyperparameter covers: fraction x epochs
+    rounded half up, at least 1 when fraction > 0 and at most `epochs`; 0 when fraction is 0.
+    So l1-sparse's "first 4 of 50 epochs" (fraction 0.08) is 4 epochs at 50 and 1 at 5, and
+    SCRUB's msteps 2 of 3 epochs (fraction 2/3) is 2 at 3 and 33 at 50: a setting means the
+    same share of the run at every budget, as a search over `epochs` needs."""
+    if fraction <= 0:
+        return 0
+    return int(min(epochs, max(1, math.floor(fraction * epochs + 0.5))))
 
 
 def batches_in(n: int, batch_size: int) -> int:
