@@ -6,16 +6,21 @@
   theta_o) and the frozen teacher theta_o. An epoch is a *max pass* over D_u (one step per
   forget batch on -KL(teacher || student), pushing the student away from the teacher on D_u)
   followed by a *min pass* over D_r (alpha * KL(teacher || student) + gamma * CE), the max
-  pass only in the first `scrub_max_steps` epochs. Counting: the released notebooks loop
+  pass only in the first n epochs. Counting: the released notebooks loop
   `for epoch in range(1, sgda_epochs + 1): if epoch <= msteps: maximize...; minimize...`,
   i.e. 1-based epochs, so msteps = 2 gives max passes in epochs 1 and 2: msteps passes, not
-  msteps + 1. Here epochs are 0-based and the max pass runs while `epoch < scrub_max_steps`,
-  the same count (at most `epochs` passes). Both passes are steps of the epoch plan, so they
-  advance the one cosine schedule (SCRUB's own lr schedule is a per-epoch step decay).
-  Ranges are CoUn's appendix (temperature 1, max-steps in [1, 10], gamma and alpha in
-  [0.1, 3]); SCRUB's own CIFAR-10 notebook uses alpha 0.001, gamma 0.99, KD temperature 4,
-  msteps 2 and 3 epochs (sgda_epochs): reproduce those with scrub_alpha=0.001,
-  scrub_gamma=0.99, scrub_max_steps=2, epochs=3 (its T = 4 is not offered: CoUn uses T = 1).
+  msteps + 1. Here epochs are 0-based and the max pass runs while `epoch < n`, the same count.
+  n is relative to the run's budget: n = budget_epochs(scrub_max_fraction, epochs) (rounded
+  half up, at least 1 when the fraction is > 0), so a setting means the same share of the run
+  at 5 and at 50 epochs. Both passes are steps of the epoch plan, so they advance the one
+  cosine schedule (SCRUB's own lr schedule is a per-epoch step decay). Ranges: CoUn's
+  appendix searches max-steps in [1, 10] (temperature 1, gamma and alpha in [0.1, 3]) over
+  its 50 epochs, i.e. fractions [0.02, 0.2]; SCRUB's own CIFAR-10 notebook uses msteps 2 of 3
+  epochs (fraction 2/3), alpha 0.001, gamma 0.99, KD temperature 4. The searched fraction
+  [0.02, 1.0] (log) holds both: reproduce the notebook with scrub_alpha=0.001,
+  scrub_gamma=0.99, scrub_max_fraction=0.667, epochs=3 (its T = 4 is not offered: CoUn uses
+  T = 1). The default 0.2 is CoUn's largest setting (and the former default of 2 max passes
+  at the default 10 epochs).
 - Bad Teacher (Chundawat, Tarun, Mandal, Kankanhalli, "Can Bad Teaching Induce Forgetting?
   Unlearning in Deep Networks Using an Incompetent Teacher", AAAI 2023): one shuffled loader
   mixing D_u with a 30% random sample of D_r (drawn once, as the original's
@@ -41,6 +46,7 @@ from coun_tune.core.methods.base import (
     MethodContext,
     Step,
     batches_in,
+    budget_epochs,
     forget_epoch,
     kl_to_teacher,
     mixed_epoch,
@@ -57,13 +63,13 @@ class SCRUB(Method):
     reads_forget = True
     hparams = (
         HParam(
-            "scrub_max_steps",
-            2,
-            1,
-            10,
-            kind="int",
-            help="SCRUB: epochs that start with a max pass over D_u",
-            valid=(0, float("inf")),
+            "scrub_max_fraction",
+            0.2,
+            0.02,
+            1.0,
+            log=True,
+            help="SCRUB: share of the run's epochs that start with a max pass over D_u (0 = none)",
+            valid=(0.0, 1.0),
         ),
         HParam(
             "scrub_alpha",
@@ -85,14 +91,19 @@ class SCRUB(Method):
         ),
     )
 
+    @staticmethod
+    def max_passes(ctx: MethodContext) -> int:
+        """The number of epochs (the first ones) that start with a max pass."""
+        return budget_epochs(ctx.hparams["scrub_max_fraction"], ctx.epochs)
+
     def epoch_batches(self, ctx: MethodContext, epoch: int) -> Iterator[Batch]:
-        if epoch < ctx.hparams["scrub_max_steps"]:
+        if epoch < self.max_passes(ctx):
             yield from forget_epoch(ctx, phase="max")
         yield from retain_epoch(ctx, phase="min")
 
     def steps_in_epoch(self, ctx: MethodContext, epoch: int) -> int:
         n_max = batches_in(len(ctx.forget), ctx.forget_batch_size())
-        return (n_max if epoch < ctx.hparams["scrub_max_steps"] else 0) + batches_in(len(ctx.retain), ctx.batch_size)
+        return (n_max if epoch < self.max_passes(ctx) else 0) + batches_in(len(ctx.retain), ctx.batch_size)
 
     def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         with torch.no_grad():

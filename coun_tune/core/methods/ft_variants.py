@@ -2,10 +2,14 @@
 
 - l1-sparse (Jia et al., "Model Sparsity Can Simplify Machine Unlearning", NeurIPS 2023;
   OPTML-Group/Unlearn-Sparse `unlearn/FT.py`, `FT_l1`): FT + alpha_e * ||theta||_1 over all
-  parameters, alpha_e = alpha * (1 - e / l1_epochs) in epoch e < l1_epochs (0-based) and 0
-  after: the released code's per-epoch linear decay (`current_alpha = args.alpha * (1 - epoch
-  / (unlearn_epochs - no_l1_epochs))`), with `l1_epochs` the number of epochs it is applied
-  for (the paper's first 4 epochs).
+  parameters, alpha_e = alpha * (1 - e / n) in epoch e < n (0-based) and 0 after: the released
+  code's per-epoch linear decay (`current_alpha = args.alpha * (1 - epoch / (unlearn_epochs -
+  no_l1_epochs))`), n being the number of epochs it is applied for. n is set relative to the
+  run's budget: `l1_fraction` of the epochs (base.budget_epochs: rounded half up, at least 1),
+  so a search over `epochs` compares one method at every budget. The references: the CoUn
+  paper applies l1 for the first 4 of its 50 epochs (fraction 0.08, the default); the
+  l1-sparse code's own setting is `no_l1_epochs` 0 over its 10 unlearning epochs, l1 in every
+  epoch (fraction 1.0). The search range [0.08, 1.0] holds both.
 - NoT (Khalil et al., "NoT: Federated Unlearning via Weight Negation", CVPR 2025, the CoUn
   authors' own baseline): negate the first layer's parameters of theta_o, then FT. For CNNs
   that is the stem conv (weight, and bias where it has one). For the ViT, CoUn's appendix
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coun_tune.core.methods.base import HParam, MethodContext, Step
+from coun_tune.core.methods.base import HParam, MethodContext, Step, budget_epochs
 from coun_tune.core.methods.ft import FT
 
 
@@ -46,23 +50,25 @@ class L1Sparse(FT):
             valid=(0.0, float("inf")),
         ),
         HParam(
-            "l1_epochs",
-            4,
-            1,
-            20,
-            kind="int",
-            help="l1-sparse: epochs over which the l1 weight decays to 0",
-            valid=(1, float("inf")),
+            "l1_fraction",
+            0.08,
+            0.08,
+            1.0,
+            log=True,
+            help="l1-sparse: share of the run's epochs over which the l1 weight decays to 0 (CoUn: 4/50)",
+            valid=(0.0, 1.0),
         ),
     )
 
     @staticmethod
-    def alpha(alpha0: float, l1_epochs: int, epoch: int) -> float:
-        return alpha0 * (1.0 - epoch / l1_epochs) if epoch < l1_epochs else 0.0
+    def alpha(alpha0: float, l1_fraction: float, epochs: int, epoch: int) -> float:
+        """The l1 weight in epoch `epoch` (0-based) of a run of `epochs` epochs."""
+        n = budget_epochs(l1_fraction, epochs)
+        return alpha0 * (1.0 - epoch / n) if epoch < n else 0.0
 
     def loss(self, ctx: MethodContext, step: Step) -> torch.Tensor:
         loss = F.cross_entropy(step.logits, step.y)
-        a = self.alpha(ctx.hparams["l1_alpha"], ctx.hparams["l1_epochs"], step.epoch)
+        a = self.alpha(ctx.hparams["l1_alpha"], ctx.hparams["l1_fraction"], ctx.epochs, step.epoch)
         if a > 0:  # past the l1 epochs this is plain FT: skip the norm altogether
             loss = loss + a * torch.cat([p.flatten() for p in ctx.model.parameters()]).abs().sum()
         return loss
