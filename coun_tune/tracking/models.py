@@ -1,8 +1,10 @@
 """MLflow models of coun-tune's unlearned networks: logging, registering, loading back.
 
-A trial's (or an applied request's) final network is logged as an MLflow PyTorch model named
-`unlearned_model` on its run (MLflow 3 "logged model": it shows in the run's and the experiment's Models
-tab and can be registered). Beside the flavor's own files the model directory holds
+A trial's (or an applied request's) final network is logged as an MLflow PyTorch model on its run
+(MLflow 3 "logged model": it shows in the run's and the experiment's Models tab and can be
+registered), named by its trial (`trial_7`; an applied request's: `unlearned_model`), with the
+run's params and final metrics on the model itself (the Models tab's columns). Beside the
+flavor's own files the model directory holds
 
     model.pt         plain state dict: torch.load(..., weights_only=True), never a pickle of code
     config.yaml      the `coun-tune unlearn --config` document that made it (hparams resolved)
@@ -12,6 +14,12 @@ tab and can be registered). Beside the flavor's own files the model directory ho
 so `load_model_uri` rebuilds the network from data alone. The flavor is saved in the pt2
 format (torch.export: serving needs torch only) with a pickle fallback when export fails;
 requirements are pinned explicitly (inferring them costs seconds per model).
+
+Registering a model (`register_model`) makes the registry and the logged model agree in the UI,
+as MLflow's own `mlflow.register_model` does: the logged model's tag `mlflow.modelVersions`
+lists its versions (the UI's "Registered" badge and the Models tab's column read it; MLflow's
+server sets it on create_model_version, a SQLite client does not), and the version's
+description says which pick it is, its objective values, and links to the search and the run.
 
 Everything goes through an explicit `MlflowClient`: a Ray driver, a test and a CLI command
 may each point at their own store, so the global tracking URI of fluent mlflow is not used.
@@ -32,10 +40,13 @@ import yaml
 
 from coun_tune.errors import UsageError
 
-# The logged model's name within its run (runs:/RUN_ID/unlearned_model). Not "model": the run's
-# plain `model/` artifacts keep that path, and MLflow 3.17 resolves a runs:/ path that names a
-# logged model through the process-global tracking URI (an `mlflow.db` appears in the cwd).
+# The logged model's name when its run is not a numbered trial (an applied request), and the
+# runs:/RUN_ID/unlearned_model path that still resolves to any run's logged model. Not "model":
+# the run's plain `model/` artifacts keep that path, and MLflow 3.17 resolves a runs:/ path that
+# names a logged model through the process-global tracking URI (an `mlflow.db` appears in the cwd).
 MODEL_NAME = "unlearned_model"
+TRIAL_NUMBER = "coun_tune.trial_number"  # = describe.TRIAL_NUMBER (the trial logger's numbering)
+MODEL_VERSIONS = "mlflow.modelVersions"  # = mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS
 FILES = ("model.pt", "config.yaml", "model_info.json", "metrics.json")
 # Flavor formats tried in turn. pt2 (torch.export) serves with torch alone but costs 2-20 s per
 # model on a CPU driver (the first export of a process imports the compiler stack); pickle
@@ -84,17 +95,26 @@ def model_info(config: dict, state: dict) -> dict:
     }
 
 
+def model_name_for(run) -> str:
+    """The logged model's name: `trial_<number>` for a search's trial (the number of its run
+    name and of the front table), else `unlearned_model`."""
+    number = run.data.tags.get(TRIAL_NUMBER)
+    return f"trial_{number}" if number else MODEL_NAME
+
+
 def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dict | None = None, step: int = 0) -> str:
-    """Log `model` (an eval-able torch module on any device) as the run's MLflow PyTorch model.
+    """Log `model` (an eval-able torch module on any device) as the run's MLflow PyTorch model,
+    named by model_name_for(run), with the run's params and latest metrics on it.
     info: model_info(...) (image_shape gives the signature: float32 (N, C, H, W), the
     dataset's normalisation applied; output (N, num_classes) logits). Returns the model id."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     run = client.get_run(run_id)
-    params = {k: str(v) for k, v in info.get("hparams", {}).items()}
+    # the run's params (scenario, split_hash, every hyperparameter) then the model's own hparams
+    params = {**run.data.params, **{k: str(v) for k, v in info.get("hparams", {}).items()}}
     logged = client.create_logged_model(
         run.info.experiment_id,
-        name=MODEL_NAME,
+        name=model_name_for(run),
         source_run_id=run_id,
         params=params,
         model_type="pytorch",
@@ -107,7 +127,27 @@ def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dic
         raise
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    log_run_metrics_to_model(client, run_id, logged.model_id)
     return logged.model_id
+
+
+def log_run_metrics_to_model(client, run_id: str, model_id: str, keys=None) -> int:
+    """Put the run's latest value of each metric (or of `keys`) on its logged model: the Models
+    tab's metric columns and the model page's metrics. Each is the run's own last point (same
+    value, step and timestamp), which MLflow's store keeps once in the run's history, so the run's
+    curves gain no point. Call it again after logging more (the review's is_pareto): the model
+    gets the newer values. Returns how many metrics it logged."""
+    from mlflow.entities import Metric
+
+    metrics = []
+    for key in sorted(keys if keys is not None else client.get_run(run_id).data.metrics):
+        history = client.get_metric_history(run_id, key)
+        if history:
+            last = max(history, key=lambda m: (m.step, m.timestamp, m.value))  # MLflow's own 'latest'
+            metrics.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    return len(metrics)
 
 
 def _save(client, logged, run_id: str, model, config: dict, info: dict, metrics: dict | None) -> None:
@@ -192,14 +232,14 @@ def log_model_from_files(client, run_id: str, directory: Path, step: int = 0) ->
 
 
 def logged_model_of(client, run_id: str):
-    """The run's `model` logged model (the latest READY one), or None."""
+    """The run's logged model (the latest READY one coun-tune logged from it), or None."""
     from mlflow.entities import LoggedModelStatus
 
     run = client.get_run(run_id)
     found, token = [], None
     while True:
         page = client.search_logged_models(
-            [run.info.experiment_id], filter_string=f"name = '{MODEL_NAME}'", page_token=token
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", page_token=token
         )
         found += [m for m in page if m.source_run_id == run_id and m.status == LoggedModelStatus.READY]
         token = page.token
@@ -208,9 +248,75 @@ def logged_model_of(client, run_id: str):
     return max(found, key=lambda m: m.creation_timestamp) if found else None
 
 
-def register_model(client, run_id: str, name: str, alias: str) -> str:
+def mark_registered(client, model_id: str, name: str, version) -> list[dict]:
+    """Add {name, version} to the logged model's `mlflow.modelVersions` tag, in MLflow's own
+    format (a JSON list of {"name": ..., "version": ...}, appended to, never duplicated; MLflow's
+    server writes the version as a number, its fluent client as a string: either counts as
+    present). The UI reads this tag: without it a registered model is badged "Not registered".
+    Returns the tag's list."""
+    logged = client.get_logged_model(model_id)
+    try:
+        versions = json.loads(logged.tags.get(MODEL_VERSIONS) or "[]")
+    except ValueError:  # a tag someone wrote by hand: replaced by a well-formed one
+        versions = []
+    versions = [v for v in versions if isinstance(v, dict)] if isinstance(versions, list) else []
+    if not any(v.get("name") == name and str(v.get("version")) == str(version) for v in versions):
+        versions.append({"name": name, "version": int(version) if str(version).isdigit() else version})
+        client.set_logged_model_tags(model_id, {MODEL_VERSIONS: json.dumps(versions)})
+    return versions
+
+
+def version_description(client, run_id: str, model_id: str, alias: str, pick: str | None = None) -> str:
+    """The Markdown description of a registered version: which pick it is (the alias), the
+    trial, its objective values (the search's objectives, with the original's and the oracle's
+    when the review logged them), and links to the search's runs, the trial's run and its
+    logged model (relative UI routes: they work wherever the UI is served)."""
+    from coun_tune.tracking import describe
+    from coun_tune.tracking.mlflow_store import PARENT
+
+    run = client.get_run(run_id)
+    exp, tags = run.info.experiment_id, run.data.tags
+    parent_id = tags.get(PARENT)
+    parent = client.get_run(parent_id) if parent_id else None
+    raw = parent.data.tags.get("coun_tune.objectives") if parent else None
+    objectives = json.loads(raw) if raw else {}
+    number = tags.get(TRIAL_NUMBER)
+    what = f"trial {number}" if number else f"run `{run.info.run_name}`"
+    lines = [f"**{pick or alias}** (alias `@{alias}`): {what} of coun-tune search"]
+    if parent is not None:
+        lines[0] += f" `{parent.info.run_name}`"
+    lines[0] += "."
+    metrics = run.data.metrics
+    shown = list(objectives) or [m for m in ("forget_gap", "retain_acc") if m in metrics]
+    extra = [m for m in ("avg_gap", "test_acc", "forget_acc", "mia_efficacy") if m in metrics and m not in shown]
+    rows = [[f"{what}", *[metrics.get(k) for k in shown + extra]]]
+    if parent is not None:  # the review's baseline runs, when there
+        from coun_tune.tracking.mlflow_store import ROLE, child_runs
+
+        for b in sorted(
+            (r for r in child_runs(client, parent) if r.data.tags.get(ROLE) == "baseline"),
+            key=lambda r: r.data.tags.get("coun_tune.baseline", ""),
+        ):
+            rows.append(
+                [b.data.tags.get("coun_tune.baseline", "baseline"), *[b.data.metrics.get(k) for k in shown + extra]]
+            )
+    headers = ["run", *[f"{k} ({describe.ARROW[objectives[k]]})" if k in objectives else k for k in shown], *extra]
+    lines += ["", describe.md_table(headers, rows), ""]
+    links = [f"[the trial's run]({describe.run_fragment(exp, run_id)})"]
+    if parent is not None:
+        links.insert(0, f"[the search's runs]({describe.runs_fragment(exp, parent_id)})")
+        links.append(f"[the search run]({describe.run_fragment(exp, parent_id)})")
+    links.append(f"[the logged model](#/experiments/{exp}/models/{model_id})")
+    lines += ["**Links**: " + " · ".join(links), ""]
+    lines += [f"Source run `{run_id}`, logged model `{model_id}`."]
+    return "\n".join(lines) + "\n"
+
+
+def register_model(client, run_id: str, name: str, alias: str, pick: str | None = None) -> str:
     """Register the run's MLflow model under `name` (created if new) and point `alias` at it.
-    Registering the same logged model again reuses its version. Returns the version's URI,
+    Registering the same logged model again reuses its version. The logged model is tagged with
+    its versions (mark_registered) and the version described (version_description; `pick`, the
+    pick as the user wrote it, defaults to the alias). Returns the version's URI,
     `models:/NAME/VERSION` (immutable; `models:/NAME@ALIAS` follows the alias)."""
     from mlflow.exceptions import MlflowException
 
@@ -240,6 +346,10 @@ def register_model(client, run_id: str, name: str, alias: str) -> str:
             tags={"coun_tune.run_id": run_id},
         )
     )
+    mark_registered(client, logged.model_id, name, version.version)
+    client.update_model_version(
+        name, str(version.version), description=version_description(client, run_id, logged.model_id, alias, pick)
+    )
     client.set_registered_model_alias(name, alias, str(version.version))
     return f"models:/{name}/{version.version}"
 
@@ -252,7 +362,10 @@ def _artifact_location(client, uri: str) -> str:
     try:
         if uri.startswith("runs:/"):
             run_id, _, path = uri[len("runs:/") :].partition("/")
-            logged = logged_model_of(client, run_id) if path.strip("/") in ("", MODEL_NAME) else None
+            logged = logged_model_of(client, run_id)
+            # "" or the model's name (trial_7), or unlearned_model (what older coun-tune printed)
+            if logged is not None and path.strip("/") not in ("", MODEL_NAME, logged.name):
+                logged = None
             # any other path (runs:/RUN_ID/model): the run's plain artifacts there
             if logged:
                 return logged.artifact_location
@@ -283,7 +396,8 @@ def _download(location: str, tracking_uri: str, name: str, dst: str) -> Path | N
 
 def load_model_uri(uri: str, tracking_uri: str) -> tuple[dict, dict]:
     """(state dict, config) of the model at `models:/NAME@ALIAS`, `models:/NAME/VERSION`,
-    `models:/MODEL_ID`, `runs:/RUN_ID/unlearned_model` or `runs:/RUN_ID/model` (the plain files).
+    `models:/MODEL_ID`, `runs:/RUN_ID/<model name>` (trial_7; `unlearned_model` works for any
+    run) or `runs:/RUN_ID/model` (the plain files).
     The state dict is read with
     torch.load(weights_only=True) on the CPU; the config is the model's config.yaml with
     model_info.json's keys on top: arch, dataset, num_classes, image_shape, method, hparams."""
