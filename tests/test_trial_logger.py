@@ -174,3 +174,35 @@ def test_a_failed_trial_ends_failed_with_its_reason(search, tmp_path):
     run = client.get_run(logger.runs["e"])
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == "DivergedError: loss is nan at epoch 2, step 3"
+
+
+def test_a_completed_trials_model_is_named_by_its_trial_with_its_final_metrics(search, tmp_path):
+    import json
+
+    import torch
+    import yaml
+    from ray.tune import Checkpoint
+
+    from coun_tune.tracking.models import logged_model_of
+    from tests._fake_search import SCENARIO, trial_weights
+
+    uri, client, exp, parent = search
+    logger = MLflowTrialLogger(uri, exp, parent, {"method": "coun"})
+    first, second = fake_trial("a", planned=2), fake_trial("b", planned=2, lr=0.02)
+    torch.save(trial_weights(2), tmp_path / "model.pt")
+    config = {"scenario": SCENARIO, "method": "coun", "hparams": {"lr": 0.02, "epochs": 2}, "seed": 0}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "metrics.json").write_text(json.dumps({"retain_acc": 92.0, "forget_gap": 8.0}))
+    second.checkpoint = Checkpoint.from_directory(str(tmp_path))
+    for t in (first, second):
+        logger.on_trial_start(0, [t], t)
+    feed(logger, second, [1, 2], planned=2)
+    logger.on_trial_complete(0, [second], second)
+
+    run_id = logger.runs["b"]
+    model = logged_model_of(client, run_id)
+    assert model.name == "trial_2"  # the second trial started: its number, as in its run name
+    assert client.get_run(run_id).info.run_name.startswith("trial 2 ")
+    assert {m.key: (m.step, m.value) for m in model.metrics} == {"retain_acc": (2, 92.0), "forget_gap": (2, 8.0)}
+    assert model.params["lr"] == "0.02" and model.params["temperature"]  # sampled and defaulted hparams
+    assert history(client, run_id) == [(1, 91.0), (2, 92.0)]  # the run's curve gains no point

@@ -15,6 +15,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from coun_tune.calibration import is_split_metric
 from coun_tune.core.metrics import DIAGNOSTICS, METRICS
 from coun_tune.tracking.describe import TRIAL_NUMBER, run_name
 from coun_tune.tracking.mlflow_store import PARENT, ROLE, TRIAL_ID, client_for, log_params
@@ -119,7 +120,9 @@ class MLflowTrialLogger(Callback):
             return  # an epoch repeated after a restore: logged once already (same values on CPU)
         self.last_step[trial.trial_id] = step
         metrics = [
-            Metric(k, float(result[k]), ts, step) for k in METRIC_KEYS if isinstance(result.get(k), (int, float))
+            Metric(k, float(result[k]), ts, step)
+            for k in result
+            if (k in METRIC_KEYS or is_split_metric(k)) and isinstance(result[k], (int, float))
         ]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
@@ -149,7 +152,8 @@ class MLflowTrialLogger(Callback):
 
     def _log_model(self, run_id: str, local: Path, step: int) -> None:
         """The trial's files as plain `model/` artifacts (model.pt, config.yaml resolved,
-        metrics.json) and its final network as an MLflow PyTorch model (Models tab, registry);
+        metrics.json) and its final network as an MLflow PyTorch model named `trial_<number>`,
+        with the run's params and final metrics on it (Models tab, registry; models.log_model);
         when the latter fails (a checkpoint without a loadable state dict), the reason is the
         tag `model_error`."""
         from coun_tune.tracking.models import log_model_from_files, resolve_config_file
