@@ -51,6 +51,10 @@ def test_each_trials_model_is_named_by_its_trial_with_params_and_final_metrics(s
         assert model.params["temperature"]  # ... and every hyperparameter, defaults included
         assert {m.key: m.value for m in model.metrics} == TRIALS[i - 1]
         assert {m.step for m in model.metrics} == {1}  # the run's final step
+        note = model.tags["mlflow.note.content"]  # the model page's description
+        assert note.startswith(f"**trial {i}**: coun unlearning of a small_cnn on digits, from coun-tune search")
+        assert f"(#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning)" in note
+        assert f"viewStateShareKey=coun-tune-{parent})" in note and f"`runs:/{run_id}/trial_{i}`" in note
         # the run's own curve is untouched: one point per metric, as logged by the trial
         assert [(m.step, m.value) for m in client.get_metric_history(run_id, "retain_acc")] == [
             (1, TRIALS[i - 1]["retain_acc"])

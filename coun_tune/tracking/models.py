@@ -47,6 +47,7 @@ from coun_tune.errors import UsageError
 MODEL_NAME = "unlearned_model"
 TRIAL_NUMBER = "coun_tune.trial_number"  # = describe.TRIAL_NUMBER (the trial logger's numbering)
 MODEL_VERSIONS = "mlflow.modelVersions"  # = mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS
+NOTE = "mlflow.note.content"  # a logged model's (as a run's) Markdown description in the UI
 FILES = ("model.pt", "config.yaml", "model_info.json", "metrics.json")
 # Flavor formats tried in turn. pt2 (torch.export) serves with torch alone but costs 2-20 s per
 # model on a CPU driver (the first export of a process imports the compiler stack); pickle
@@ -102,6 +103,26 @@ def model_name_for(run) -> str:
     return f"trial_{number}" if number else MODEL_NAME
 
 
+def model_description(client, run, info: dict) -> str:
+    """The logged model's Markdown description (the model page's "Description"): what it is
+    (which trial of which search, arch, method) and links to its run and its search's runs."""
+    from coun_tune.tracking import describe
+    from coun_tune.tracking.mlflow_store import PARENT
+
+    exp, number, parent_id = run.info.experiment_id, run.data.tags.get(TRIAL_NUMBER), run.data.tags.get(PARENT)
+    what = f"trial {number}" if number else f"run `{run.info.run_name}`"
+    text = f"**{what}**: {info.get('method')} unlearning of a {info.get('arch')} on {info.get('dataset')}"
+    links = [f"[its run]({describe.run_fragment(exp, run.info.run_id)})"]
+    if parent_id:
+        try:
+            text += f", from coun-tune search `{client.get_run(parent_id).info.run_name}`"
+        except Exception:  # noqa: S110  (a parent that is gone: the link below says which it was)
+            pass
+        links.append(f"[the search's runs]({describe.runs_fragment(exp, parent_id)})")
+    uri = f"runs:/{run.info.run_id}/{model_name_for(run)}"
+    return f"{text}.\n\n" + " · ".join(links) + f"\n\nModel URI `{uri}` (`coun-tune apply --model` takes it).\n"
+
+
 def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dict | None = None, step: int = 0) -> str:
     """Log `model` (an eval-able torch module on any device) as the run's MLflow PyTorch model,
     named by model_name_for(run), with the run's params and latest metrics on it.
@@ -118,7 +139,11 @@ def log_model(client, run_id: str, model, config: dict, info: dict, metrics: dic
         source_run_id=run_id,
         params=params,
         model_type="pytorch",
-        tags={"coun_tune.arch": str(info["arch"]), "coun_tune.method": str(info["method"])},
+        tags={
+            "coun_tune.arch": str(info["arch"]),
+            "coun_tune.method": str(info["method"]),
+            NOTE: model_description(client, run, info),
+        },
     )
     try:
         _save(client, logged, run_id, model, config, info, metrics)
