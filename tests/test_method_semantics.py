@@ -299,21 +299,48 @@ def test_bad_teacher_mixed_loader_and_loss(scen):
     assert not np.allclose(bad["fc.weight"], good["fc.weight"])
 
 
-def test_plugin_on_mixed_batch_uses_retain_rows_only(scen):
-    m, ctx = _ctx(scen, "rl", {"cl_weight": 0.5})
-    b = next(b for b in m.epoch_batches(ctx, 0) if 2 <= int((~b.forget).sum()) < len(b))
-    r = ~b.forget
+CROP_FLIP = AugmentPolicy(crop_padding=1, flip=True, mean=(MEAN,), std=(STD,))
+
+
+def _np_z(params, views):
+    """Features of already-augmented, normalised views (N, 1, 2, 2) float, in numpy."""
+    v = np.asarray(views, dtype=np.float64).reshape(len(views), 4)
+    return np.tanh(v @ params["conv.weight"].reshape(3, 4).T + params["conv.bias"])
+
+
+def _np_cl(z1, z2, tau):
+    a = z1 / np.linalg.norm(z1, axis=1, keepdims=True)
+    b = z2 / np.linalg.norm(z2, axis=1, keepdims=True)
+    s = a @ b.T / tau
+    return -np.mean(np.diag(np_log_softmax(s))) - np.mean(np.diag(np_log_softmax(s.T)))
+
+
+@pytest.mark.parametrize("method", ["rl", "coun"])
+def test_plugin_uses_a_second_augmented_view_of_the_retain_rows(scen, method):
+    """With crop and flip on, view 2 is a fresh draw that differs from view 1: the term is
+    L_CL(z1 of the retain rows, z2 of their second view), recomputed in numpy from the two views
+    replayed with the run's generator (view 1 of the batch, then view 2 of its retain rows).
+    Reusing z1 as z2, or computing view 2 of all rows, gives another number."""
+    scen = dataclasses.replace(scen, augmenter=Augmenter(CROP_FLIP, "cpu"))
+    w, tau = 0.5, 0.1
+    m, ctx = _ctx(scen, method, {"cl_weight": w, "temperature": tau})
+    if method == "rl":  # a mixed batch with >= 2 retain rows and >= 1 forget row
+        b = next(b for b in m.epoch_batches(ctx, 0) if 2 <= int((~b.forget).sum()) < len(b))
+        r = (~b.forget).numpy()
+    else:
+        b = _retain_batch(scen)
+        r = np.ones(len(b), bool)
+    replay = torch.Generator().manual_seed(99)
+    ctx.generator.manual_seed(99)
+    v1 = scen.augmenter(b.x, replay).numpy()
+    v2 = scen.augmenter(b.x[torch.from_numpy(r)], replay).numpy()
+    assert not np.allclose(v1[r], v2)  # the two views differ, so the test can tell them apart
     p = np_params(ctx.model)
-    ce = np_ce(np_logits(p, b.x), b.y)
-    z = np.tanh(
-        ((b.x[r].double().numpy() / 255 - MEAN) / STD).reshape(-1, 4) @ p["conv.weight"].reshape(3, 4).T
-        + p["conv.bias"]
-    )
-    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
-    s = zn @ zn.T / 0.1  # no augmentation: view 2 = view 1
-    ls = np_log_softmax(s)
-    cl = -np.mean(np.diag(ls)) - np.mean(np.diag(np_log_softmax(s.T)))
-    assert _loss(m, ctx, b, cl=0.5) == pytest.approx(ce + 0.5 * cl, rel=1e-5)
+    logits = _np_z(p, v1) @ p["fc.weight"].T + p["fc.bias"]
+    ce = np_ce(logits, b.y)
+    want = ce + w * _np_cl(_np_z(p, v1)[r], _np_z(p, v2), tau)
+    assert _loss(m, ctx, b, cl=w) == pytest.approx(want, rel=1e-5)
+    assert abs(want - (ce + w * _np_cl(_np_z(p, v1)[r], _np_z(p, v1)[r], tau))) > 1e-3  # z1 reused: another number
 
 
 # ------------------------------------------------------------------------------ NoT
@@ -531,24 +558,59 @@ def test_whole_class_scenario_evaluates_without_the_class(digits, tmp_path):
     assert len(sd.forget) == int((digits.train_y == 3).sum()) and set(sd.forget.y.tolist()) == {3}
 
 
-def test_mia_members_come_from_the_split_not_the_run_seed(scen):
-    """Two runs with different seeds: each one's reported MIA is the split's evaluation of its
-    final model (no run seed enters it); two evaluations of one model agree bit for bit."""
-    for seed in (0, 1):
-        model, metrics = _run(scen, "ft", {"epochs": 1}, seed=seed)
-        again = evaluate_scenario(model, scen)
-        for k in (
-            "mia_efficacy",
-            "mia_efficacy_resample_min",
-            "mia_efficacy_resample_max",
-            "mia_member_saturated",
-            "mia_loss_attack_acc",
-        ):
-            assert metrics[k] == again[k], (seed, k)
-    other = dataclasses.replace(scen, split_hash="another-split")
+def _np_softmax_true(params, split):
+    lp = np_log_softmax(np_logits(params, split.x))
+    return np.exp(lp[np.arange(len(split.y)), split.y.numpy()])
+
+
+def _svc_scores_by_hand(retain_conf, test_conf, forget_conf, seed, draws=5):
+    """SalUn's confidence MIA written out with sklearn: members = a seeded random |test| of
+    the retain set (numpy's default_rng(seed), one choice per resample), non-members = test."""
+    from sklearn.svm import SVC
+
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(draws):
+        members = retain_conf[rng.choice(len(retain_conf), len(test_conf), replace=False)]
+        x = np.concatenate([members, test_conf])[:, None]
+        y = np.r_[np.ones(len(members)), np.zeros(len(test_conf))]
+        clf = SVC(C=3, kernel="rbf", gamma="auto").fit(x, y)
+        scores.append(100.0 * float(np.mean(clf.predict(forget_conf[:, None]) == 0)))
+    return scores[0], min(scores), max(scores)
+
+
+def test_mia_members_come_from_the_split_not_the_run_seed():
+    """Two runs with different seeds: each one's reported MIA is the SVC MIA of its final
+    model with the members that member_seed(split_hash) draws, recomputed here by hand. The
+    retain set (48) is larger than the test set (12), so the draw is a real subset and another
+    seed (the run's) draws other members and scores differently: checked below, so a run seed
+    leaking into the member draw fails this test."""
     from coun_tune.core.metrics import member_seed
 
-    assert member_seed(scen.split_hash) == member_seed("tiny-split") != member_seed(other.split_hash)
+    rng = np.random.default_rng(5)
+
+    def split(n):
+        x = torch.from_numpy(rng.integers(0, 256, (n, 1, 2, 2), dtype=np.uint8))
+        return DeviceSplit(x, torch.from_numpy(rng.integers(0, K, n).astype(np.int64)))
+
+    scen = ScenarioData(
+        retain=split(48),
+        forget=split(16),
+        test=split(12),
+        augmenter=Augmenter(POLICY, "cpu"),
+        num_classes=K,
+        image_shape=(1, 2, 2),
+        split_hash="tiny-mia-split",
+    )
+    assert len(scen.retain) > len(scen.test)
+    for seed in (0, 1):
+        model, metrics = _run(scen, "ft", {"epochs": 1}, seed=seed)
+        p = np_params(model)
+        r, f, t = (_np_softmax_true(p, s) for s in (scen.retain, scen.forget, scen.test))
+        got = (metrics["mia_efficacy"], metrics["mia_efficacy_resample_min"], metrics["mia_efficacy_resample_max"])
+        assert got == _svc_scores_by_hand(r, t, f, member_seed("tiny-mia-split")), seed
+        assert got != _svc_scores_by_hand(r, t, f, seed), seed  # the run's seed would draw other members
+    assert member_seed("tiny-mia-split") != member_seed("another-split")
 
 
 def test_mia_members_are_the_ones_the_splits_hash_draws(prepared):
