@@ -74,7 +74,7 @@ def dispatch(args: argparse.Namespace) -> int:
     elif args.command == "transfer":
         import sys
 
-        from coun_tune.tracking.transfer import transfer_check
+        from coun_tune.search.holdout import transfer_check
 
         transfer_check(
             client,

@@ -23,6 +23,12 @@ is validated here, before Ray starts: one line naming the problem, exit code 2, 
     scheduler: null                       # or {type: mo_asha, grace_epochs: 1, reduction_factor: 3}
     batch_size: null                      # default: the dataset's
     mia_every: 0                          # SVC MIA cadence in epochs; 0 = final epoch only
+    calibration: {split_seeds: [0, 1, 2]} # forget sets every trial is scored on (the mean is
+                                          # the objective); default [the scenario's split seed]
+    holdout: {split_seeds: [100, 101]}    # forget sets no trial saw: the front is re-run on them
+                                          # after the trials, and picks use their means
+    oracle_seeds: 3                       # oracles per seed on the first calibration split: the
+                                          # noise floor of every gap (1 = not measured)
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ KEYS = {
     "description",
     "storage_endpoint",
     "scheduler",
+    "calibration",
+    "holdout",
+    "oracle_seeds",
 }
 SCHEDULERS = {"mo_asha": {"grace_epochs": 1, "reduction_factor": 2}}  # type -> {key: lowest allowed}
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")
@@ -99,6 +108,9 @@ class SearchSpec:
     mia_every: int = 0
     storage_endpoint: str | None = None
     scheduler: dict | None = None  # {type: mo_asha, grace_epochs: int, reduction_factor: int}
+    calibration_seeds: tuple[int, ...] = (0,)  # split seeds every trial is scored on (first: the scenario's)
+    holdout_seeds: tuple[int, ...] = ()  # split seeds the front is validated on after the trials
+    oracle_seeds: int = 1  # oracles (seeds) on the first calibration split; >= 2 measures the noise floor
     source: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -185,6 +197,57 @@ def _scheduler(value: Any) -> dict | None:
     return out
 
 
+def _split_seeds(value: Any, key: str, default: tuple[int, ...] | None) -> tuple[int, ...]:
+    """`{split_seeds: [s, ...]}`: distinct integers >= 0, at least one."""
+    if value is None:
+        return default or ()
+    if not isinstance(value, dict) or set(value) != {"split_seeds"}:
+        raise UsageError(f"{key} must be {{split_seeds: [seed, ...]}}, got {value!r}")
+    seeds = value["split_seeds"]
+    if not isinstance(seeds, list) or not seeds:
+        raise UsageError(f"{key}.split_seeds must be a non-empty list of integers, got {seeds!r}")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise UsageError(f"{key}.split_seeds: each seed must be an integer >= 0, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"{key}.split_seeds lists a seed twice: {seeds}")
+    return tuple(seeds)
+
+
+def _splits(doc: dict, scenario: Scenario) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(calibration seeds, hold-out seeds, oracle seeds), checked: a hold-out split must be one
+    no trial is scored on, or it measures nothing the search did not already see."""
+    calibration = _split_seeds(doc.get("calibration"), "calibration", (scenario.forget_seed,))
+    holdout = _split_seeds(doc.get("holdout"), "holdout", None)
+    both = sorted(set(calibration) & set(holdout))
+    if both:
+        raise UsageError(f"holdout.split_seeds {both} are calibration splits too: a hold-out split must be unseen")
+    oracle_seeds = doc.get("oracle_seeds", 1)
+    if isinstance(oracle_seeds, bool) or not isinstance(oracle_seeds, int) or oracle_seeds < 1:
+        raise UsageError(f"oracle_seeds must be an integer >= 1, got {oracle_seeds!r}")
+    return calibration, holdout, oracle_seeds
+
+
+def _check_grace(scheduler: dict | None, method: str, space: dict, fixed: dict) -> None:
+    """mo_asha's first rung must be reachable: grace_epochs above every trial's epochs would
+    stop nothing and compare nothing."""
+    if not scheduler:
+        return
+    from coun_tune.core.engine import resolve_hparams
+
+    d = space.get("epochs")
+    top = (
+        resolve_hparams(method, dict(fixed))["epochs"]
+        if d is None
+        else (max(d.choices) if d.kind == "choice" else d.high)
+    )
+    if scheduler["grace_epochs"] > top:
+        raise UsageError(
+            f"scheduler.grace_epochs {scheduler['grace_epochs']} is above the largest epochs "
+            f"a trial can run ({int(top)})"
+        )
+
+
 def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     extra = sorted(set(doc) - KEYS)
     if extra:
@@ -264,6 +327,9 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     storage_path = _storage_uri(doc.get("storage_path", "./coun_tune_results"), "storage_path")
     cache_dir = None if doc.get("cache_dir") is None else _storage_uri(doc["cache_dir"], "cache_dir")
     tracking_uri = check_tracking_uri_form(str(doc.get("tracking_uri", "sqlite:///mlflow.db")))
+    scheduler = _scheduler(doc.get("scheduler"))
+    _check_grace(scheduler, method, space, fixed)
+    calibration, holdout, oracle_seeds = _splits(doc, scenario)
     return SearchSpec(
         name=name.strip(),
         scenario=scenario,
@@ -278,7 +344,10 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
         cache_dir=cache_dir,
         batch_size=batch_size,
         storage_endpoint=_endpoint(doc.get("storage_endpoint")),
-        scheduler=_scheduler(doc.get("scheduler")),
+        scheduler=scheduler,
+        calibration_seeds=calibration,
+        holdout_seeds=holdout,
+        oracle_seeds=oracle_seeds,
         source=dict(doc),
         **ints,
     )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,8 @@ __all__ = [
     "cosine_floor",
     "step_loss",
     "run_unlearning",
+    "unlearning_epochs",
+    "EpochReport",
 ]
 
 MOMENTUM, WEIGHT_DECAY, FINAL_LR = 0.9, 5e-4, 1e-4
@@ -197,6 +199,17 @@ def step_loss(
     return loss
 
 
+@dataclass
+class EpochReport:
+    """What one epoch of unlearning_epochs hands back: the epoch (1-based), the model's metrics
+    after it, and make_checkpoint() -> the dict `resume=` accepts (None for the report of a run
+    resumed after its last epoch, which trained nothing)."""
+
+    epoch: int
+    metrics: dict[str, float]
+    make_checkpoint: Callable[[], dict] | None
+
+
 def run_unlearning(
     model: FeatureClassifier,
     original: FeatureClassifier,
@@ -223,6 +236,46 @@ def run_unlearning(
     channels_last, bf16 autocast, one NaN check per epoch; on CPU the plain loop.
     Returns the final epoch's metrics (with gaps if oracle_metrics is given).
     """
+    metrics: dict[str, float] = {}
+    run = unlearning_epochs(
+        model,
+        original,
+        scenario,
+        method_name,
+        hparams,
+        batch_size,
+        seed,
+        oracle_metrics=oracle_metrics,
+        resume=resume,
+        mia_every=mia_every,
+        mia_epochs=mia_epochs,
+        fast_path=fast_path,
+    )
+    for report in run:
+        metrics = report.metrics
+        if on_epoch is not None and report.make_checkpoint is not None:
+            on_epoch(report.epoch, report.metrics, report.make_checkpoint)
+    return metrics
+
+
+def unlearning_epochs(
+    model: FeatureClassifier,
+    original: FeatureClassifier,
+    scenario: ScenarioData,
+    method_name: str,
+    hparams: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    oracle_metrics: dict[str, float] | None = None,
+    resume: dict | None = None,
+    mia_every: int = 0,
+    mia_epochs: Collection[int] = (),
+    fast_path: FastPath | None = None,
+) -> Iterator[EpochReport]:
+    """run_unlearning as a generator: trains one epoch per next() and yields its EpochReport.
+    A trial calibrated on several forget sets advances one generator per split in lock step,
+    so it can report the mean over the splits after every epoch (the scheduler's rungs need
+    per-epoch reports). Arguments as run_unlearning's."""
     hp = resolve_hparams(method_name, hparams)
     method = get_method(method_name)
     device = scenario.retain.x.device
@@ -296,22 +349,21 @@ def run_unlearning(
         metrics = evaluate_scenario(model, scenario, oracle_metrics, with_mia)
         metrics.update(epoch=epoch + 1, wall_seconds=wall, **flops_from_work(ctx.work, forward_macs))
         metrics["loss"] = float(loss.item())
-        if on_epoch is not None:
 
-            def make_checkpoint(e: int = epoch + 1, w: float = wall, work: tuple = tuple(ctx.work.items())) -> dict:
-                return {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "method": method.state_dict(),
-                    "work": dict(work),
-                    "epoch": e,
-                    "wall_seconds": w,
-                }
+        def make_checkpoint(e: int = epoch + 1, w: float = wall, work: tuple = tuple(ctx.work.items())) -> dict:
+            return {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "method": method.state_dict(),
+                "work": dict(work),
+                "epoch": e,
+                "wall_seconds": w,
+            }
 
-            on_epoch(epoch + 1, metrics, make_checkpoint)
+        yield EpochReport(epoch + 1, metrics, make_checkpoint)
     if not metrics:  # resumed from the last epoch's checkpoint: nothing left to train
         metrics = evaluate_scenario(model, scenario, oracle_metrics)
         metrics.update(epoch=epochs, wall_seconds=wall, **flops_from_work(ctx.work, forward_macs))
-    return metrics
+        yield EpochReport(epochs, metrics, None)

@@ -5,7 +5,7 @@ unlearn -> metrics with gaps to the oracle."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import torch
 
 from coun_tune.core.base_models import BaseModels, default_cache_dir, ensure_base_models
 from coun_tune.core.datasets import DatasetArrays, load_dataset
-from coun_tune.core.engine import ScenarioData, run_unlearning
+from coun_tune.core.engine import EpochReport, ScenarioData, run_unlearning, unlearning_epochs
 from coun_tune.core.recipes import Scenario
 from coun_tune.core.splits import Split, materialize_split, sequential_splits
 
@@ -85,6 +85,32 @@ def unlearn(
         **kwargs,
     )
     return model, metrics
+
+
+def unlearn_epochs(
+    prep: Prepared,
+    method: str,
+    hparams: dict[str, Any],
+    batch_size: int | None = None,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.nn.Module, Iterator[EpochReport]]:
+    """unlearn() one epoch at a time: (the model being unlearned, a generator that trains one
+    epoch per next() and yields its EpochReport). A search trial calibrated on several forget
+    sets steps one of these per split in lock step."""
+    model = copy.deepcopy(prep.base.original).train().requires_grad_(True)
+    run = unlearning_epochs(
+        model,
+        prep.base.original,
+        prep.scen_data,
+        method,
+        hparams,
+        batch_size=batch_size or prep.batch_size,
+        seed=prep.scenario.seed if seed is None else seed,
+        oracle_metrics=prep.base.oracle_metrics,
+        **kwargs,
+    )
+    return model, run
 
 
 def unlearn_sequential(

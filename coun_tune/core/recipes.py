@@ -86,6 +86,14 @@ class Scenario:
     def forget_seed(self) -> int:
         return self.seed if self.split_seed is None else self.split_seed
 
+    def with_split(self, split_seed: int) -> Scenario:
+        """This scenario with the forget set drawn by `split_seed` (the same original: `seed` is
+        kept). Itself when that is already its forget seed, so the default calibration split
+        keeps the scenario's identity (to_dict, exported configs) unchanged."""
+        from dataclasses import replace
+
+        return self if split_seed == self.forget_seed else replace(self, split_seed=split_seed)
+
     @property
     def defaults(self) -> DatasetDefaults:
         if self.dataset not in DATASET_DEFAULTS:

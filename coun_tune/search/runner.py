@@ -41,6 +41,9 @@ class RunInfo:
     mia_every: int
     cpus: float
     mia_epochs: list[int]  # early-stopping rungs where an objective needs the MIA (else [])
+    calibration_seeds: list[int]  # split seeds every trial is scored on (the first: the scenario's)
+    objectives: list[str]  # reported per split and with their std over the splits
+    gpus: float = 0.0
 
     @classmethod
     def of(cls, plan: SearchPlan) -> RunInfo:
@@ -55,6 +58,9 @@ class RunInfo:
             mia_every=s.mia_every,
             cpus=s.resources_per_trial["cpu"],
             mia_epochs=mia_rung_epochs(s),
+            calibration_seeds=list(s.calibration_seeds),
+            objectives=list(s.objectives),
+            gpus=s.resources_per_trial["gpu"],
         )
 
     def to_dict(self) -> dict:
@@ -213,21 +219,30 @@ def run_search(
             state_written = True
             tuner = build_tuner(plan, state, data_ref)
             status, rows, wall = fit_trials(plan, tuner)
-            return conclude(plan, client, state, status, rows, wall, out)
+            return conclude(plan, client, state, status, rows, wall, out, data_ref, base)
     finally:
         if not state_written:  # nothing was started for this search: leave no empty directory
             storage.remove_tree(plan.exp_uri)
 
 
 def train_base_models(plan: SearchPlan, data_ref, out) -> dict:
-    """The original and the oracle, trained once into the cache by a Ray task (on a cluster: on
-    a node with the trial's resources) unless the cache has them."""
-    from coun_tune.search.trainable import ensure_base_models_streaming
+    """The original and every split's oracle in the cache (trainable.ensure_splits: Ray tasks,
+    on a cluster on nodes with the trial's resources). Returns the first calibration split's
+    task result with `splits`: {seed: {role, split_hash, num_forget, original, oracle}} for
+    every calibration and hold-out split, and `oracle_noise` (when oracle_seeds >= 2)."""
+    from coun_tune.search.trainable import ensure_splits
 
-    # streams one line per training epoch to `out`; a UsageError on the worker comes back as itself
-    base = ensure_base_models_streaming(
-        plan.spec.scenario.to_dict(), plan.cache_dir, data_ref, plan.spec.resources_per_trial, out
+    spec = plan.spec
+    results = ensure_splits(
+        spec.scenario,
+        [*spec.calibration_seeds, *spec.holdout_seeds],
+        plan.cache_dir,
+        data_ref,
+        spec.resources_per_trial,
+        out,
+        oracle_seeds=spec.oracle_seeds,
     )
+    base = results[spec.calibration_seeds[0]]
     for role in ("original", "oracle"):
         how = "from the cache" if base["from_cache"][role] else "trained now (Ray task)"
         print(
@@ -235,6 +250,16 @@ def train_base_models(plan: SearchPlan, data_ref, out) -> dict:
             f"test_acc {base[role]['test_acc']:.2f}",
             file=out,
         )
+    base["splits"] = {
+        seed: {
+            "role": "calibration" if seed in spec.calibration_seeds else "holdout",
+            "split_hash": r["split_hash"],
+            "num_forget": r["num_forget"],
+            "original": r["original"],
+            "oracle": r["oracle"],
+        }
+        for seed, r in results.items()
+    }
     return base
 
 
@@ -279,8 +304,17 @@ def open_parent_run(plan: SearchPlan, base: dict):
         )
         client.log_dict(parent.info.run_id, spec.to_dict(), "spec.yaml")
         client.log_dict(
-            parent.info.run_id, {"original": base["original"], "oracle": base["oracle"]}, "base_models.json"
+            parent.info.run_id,
+            {
+                "original": base["original"],
+                "oracle": base["oracle"],
+                "oracle_noise": base.get("oracle_noise", {}),
+                "splits": {str(k): v for k, v in base.get("splits", {}).items()},
+            },
+            "base_models.json",
         )
+        client.set_tag(parent.info.run_id, "coun_tune.calibration_seeds", json.dumps(list(spec.calibration_seeds)))
+        client.set_tag(parent.info.run_id, "coun_tune.holdout_seeds", json.dumps(list(spec.holdout_seeds)))
         state = SearchState(parent.info.run_id, experiment_id, plan.tracking_uri, plan.spec_hash)
     state.status = "running"
     state.save(plan.exp_uri)
@@ -349,25 +383,78 @@ def fit_trials(plan: SearchPlan, tuner) -> tuple[str, dict, float]:
     return (FINISHED if COMPLETED in ends else FAILED), rows, time.time() - t0
 
 
-def conclude(plan: SearchPlan, client, state: SearchState, status: str, rows: dict, wall: float, out) -> Outcome:
-    from coun_tune.search.progress import summary
+HOLDOUT_RECORDS = "holdout_records.json"
+
+
+def mark_interrupted(plan: SearchPlan, client, state: SearchState, out) -> None:
+    """Tune (or the hold-out check) saved its state: leave the search resumable, with no run
+    claiming to be running."""
     from coun_tune.tracking.mlflow_store import child_runs
+
+    parent_id = state.parent_run_id
+    for run in child_runs(client, client.get_run(parent_id)):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "status", "interrupted")
+            client.set_terminated(run.info.run_id, status="KILLED")
+    client.set_tag(parent_id, "status", "interrupted")
+    client.set_terminated(parent_id, status="KILLED")
+    state.status = INTERRUPTED
+    state.save(plan.exp_uri)
+    print("\nsearch interrupted; continue it with:\n  coun-tune search <spec> --resume", file=out)
+
+
+def run_holdout(plan: SearchPlan, client, state: SearchState, data_ref, base: dict, out) -> None:
+    """The hold-out check (tracking.holdout.validate_front): the calibration front re-run on the
+    spec's hold-out splits as Ray tasks with the trial's resources. Finished runs are kept in
+    the search directory, so a resumed search repeats none of them."""
+    import json
+
+    from coun_tune.search.holdout import run_configs
+    from coun_tune.tracking.holdout import validate_front
+
+    spec = plan.spec
+    seeds = list(spec.holdout_seeds)
+    uri = storage.join(plan.exp_uri, HOLDOUT_RECORDS)
+    records = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else []
+    splits = base.get("splits", {})
+    reference = {s: splits[s]["original"] for s in seeds if s in splits}
+    print(
+        f"\nhold-out check: re-running the front on {len(seeds)} unseen forget sets (Ray tasks)", file=out, flush=True
+    )
+    validate_front(
+        client,
+        state.parent_run_id,
+        seeds,
+        lambda configs, done, on_record, labels: run_configs(
+            configs,
+            seeds,
+            plan.cache_dir,
+            data_ref,
+            spec.resources_per_trial,
+            done,
+            on_record,
+            log=lambda line: print(line, file=out, flush=True),
+            labels=labels,
+        ),
+        reference,
+        base.get("oracle_noise", {}),
+        records=records,
+        save=lambda recs: storage.write_bytes(uri, json.dumps(recs).encode()),
+        out=out,
+    )
+
+
+def conclude(
+    plan: SearchPlan, client, state: SearchState, status: str, rows: dict, wall: float, out, data_ref=None, base=None
+) -> Outcome:
+    from coun_tune.search.progress import summary
     from coun_tune.tracking.review import export_config, review_pareto
 
     spec, parent_id = plan.spec, state.parent_run_id
     print("\n" + summary(rows, list(spec.objectives), list(spec.space), spec.num_samples, wall), file=out)
     outcome = Outcome(status, parent_id, state.experiment_id)
     if status == INTERRUPTED:
-        # Tune saved its state: leave the search resumable; no run claims to be running
-        for run in child_runs(client, client.get_run(parent_id)):
-            if run.info.status == "RUNNING":
-                client.set_tag(run.info.run_id, "status", "interrupted")
-                client.set_terminated(run.info.run_id, status="KILLED")
-        client.set_tag(parent_id, "status", "interrupted")
-        client.set_terminated(parent_id, status="KILLED")
-        state.status = INTERRUPTED
-        state.save(plan.exp_uri)
-        print("\nsearch interrupted; continue it with:\n  coun-tune search <spec> --resume", file=out)
+        mark_interrupted(plan, client, state, out)
         return outcome
     if status == FAILED:
         client.set_tag(parent_id, "status", "failed")
@@ -380,12 +467,19 @@ def conclude(plan: SearchPlan, client, state: SearchState, status: str, rows: di
             file=out,
         )
         return outcome
+    if spec.holdout_seeds:
+        try:
+            run_holdout(plan, client, state, data_ref, base or {}, out)
+        except KeyboardInterrupt:  # the trials are done; --resume re-runs only the unfinished hold-out runs
+            outcome.status = INTERRUPTED
+            mark_interrupted(plan, client, state, out)
+            return outcome
     client.set_tag(parent_id, "status", "completed")
     client.log_metric(parent_id, "search_wall_seconds", wall)
     outcome.review = review_pareto(client, parent_id, spec.objectives, out=out)
     export_uri = storage.join(plan.exp_uri, EXPORT_NAME)
     with tempfile.TemporaryDirectory() as d:
-        export_config(client, parent_id, "knee", Path(d) / EXPORT_NAME)
+        export_config(client, parent_id, "knee", Path(d) / EXPORT_NAME, stream=out)
         storage.write_bytes(export_uri, (Path(d) / EXPORT_NAME).read_bytes())
     outcome.export_path = export_uri if storage.is_remote(export_uri) else os.path.relpath(export_uri)
     client.set_terminated(parent_id, status="FINISHED")

@@ -23,7 +23,7 @@ from ray import tune
 
 from coun_tune.core.datasets import DatasetArrays
 from coun_tune.core.engine import resolve_hparams
-from coun_tune.core.pipeline import prepare, unlearn
+from coun_tune.core.pipeline import prepare
 from coun_tune.core.recipes import Scenario
 from coun_tune.errors import UsageError
 from coun_tune.tracking.trial_logger import EPOCHS_PLANNED
@@ -39,51 +39,94 @@ def trial_config(run_info: dict, hparams: dict[str, Any]) -> dict:
     return cfg
 
 
+def calibration_seeds(run_info: dict) -> list[int]:
+    """The split seeds a trial is scored on (a spec without `calibration`: the scenario's own)."""
+    seeds = run_info.get("calibration_seeds")
+    return [int(s) for s in seeds] if seeds else [Scenario(**run_info["scenario"]).forget_seed]
+
+
+def split_states(saved: dict, seeds: list[int]) -> dict[int, dict]:
+    """The per-split resume states in a trial checkpoint ({"splits": {"<seed>": state}})."""
+    return {s: saved["splits"][str(s)] for s in seeds if str(s) in saved.get("splits", {})}
+
+
 def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
     """config: the sampled hyperparameters. run_info: scenario, method, fixed hyperparameters,
     batch size, unlearning seed, cache dir, MIA cadence (mia_every, and mia_epochs: the early-
-    stopping rungs when an objective needs the MIA) and this trial's CPU share.
-    Every report carries `epochs_planned`, so a result short of it marks an early stop."""
+    stopping rungs when an objective needs the MIA), this trial's CPU share, the calibration
+    split seeds and the objectives.
+
+    The config runs on every calibration split (one original; each split its own oracle), one
+    epoch on each in turn, and each epoch's report is calibration.summarise_splits of the
+    splits' metrics: every metric's mean under its own name (what the sampler and mo_asha read)
+    plus <objective>_std and <objective>_split<seed>. The checkpoint holds every split's state,
+    so a retried trial repeats no finished epoch on any split. The trial's model (model.pt) is
+    the first split's. Every report carries `epochs_planned`, so a result short of it marks an
+    early stop."""
+    from coun_tune.calibration import summarise_splits
+    from coun_tune.core.pipeline import unlearn_epochs
+
     torch.set_num_threads(max(1, int(run_info.get("cpus", 1))))
+    if run_info.get("gpus", 0) > 0 and not torch.cuda.is_available():
+        raise RuntimeError(
+            "this trial asked for a GPU but torch sees no CUDA device on its node "
+            f"(torch {torch.__version__}): install a CUDA build of torch on the workers, or set gpu: 0"
+        )
     scenario = Scenario(**run_info["scenario"])
-    prep = prepare(scenario, run_info["cache_dir"], log=lambda s: None, data=data, train_missing=False)
+    seeds = calibration_seeds(run_info)
+    preps = {
+        s: prepare(scenario.with_split(s), run_info["cache_dir"], log=lambda line: None, data=data, train_missing=False)
+        for s in seeds
+    }
     hparams = {**run_info["fixed"], **config}
-    resume = None
+    states: dict[int, dict] = {}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / STATE_FILE, map_location=prep.scen_data.retain.x.device, weights_only=True)
+            device = preps[seeds[0]].scen_data.retain.x.device
+            states = split_states(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True), seeds)
     exported = trial_config(run_info, {k: (v.item() if hasattr(v, "item") else v) for k, v in hparams.items()})
     planned = int(resolve_hparams(run_info["method"], hparams)["epochs"])
-
-    def on_epoch(epoch: int, metrics: dict, make_checkpoint) -> None:
+    detail = list(dict.fromkeys([*run_info.get("objectives", []), "forget_gap", "retain_acc"]))
+    runs = {}
+    for s in seeds:
+        _, runs[s] = unlearn_epochs(
+            preps[s],
+            run_info["method"],
+            hparams,
+            batch_size=run_info.get("batch_size"),
+            seed=run_info["seed"],
+            resume=states.get(s),
+            mia_every=run_info.get("mia_every", 0),
+            mia_epochs=run_info.get("mia_epochs", ()),
+        )
+    for reports in zip(*runs.values()):  # one epoch on every split, then one report
+        if any(r.make_checkpoint is None for r in reports):  # resumed after the last epoch
+            continue
+        metrics = summarise_splits({s: r.metrics for s, r in zip(seeds, reports)}, detail)
         with tempfile.TemporaryDirectory() as d:
-            state = make_checkpoint()
+            state = {"splits": {str(s): r.make_checkpoint() for s, r in zip(seeds, reports)}}
             torch.save(state, Path(d) / STATE_FILE)
-            torch.save({k: v.detach().cpu() for k, v in state["model"].items()}, Path(d) / "model.pt")
+            first = state["splits"][str(seeds[0])]["model"]
+            torch.save({k: v.detach().cpu() for k, v in first.items()}, Path(d) / "model.pt")
             (Path(d) / "config.yaml").write_text(yaml.safe_dump(exported, sort_keys=False))
             (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             tune.report({**metrics, EPOCHS_PLANNED: planned}, checkpoint=tune.Checkpoint.from_directory(d))
 
-    unlearn(
-        prep,
-        run_info["method"],
-        hparams,
-        batch_size=run_info.get("batch_size"),
-        seed=run_info["seed"],
-        on_epoch=on_epoch,
-        resume=resume,
-        mia_every=run_info.get("mia_every", 0),
-        mia_epochs=run_info.get("mia_epochs", ()),
-    )
-
 
 def ensure_base_models_task(
-    scenario: dict, cache_dir: str, data: DatasetArrays, cpus: int, log: Callable[[str], None] | None = None
+    scenario: dict,
+    cache_dir: str,
+    data: DatasetArrays,
+    cpus: int,
+    log: Callable[[str], None] | None = None,
+    oracle_seeds: int = 1,
 ) -> dict:
     """Run as a Ray task before the tuner starts: train theta_o / theta_r if the cache lacks
-    them. Returns what the driver prints: metrics and whether each came from the cache.
-    `log` gets each progress line as it happens (one per training epoch)."""
+    them (and, with oracle_seeds >= 2, the extra oracles of the noise floor). Returns what the
+    driver prints: metrics, whether each came from the cache, and `oracle_noise` (the mean
+    gaps of the extra oracles to theta_r; {} when not measured). `log` gets each progress line
+    as it happens (one per training epoch)."""
     torch.set_num_threads(max(1, cpus))
     lines: list[str] = []
 
@@ -93,7 +136,22 @@ def ensure_base_models_task(
             log(line)
 
     prep = prepare(Scenario(**scenario), cache_dir, log=record, data=data)
+    noise = {}
+    if oracle_seeds >= 2:
+        from coun_tune.core.base_models import oracle_seed_spread
+
+        noise = oracle_seed_spread(
+            prep.data,
+            prep.split,
+            prep.scenario,
+            prep.scen_data,
+            cache_dir,
+            prep.base.oracle_metrics,
+            oracle_seeds,
+            record,
+        )
     return {
+        "oracle_noise": noise,
         "original": prep.base.original_metrics,
         "oracle": prep.base.oracle_metrics,
         "from_cache": prep.base.from_cache,
@@ -107,7 +165,7 @@ def ensure_base_models_task(
 _DONE = object()
 
 
-def _base_models_stream(scenario: dict, cache_dir: str, data: DatasetArrays, cpus: int):
+def _base_models_stream(scenario: dict, cache_dir: str, data: DatasetArrays, cpus: int, oracle_seeds: int = 1):
     """A Ray streaming-generator task: yields each progress line (str) as training produces it,
     then the result dict of ensure_base_models_task. Training runs in a thread of the task and
     hands lines over a queue, because the core training loop reports through a callback."""
@@ -116,7 +174,7 @@ def _base_models_stream(scenario: dict, cache_dir: str, data: DatasetArrays, cpu
 
     def work() -> None:
         try:
-            box["result"] = ensure_base_models_task(scenario, cache_dir, data, cpus, log=lines.put)
+            box["result"] = ensure_base_models_task(scenario, cache_dir, data, cpus, lines.put, oracle_seeds)
         except BaseException as e:  # re-raised in the task below, so Ray reports it as the task's error
             box["error"] = e
         finally:
@@ -132,11 +190,14 @@ def _base_models_stream(scenario: dict, cache_dir: str, data: DatasetArrays, cpu
     yield box["result"]
 
 
-def ensure_base_models_streaming(scenario: dict, cache_dir: str, data_ref, resources: dict, out=sys.stdout) -> dict:
+def ensure_base_models_streaming(
+    scenario: dict, cache_dir: str, data_ref, resources: dict, out=sys.stdout, oracle_seeds: int = 1, prefix: str = ""
+) -> dict:
     """Make sure theta_o and theta_r are in the cache (training them in a Ray task on whichever
     node has the resources) and print the task's progress lines to `out` as they arrive: the
     driver's init_ray sets log_to_driver=False, so a task's stdout would never reach it.
-    resources: {"cpu": ..., "gpu": ...}. Returns ensure_base_models_task's dict; a UsageError
+    resources: {"cpu": ..., "gpu": ...}; `prefix` starts every printed line (which split it is
+    when several train at once). Returns ensure_base_models_task's dict; a UsageError
     raised on the worker (a corrupted cache file, say) is raised here as itself."""
     import ray
 
@@ -144,13 +205,54 @@ def ensure_base_models_streaming(scenario: dict, cache_dir: str, data_ref, resou
         _base_models_stream
     )
     try:
-        for ref in task.remote(scenario, cache_dir, data_ref, int(max(1, resources["cpu"]))):
+        for ref in task.remote(scenario, cache_dir, data_ref, int(max(1, resources["cpu"])), oracle_seeds):
             item = ray.get(ref)
             if isinstance(item, dict):
                 return item
-            print(item, file=out, flush=True)
+            print(prefix + item, file=out, flush=True)
     except ray.exceptions.RayTaskError as e:  # bad input found on the worker: its one line, not a traceback
         if isinstance(e.cause, UsageError):
             raise e.cause from None
         raise
     raise RuntimeError("the base-model task ended without a result")
+
+
+def ensure_splits(
+    scenario: Scenario,
+    seeds: list[int],
+    cache_dir: str,
+    data_ref,
+    resources: dict,
+    out=sys.stdout,
+    oracle_seeds: int = 1,
+) -> dict[int, dict]:
+    """ensure_base_models_streaming for the forget sets drawn by each split seed: the first
+    goes alone (it trains the original every split shares, and the extra oracles of the noise
+    floor when oracle_seeds >= 2), then the others' oracles train in parallel Ray tasks (as
+    many at once as the cluster has room for), each printed line prefixed by its split.
+    Returns {seed: the task's result}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    several = len(seeds) > 1
+
+    def one(seed: int, n_oracles: int = 1) -> dict:
+        return ensure_base_models_streaming(
+            scenario.with_split(seed).to_dict(),
+            cache_dir,
+            data_ref,
+            resources,
+            out,
+            oracle_seeds=n_oracles,
+            prefix=f"[split {seed}] " if several else "",
+        )
+
+    results = {seeds[0]: one(seeds[0], oracle_seeds)}
+    if several:
+        with ThreadPoolExecutor(max_workers=min(8, len(seeds) - 1)) as pool:
+            results.update(zip(seeds[1:], pool.map(one, seeds[1:])))
+        trained = sum(not r["from_cache"]["oracle"] for r in results.values())
+        print(
+            f"oracles of {len(seeds)} forget sets: {trained} trained now, {len(seeds) - trained} from the cache",
+            file=out,
+        )
+    return results

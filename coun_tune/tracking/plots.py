@@ -25,9 +25,16 @@ def pareto_figure(
     baselines: dict[str, dict],
     path: Path,
     title: str,
+    knee: int | None = None,
+    noise: dict[str, float] | None = None,
 ) -> str:
     """Draws the first two objectives; writes the PNG to `path`, returns the figure as SVG.
-    rows: the completed trials ({trial_id, metric: value}); mask: (len(rows),) bool front."""
+    rows: the completed trials ({trial_id, metric: value}); mask: (len(rows),) bool front.
+    Error bars: `<metric>_std` (the std over calibration or hold-out splits) where rows have it;
+    a row with `calibration_<metric>` (a hold-out view) also gets a hollow marker at its
+    calibration value, joined to its hold-out point. knee: the row index marked as the knee.
+    noise: oracle_noise_<gap> (base_models.json); a gap objective's band [0, noise] is shaded:
+    a gap inside it is as close to the oracle as another retraining."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,6 +43,28 @@ def pareto_figure(
     x = np.array([r[names[0]] for r in rows], dtype=float)
     y = np.array([r[names[1]] for r in rows], dtype=float) if len(names) > 1 else np.zeros(len(rows))
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+    xs = np.array([r.get(f"{names[0]}_std", np.nan) for r in rows], dtype=float)
+    ys = np.array([r.get(f"{names[1]}_std", np.nan) for r in rows], dtype=float) if len(names) > 1 else xs * np.nan
+    if np.isfinite(xs).any() or np.isfinite(ys).any():
+        ax.errorbar(
+            x, y, xerr=np.nan_to_num(xs), yerr=np.nan_to_num(ys), fmt="none", ecolor="0.6", lw=0.8, zorder=1,
+            label="± std over splits",
+        )  # fmt: skip
+    cx = np.array([r.get(f"calibration_{names[0]}", np.nan) for r in rows], dtype=float)
+    cy = np.array([r.get(f"calibration_{names[1]}", np.nan) for r in rows], dtype=float) if len(names) > 1 else cx
+    has_cal = np.isfinite(cx) & np.isfinite(cy)
+    if has_cal.any():
+        for xi, yi, ci, di in zip(x[has_cal], y[has_cal], cx[has_cal], cy[has_cal]):
+            ax.plot([ci, xi], [di, yi], ls=":", lw=0.8, c="0.5", zorder=1)
+        ax.scatter(
+            cx[has_cal], cy[has_cal], s=30, facecolors="none", edgecolors="0.4", label="calibration value", zorder=2
+        )
+    gap = {"forget_gap", "retain_gap", "test_gap", "mia_gap", "avg_gap"}
+    band = (noise or {}).get(f"oracle_noise_{names[0]}") if names[0] in gap else None
+    if band:
+        ax.axvspan(0, band, color=COLORS["oracle"], alpha=0.12, label=f"oracle seed noise ({names[0]} ≤ {band:.2f})")
+    if knee is not None and 0 <= knee < len(rows):
+        ax.scatter([x[knee]], [y[knee]], s=220, facecolors="none", edgecolors="black", lw=1.5, label="knee", zorder=5)
     ax.scatter(x[~mask], y[~mask], s=28, c=COLORS["dominated"], label="dominated trial", zorder=2)
     order = np.argsort(x[mask], kind="stable")
     ax.plot(x[mask][order], y[mask][order], "o-", ms=6, c=COLORS["pareto"], label="Pareto front", zorder=3)

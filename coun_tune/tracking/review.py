@@ -121,6 +121,39 @@ def ensure_baselines(client, parent) -> dict[str, dict]:
     return out
 
 
+HOLDOUT_MEAN = re.compile(r"^holdout_(?P<metric>[a-z_]+)_mean$")
+HOLDOUT, CALIBRATION = "hold-out", "calibration"
+
+
+def pick_basis(rows: list[dict], names: list[str]) -> tuple[list[dict], str]:
+    """What the front, the knee and every export pick are computed on: when the search's front
+    was re-run on hold-out splits (tracking.holdout), the validated trials with every metric
+    replaced by its hold-out mean (the calibration value kept as `calibration_<metric>`), and
+    "hold-out"; otherwise the rows as they are, and "calibration"."""
+    validated = [r for r in rows if all(f"holdout_{k}_mean" in r for k in names)]
+    if not validated:
+        return rows, CALIBRATION
+    view = []
+    for r in validated:
+        v = dict(r)
+        for k, value in r.items():
+            m = HOLDOUT_MEAN.match(k)
+            if m and not m["metric"].startswith("original_"):
+                v[f"calibration_{m['metric']}"] = r.get(m["metric"])
+                v[m["metric"]] = value
+                v[f"{m['metric']}_std"] = r.get(f"holdout_{m['metric']}_std", float("nan"))
+        view.append(v)
+    return view, HOLDOUT
+
+
+def basis_note(basis: str, rows: list[dict]) -> str:
+    """The line that says what a pick was made on."""
+    if basis != HOLDOUT:
+        return "picked on the calibration values (the search had no hold-out check)"
+    n = int(max((r.get("holdout_n", 0) for r in rows), default=0))
+    return f"picked on hold-out means over {n} forget sets no trial was scored on (calibration values beside them)"
+
+
 def rank_front(values: np.ndarray, modes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(ranks (n,), crowding distance (n,) within each rank, +inf capped at m + 1)."""
     ranks = pareto.non_dominated_ranks(values, modes)
@@ -143,11 +176,13 @@ def review_pareto(
     parent = client.get_run(parent_run_id)
     objectives = objectives or objectives_of(parent)
     names, modes = list(objectives), list(objectives.values())
-    rows = [r for r in trial_rows(client, parent, include_pruned) if all(k in r for k in names)]
-    if not rows:
+    all_rows = [r for r in trial_rows(client, parent, include_pruned) if all(k in r for k in names)]
+    if not all_rows:
         raise UsageError(f"search {parent_run_id} has no completed trial with {', '.join(names)}")
+    rows, basis = pick_basis(all_rows, names)
     values = np.array([[r[k] for k in names] for r in rows], dtype=float)
     ranks, crowd = rank_front(values, modes)
+    knee = pareto.pick_index(rows, objectives, "knee")
     mask = ranks == 0
     ref = pareto.reference_point(names, modes, values)
     ideal = pareto.ideal_point(names, modes, values)
@@ -163,13 +198,22 @@ def review_pareto(
     }
 
     ts = int(time.time() * 1000)
-    for r, rank, cd in zip(rows, ranks, crowd):
-        r.update(is_pareto=float(rank == 0), pareto_rank=float(rank), crowding_distance=float(cd))
+    for i, (r, rank, cd) in enumerate(zip(rows, ranks, crowd)):
+        r.update(
+            is_pareto=float(rank == 0), pareto_rank=float(rank), crowding_distance=float(cd), is_knee=float(i == knee)
+        )
         client.log_batch(
-            r["run_id"], metrics=[Metric(k, r[k], ts, 0) for k in ("is_pareto", "pareto_rank", "crowding_distance")]
+            r["run_id"],
+            metrics=[Metric(k, r[k], ts, 0) for k in ("is_pareto", "pareto_rank", "crowding_distance", "is_knee")],
         )
         client.set_tag(r["run_id"], "pareto", "true" if rank == 0 else "false")
         client.set_tag(r["run_id"], describe.RUN_COLOR, describe.COLORS["pareto" if rank == 0 else "dominated"])
+    picked = {r["run_id"] for r in rows}
+    for r in all_rows:  # off the validated set: on no front a pick is made from
+        if r["run_id"] not in picked:
+            client.log_batch(r["run_id"], metrics=[Metric(k, 0.0, ts, 0) for k in ("is_pareto", "is_knee")])
+            client.set_tag(r["run_id"], "pareto", "false")
+            client.set_tag(r["run_id"], describe.RUN_COLOR, describe.COLORS["dominated"])
     baselines = ensure_baselines(client, parent)
 
     prov = describe.provenance()
@@ -190,11 +234,24 @@ def review_pareto(
     searched = searched_names(spec, params)
     shown = sorted(np.flatnonzero(mask), key=lambda i: values[i, 0])
     extra = [m for m in ("avg_gap", "test_acc") if m not in names]
-    headers = ["trial", *names, *extra, *searched]
+    held = basis == HOLDOUT
+    headers = [
+        "trial",
+        *[f"{k} hold-out" if held else k for k in names],
+        *([f"{k} calibration" for k in names] + ["flag"] if held else []),
+        *extra,
+        *searched,
+    ]
     front_rows = [
         [
-            describe.trial_label(rows[i]),
-            *[rows[i][k] for k in names],
+            describe.trial_label(rows[i]) + (" (knee)" if i == knee else ""),
+            *[_pm(rows[i][k], rows[i].get(f"{k}_std")) for k in names],
+            *(
+                [_pm(rows[i].get(f"calibration_{k}"), None) for k in names]
+                + [rows[i].get("holdout_flagged_on", "") if rows[i].get("holdout_flag") else ""]
+                if held
+                else []
+            ),
             *[rows[i].get(m) for m in extra],
             *[describe.short(rows[i].get(f"param.{p}")) for p in searched],
         ]
@@ -279,8 +336,24 @@ def review_pareto(
             )
         as_text = {c: str for c in ["trial", "run_id", *[p[6:] for p in params]]}
         trials.astype(as_text).to_parquet(Path(d) / "trials.parquet")
-        title = f"{name}: Pareto front of {len(rows)} trials (labels: trial numbers), hypervolume {hv:.3f}"
-        svg = pareto_figure(rows, names, modes, mask, baselines, Path(d) / "pareto.png", title)
+        title = (
+            f"{name}: Pareto front of {len(rows)} trials (labels: trial numbers), hypervolume {hv:.3f}"
+            if not held
+            else f"{name}: front on hold-out means of {len(rows)} validated configs (hollow: calibration), "
+            f"hypervolume {hv:.3f}"
+        )
+        base_doc = _parent_json(client, parent_run_id, "base_models.json") or {}
+        svg = pareto_figure(
+            rows,
+            names,
+            modes,
+            mask,
+            holdout_baselines(base_doc, names) if held else baselines,
+            Path(d) / "pareto.png",
+            title,
+            knee=knee,
+            noise=base_doc.get("oracle_noise") or {},
+        )
         (Path(d) / "pareto.html").write_text(
             pareto_page(svg, headers, front_rows, title, f"reference point {hv_info['reference']}")
         )
@@ -290,20 +363,52 @@ def review_pareto(
     print(
         "\nPareto front ("
         + ", ".join(f"{k}: {v}" for k, v in objectives.items())
-        + f"), hypervolume {hv:.4f} (normalised; raw {hv_raw:.2f}):",
+        + f") on the {basis} values, hypervolume {hv:.4f} (normalised; raw {hv_raw:.2f}):",
         file=out,
     )
     print(table(headers, front_rows), file=out)
-    print(f"{int(mask.sum())} of {len(rows)} completed trials on the front", file=out)
+    if held:
+        print(
+            f"{int(mask.sum())} of the {len(rows)} configs re-run on hold-out forget sets on the front "
+            f"({len(all_rows)} completed trials); {basis_note(basis, rows)}",
+            file=out,
+        )
+    else:
+        print(f"{int(mask.sum())} of {len(rows)} completed trials on the front", file=out)
     print_review_link(tracking_uri, parent.info.experiment_id, parent_run_id, out)
     return {
         "rows": rows,
+        "basis": basis,
+        "knee": knee,
         "mask": mask.tolist(),
         "hypervolume": hv,
         "hypervolume_raw": hv_raw,
         "objectives": objectives,
         "baselines": baselines,
     }
+
+
+def holdout_baselines(base_doc: dict, names: list[str]) -> dict[str, dict]:
+    """The original and the oracle as reference points on the hold-out splits: the mean of each
+    metric over the hold-out splits (the original's gaps each to its split's oracle; the
+    oracle's gaps are 0 by definition)."""
+    from coun_tune.core.metrics import gaps
+
+    splits = [v for v in (base_doc.get("splits") or {}).values() if v.get("role") == "holdout"]
+    if not splits:
+        return {}
+    out = {}
+    for label in ("original", "oracle"):
+        per = [{**sp[label], **gaps(sp[label], sp["oracle"])} for sp in splits]
+        out[label] = {k: float(np.mean([p[k] for p in per])) for k in per[0] if all(k in p for p in per)}
+    return out
+
+
+def _pm(mean, std) -> str | float | None:
+    """A value, or `mean +- std` when the std over splits is known."""
+    if mean is None or std is None or not np.isfinite(std):
+        return mean
+    return f"{mean:.2f} +- {std:.2f}"
 
 
 def print_review_link(tracking_uri: str, experiment_id: str, parent_run_id: str, out=sys.stdout) -> None:
@@ -342,6 +447,7 @@ def export_config(
     include_pruned: bool = False,
     model_name: str | None = None,
     register: bool = True,
+    stream=sys.stdout,
 ) -> Path:
     """Write the picked trial's unlearn config (its `model/config.yaml`: every hyperparameter,
     defaults included) to `output` with a header naming the search, the trial, its metrics and
@@ -354,6 +460,7 @@ def export_config(
     rows = [r for r in trial_rows(client, parent, include_pruned) if all(k in r for k in objectives)]
     if not rows:
         raise UsageError(f"search {parent_run_id} has no completed trial to export")
+    rows, basis = pick_basis(rows, list(objectives))
     row = rows[pareto.pick_index(rows, objectives, pick)]
     with tempfile.TemporaryDirectory() as d:
         try:
@@ -386,8 +493,15 @@ def export_config(
     header = (
         f"# exported by coun-tune from search run {parent_run_id}, trial {describe.trial_label(row)} "
         f"(Tune id {row['trial_id']}) "
-        f"(MLflow run {row['run_id']}), pick {pick!r}\n# trial metrics: {json.dumps(metrics)}\n"
+        f"(MLflow run {row['run_id']}), pick {pick!r}\n# {basis_note(basis, rows)}\n"
+        f"# trial metrics ({basis}): {json.dumps(metrics)}\n"
     )
+    if basis == HOLDOUT:
+        cal = {
+            k: round(float(row[f"calibration_{k}"]), 4) for k in objectives if row.get(f"calibration_{k}") is not None
+        }
+        header += f"# calibration values: {json.dumps(cal)}\n"
+    print(f"export: trial {describe.trial_label(row)}, {basis_note(basis, rows)}", file=stream)
     if not_registered:
         header += f"# model not registered: {not_registered}\n"
     if model_uri:

@@ -1,0 +1,199 @@
+"""Does calibrating every trial on several forget sets give a front that holds on forget sets no
+search saw? (issue 14)
+
+On `digits_half`, per search seed, three real searches (Ray Tune + Optuna NSGA-II, MLflow):
+    1-split            calibration [0],        N trials
+    3-split, = compute calibration [0, 1, 2],  N / 3 trials  (the same number of unlearning runs)
+    3-split, = trials  calibration [0, 1, 2],  N trials
+Then every completed trial's config is re-run on FRESH forget sets (split seeds 200..204, each
+with its own oracle; disjoint from every calibration and hold-out seed) as Ray tasks, and each
+search is judged there:
+    hv_fresh       hypervolume of the search's calibration front, re-measured on the fresh means
+                   (one reference point for the whole run: the worst fresh values of all trials)
+    spearman       Spearman's rho between each trial's calibration forget_gap and its fresh mean
+    knee_fresh     the fresh forget_gap / retain_acc of the config the search exports (its knee)
+Ratios (3-split / 1-split, per seed, then mean and sample std over seeds) are printed last.
+
+    python benchmarks/honest_front.py                  # N = 9, seeds 0 1 2, 5 fresh sets
+    python benchmarks/honest_front.py --trials 6 --seeds 0 --fresh 3   # a quicker look
+The searches use the README's space (digits_half.yaml) with the spec's calibration replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coun_tune import pareto  # noqa: E402
+from coun_tune.calibration import sample_std, spearman  # noqa: E402
+
+OBJ = {"forget_gap": "min", "retain_acc": "max"}
+FRESH_BASE = 200
+
+
+def variants(n: int) -> list[tuple[str, list[int], int]]:
+    return [("1-split", [0], n), ("3-split =compute", [0, 1, 2], max(2, n // 3)), ("3-split =trials", [0, 1, 2], n)]
+
+
+def run_searches(work: Path, seeds: list[int], n: int) -> list[dict]:
+    """Every (variant, seed) search; returns [{variant, seed, parent_run_id}]."""
+    from coun_tune.config.search_spec import validate_search_spec
+    from coun_tune.search.runner import run_search
+
+    base = yaml.safe_load((ROOT / "search_spaces" / "digits_half.yaml").read_text())
+    base.pop("holdout", None)
+    base.pop("oracle_seeds", None)
+    out = []
+    for seed in seeds:
+        for label, cal, trials in variants(n):
+            doc = {
+                **base,
+                "name": f"hf_{label.split()[0]}_{'c' if 'compute' in label else 't'}_{seed}",
+                "calibration": {"split_seeds": cal},
+                "num_samples": trials,
+                "seed": seed,
+                "storage_path": str(work / "results"),
+                "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+            }
+            t0 = time.time()
+            outcome = run_search(validate_search_spec(doc), out=io.StringIO())
+            print(f"search {label:18s} seed {seed}: {trials} trials, {time.time() - t0:.0f} s", flush=True)
+            out.append({"variant": label, "seed": seed, "parent": outcome.parent_run_id})
+    return out
+
+
+def fresh_records(client, searches: list[dict], fresh: list[int], cache: str) -> tuple[dict, dict]:
+    """({search parent: [trial rows]}, {config json: [fresh metrics per seed]}): every completed
+    trial's config re-run on every fresh split, identical configs once."""
+    import ray
+
+    from coun_tune.config.unlearn_config import build_unlearn_config
+    from coun_tune.core.datasets import load_dataset
+    from coun_tune.search.holdout import run_configs
+    from coun_tune.search.ray_session import RaySession
+    from coun_tune.search.trainable import ensure_splits
+    from coun_tune.tracking.holdout import front_configs
+    from coun_tune.tracking.review import trial_rows
+
+    rows_of, configs = {}, {}
+    for s in searches:
+        rows = [r for r in trial_rows(client, client.get_run(s["parent"])) if all(k in r for k in OBJ)]
+        docs = front_configs(client, rows)
+        for r in rows:
+            r["config_key"] = json.dumps(docs[r["run_id"]], sort_keys=True)
+            configs[r["config_key"]] = docs[r["run_id"]]
+        rows_of[s["parent"]] = rows
+    keyed = {f"c{i}": doc for i, doc in enumerate(configs.values())}
+    back = {f"c{i}": k for i, k in enumerate(configs)}
+    results: dict[str, list[dict]] = {k: [] for k in configs}
+    resources = {"cpu": 1.0, "gpu": 0.0}
+    with RaySession(None, log=lambda line: None):
+        data = load_dataset("digits")
+        ref = ray.put(data)
+        scenario = build_unlearn_config(next(iter(keyed.values())), {}).scenario
+        ensure_splits(scenario, fresh, cache, ref, resources, out=io.StringIO())
+        t0 = time.time()
+        run_configs(
+            keyed,
+            fresh,
+            cache,
+            ref,
+            resources,
+            set(),
+            lambda rec: results[back[rec["key"]]].append(rec),
+            log=lambda _: None,
+        )
+        print(f"fresh re-runs: {len(keyed)} configs x {len(fresh)} forget sets, {time.time() - t0:.0f} s", flush=True)
+    return rows_of, results
+
+
+def judge(searches: list[dict], rows_of: dict, results: dict) -> list[dict]:
+    names, modes = list(OBJ), list(OBJ.values())
+
+    def fresh_mean(r):
+        return [float(np.mean([x[k] for x in results[r["config_key"]]])) for k in names]
+
+    every = np.array([fresh_mean(r) for rows in rows_of.values() for r in rows])
+    ref = pareto.reference_point(names, modes, every)
+    out = []
+    for s in searches:
+        rows = rows_of[s["parent"]]
+        cal = np.array([[r[k] for k in names] for r in rows])
+        fr = np.array([fresh_mean(r) for r in rows])
+        front = pareto.non_dominated_mask(cal, modes)
+        hv = pareto.hypervolume(pareto.to_minimisation(fr[front], modes), ref)
+        knee = pareto.pick_index(rows, OBJ, "knee")
+        out.append(
+            {
+                **s,
+                "trials": len(rows),
+                "hv_fresh": hv,
+                "spearman": spearman(cal[:, 0], fr[:, 0]),
+                "knee_forget_gap_cal": float(cal[knee, 0]),
+                "knee_forget_gap_fresh": float(fr[knee, 0]),
+                "knee_retain_acc_fresh": float(fr[knee, 1]),
+            }
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=9, help="N: trials of the 1-split search")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search (sampler) seeds")
+    ap.add_argument("--fresh", type=int, default=5, help="fresh forget sets (split seeds 200, 201, ...)")
+    ap.add_argument("--json", help="write the per-search figures here")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="honest_front_"))
+    cache = os.environ.setdefault("COUN_TUNE_CACHE", str(work / "cache"))
+    fresh = [FRESH_BASE + i for i in range(args.fresh)]
+    print(
+        f"honest_front: N={args.trials}, search seeds {args.seeds}, fresh split seeds {fresh}, load {os.getloadavg()}"
+    )
+    import mlflow
+
+    searches = run_searches(work, args.seeds, args.trials)
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    rows_of, results = fresh_records(client, searches, fresh, cache)
+    judged = judge(searches, rows_of, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(judged, indent=1))
+    print("\nvariant             seed  trials  hv_fresh  spearman  knee forget_gap cal -> fresh  knee retain_acc fresh")
+    for j in judged:
+        print(
+            f"{j['variant']:18s}  {j['seed']:4d}  {j['trials']:6d}  {j['hv_fresh']:8.1f}  {j['spearman']:8.2f}  "
+            f"{j['knee_forget_gap_cal']:10.2f} -> {j['knee_forget_gap_fresh']:5.2f}  {j['knee_retain_acc_fresh']:10.2f}"
+        )
+    print("\nmeans over search seeds (sample std):")
+    for label, _, _ in variants(args.trials):
+        mine = [j for j in judged if j["variant"] == label]
+        for k in ("spearman", "knee_forget_gap_fresh", "knee_retain_acc_fresh"):
+            v = [j[k] for j in mine]
+            print(f"  {label:18s} {k:22s} {np.mean(v):6.2f} +- {sample_std(v):.2f}")
+    print(f"\nratios (3-split / 1-split, per seed; load {os.getloadavg()}):")
+    for label in ("3-split =compute", "3-split =trials"):
+        r = [
+            next(j for j in judged if j["variant"] == label and j["seed"] == s)["hv_fresh"]
+            / next(j for j in judged if j["variant"] == "1-split" and j["seed"] == s)["hv_fresh"]
+            for s in args.seeds
+        ]
+        print(
+            f"  hypervolume on fresh sets, {label:18s}: {np.mean(r):.3f} +- {sample_std(r):.3f}  "
+            f"({', '.join(f'{x:.3f}' for x in r)})"
+        )
+
+
+if __name__ == "__main__":
+    main()
