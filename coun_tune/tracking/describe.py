@@ -61,11 +61,13 @@ def ui_base(tracking_uri: str) -> str:
 
 
 def ui_command(tracking_uri: str) -> str | None:
-    """The command that serves the UI of a SQLite store (None: a server is its own UI)."""
+    """The command that serves the UI of a SQLite store (None: a server is its own UI): it works
+    pasted into a fresh shell (this environment's mlflow by absolute path) and runs light (one
+    worker, no job runner); see mlflow_store.mlflow_ui_command."""
+    from coun_tune.tracking.mlflow_store import mlflow_ui_command
+
     db = sqlite_path(tracking_uri)
-    return (
-        None if db is None else (f"mlflow ui --backend-store-uri sqlite:///{db.resolve()} --host 127.0.0.1 --port 5000")
-    )
+    return None if db is None else mlflow_ui_command(db, port=int(DEFAULT_UI.rsplit(":", 1)[1]))
 
 
 SHARED_VIEW = "mlflow.sharedViewState."  # experiment tag prefix of a saved view (the UI's "Share")

@@ -11,6 +11,8 @@ Tags that carry coun-tune's structure:
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,47 @@ def client_for(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def command_next_to_python(script: str, module: str) -> list[str]:
+    """How to run a console script of this environment from any shell, venv activated or not:
+    the script beside the running interpreter (`.venv/bin/mlflow`), by absolute path (the
+    interpreter's own path, not resolved: a venv's python is a symlink out of the venv), else
+    `<interpreter> -m <module>`."""
+    python = Path(sys.executable).absolute() if sys.executable else Path("python3")
+    exe = python.with_name(script)
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return [str(exe)]
+    return [str(python), "-m", module]
+
+
+def coun_tune_command(*args: str) -> str:
+    """A `coun-tune ...` command line to print: it works pasted into a fresh shell."""
+    return shlex.join([*command_next_to_python("coun-tune", "coun_tune"), *args])
+
+
+def mlflow_ui_command(db: Path, port: int = 5000) -> str:
+    """The light command that serves the UI over a SQLite store, to paste into any shell: this
+    environment's mlflow by absolute path, one worker, MLflow's job runner (huey, a process per
+    job type) off; ~2 processes and 0.5 GB instead of ~15 and 3 GB. `--artifacts-destination`:
+    artifacts of experiments created in the UI go beside the database (as coun-tune's own do,
+    see artifact_root_for), not into ./mlartifacts of whatever directory the shell is in."""
+    db = Path(db).resolve()
+    argv = [
+        *command_next_to_python("mlflow", "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--artifacts-destination",
+        str(db.parent / "mlartifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    return shlex.join(["env", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false", *argv])
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
