@@ -207,6 +207,21 @@ def test_search_logs_to_mlflow_server_then_export_and_unlearn(mlflow_server, tmp
     picked = next((c for c in children if c.info.run_id == match.group(1)), None)
     assert picked is not None, f"exported run {match.group(1)} is not a child of the search"
     assert picked.info.run_id in expected, "the knee must be on the Pareto front"
+    # the registry and the logged models agree: the server tags the registered model itself (a
+    # numeric version); registering through it must not add a second entry. Each trial's model
+    # is named by its trial and carries its final metrics (sent through the REST API).
+    from coun_tune.tracking.models import logged_model_of
+
+    knee_model = logged_model_of(client, picked.info.run_id)
+    assert json.loads(knee_model.tags["mlflow.modelVersions"]) == [{"name": name, "version": 1}]
+    for c in children:
+        model = logged_model_of(client, c.info.run_id)
+        assert model.name == f"trial_{c.data.tags['coun_tune.trial_number']}"
+        final = {m.key: m.value for m in model.metrics}
+        assert (
+            final["retain_acc"] == c.data.metrics["retain_acc"] and final["forget_gap"] == c.data.metrics["forget_gap"]
+        )
+    assert "| trial " in client.get_model_version(name, "1").description
     cfg = yaml.safe_load(text)
     assert cfg["method"] == "coun"
     for p in SEARCHED:
