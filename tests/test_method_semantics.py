@@ -284,6 +284,7 @@ def test_bad_teacher_mixed_loader_and_loss(scen):
     m, ctx = _ctx(scen, "bad_teacher")
     sample = m.retain_idx
     assert len(sample) == int(0.3 * N_R) == 3 and len(set(sample.tolist())) == 3  # a 30% sample of D_r, drawn once
+    assert m.steps_in_epoch(ctx, 1) == 2 and torch.equal(m.retain_idx, sample)  # the same sample every epoch
     batches = list(m.epoch_batches(ctx, 0))
     assert len(batches) == m.steps_in_epoch(ctx, 0) == math.ceil((N_F + 3) / B) == 2
     rows = sorted(x for b in batches for x in b.x.flatten(1).tolist())
@@ -294,9 +295,48 @@ def test_bad_teacher_mixed_loader_and_loss(scen):
     ps, good, bad = np_params(ctx.model), np_params(ctx.original), np_params(m.bad)
     f = b.forget.numpy()
     teacher = np.where(f[:, None], np_logits(bad, b.x), np_logits(good, b.x))
-    assert _loss(m, ctx, b) == pytest.approx(np_kl(teacher, np_logits(ps, b.x)), rel=1e-5)
+    # the source's F.kl_div(reduction="mean"): the KL summed over classes, averaged over N x K
+    assert _loss(m, ctx, b) == pytest.approx(np_kl(teacher, np_logits(ps, b.x)) / K, rel=1e-5)
     # the incompetent teacher is freshly initialised, not theta_o
     assert not np.allclose(bad["fc.weight"], good["fc.weight"])
+
+
+def test_bad_teacher_retain_sample_is_random_not_the_first_30_percent(scen):
+    """Over 200 seeds every retain index is drawn about 30% of the time, and the 3-of-10 sets
+    vary: the first 30% (always {0, 1, 2}) or one fixed draw whatever the seed fails."""
+    counts, sets = np.zeros(N_R), set()
+    for seed in range(200):
+        m, _ = _ctx(scen, "bad_teacher", seed=seed)
+        idx = m.retain_idx.tolist()
+        counts[idx] += 1
+        sets.add(tuple(sorted(idx)))
+    assert counts.sum() == 200 * 3
+    # binomial(200, 0.3): mean 60, sd 6.5; +-25 is ~4 sd for each of the 10 indices
+    assert np.all(np.abs(counts - 60) <= 25), counts
+    assert len(sets) > 60  # of the 120 possible 3-subsets; ~97 expected
+
+
+@pytest.mark.parametrize("arch", ["tiny", "vit"])
+def test_bad_teachers_incompetent_teacher_redraws_every_parameter(arch):
+    """A freshly built network shares no parameter with theta_o: the ViT's positional
+    embedding and class token (parameters of the model itself) are re-drawn too."""
+    from coun_tune.core.methods.distill import random_teacher
+
+    torch.manual_seed(0)
+    if arch == "vit":
+        original = ViTSmall(1, K, image_size=8, patch_size=4, dim=8, depth=1, heads=2, dim_head=4, mlp_dim=8)
+    else:
+        original = Tiny(2)
+    original.eval().requires_grad_(False)
+    teacher = random_teacher(original, torch.Generator().manual_seed(0))
+    o = dict(original.named_parameters())
+    for name, p in teacher.named_parameters():
+        if name.endswith(".weight") and o[name].dim() == 1 and torch.equal(o[name], torch.ones_like(o[name])):
+            continue  # a norm layer still at its default init (ones) is re-drawn to the same ones
+        if torch.equal(o[name], torch.zeros_like(o[name])):
+            continue  # a bias at its default zeros likewise
+        assert not torch.equal(p, o[name]), name
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
 CROP_FLIP = AugmentPolicy(crop_padding=1, flip=True, mean=(MEAN,), std=(STD,))
@@ -349,31 +389,45 @@ def test_plugin_uses_a_second_augmented_view_of_the_retain_rows(scen, method):
 def test_not_negates_the_first_conv_on_a_cnn(scen):
     m, ctx = _ctx(scen, "not")
     o, s = dict(ctx.original.named_parameters()), dict(ctx.model.named_parameters())
-    for name in ("conv.weight", "conv.bias"):
-        assert torch.equal(s[name], -o[name])
-    for name in ("fc.weight", "fc.bias"):
+    assert torch.equal(s["conv.weight"], -o["conv.weight"])  # index 0 of parameters()
+    assert list(dict(ctx.model.named_parameters()))[0] == "conv.weight"
+    for name in ("conv.bias", "fc.weight", "fc.bias"):
         assert torch.equal(s[name], Tiny(1).state_dict()[name])  # untouched (the student's own)
+
+
+class _LucidrainsViTLayout(nn.Module):
+    """The registration order of lucidrains' `vit_pytorch.ViT.__init__` (its parameter order
+    is what CoUn's "indices 0 and 4" count): to_patch_embedding = Sequential(Rearrange,
+    LayerNorm(patch_dim), Linear(patch_dim, dim), LayerNorm(dim)), then pos_embedding, then
+    cls_token, then the transformer. Rearrange has no parameters (nn.Identity stands in).
+    torch's parameters() puts a module's own parameters first, then its children's: the
+    order is derived by torch from this layout, not typed."""
+
+    def __init__(self, patch_dim, dim, num_patches):
+        super().__init__()
+        self.to_patch_embedding = nn.Sequential(
+            nn.Identity(), nn.LayerNorm(patch_dim), nn.Linear(patch_dim, dim), nn.LayerNorm(dim)
+        )
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
 
 
 def test_not_on_vit_negates_pos_embedding_and_second_patch_embedding_layer(scen):
     vit = lambda: ViTSmall(1, K, image_size=8, patch_size=4, dim=8, depth=1, heads=2, dim_head=4, mlp_dim=8)  # noqa: E731
     torch.manual_seed(0)
     original = vit().eval().requires_grad_(False)
-    # lucidrains' vit_pytorch order of model.parameters(): the ViT's own parameters first
-    # (pos_embedding, cls_token), then to_patch_embedding = (Rearrange, LayerNorm, Linear,
-    # LayerNorm): CoUn's "indices 0 and 4" are pos_embedding and the Linear's weight.
-    names = [n for n, _ in original.named_parameters()]
-    lucidrains_order = ["pos_embedding", "cls_token"] + [n for n in names if n.startswith("patch_embed.")]
-    assert lucidrains_order[:6] == [
-        "pos_embedding",
-        "cls_token",
-        "patch_embed.0.weight",
-        "patch_embed.0.bias",
-        "patch_embed.1.weight",
-        "patch_embed.1.bias",
-    ]
-    assert isinstance(original.patch_embed[1], nn.Linear)
-    negated = {lucidrains_order[0], lucidrains_order[4]}
+    layout = _LucidrainsViTLayout(patch_dim=1 * 4 * 4, dim=8, num_patches=(8 // 4) ** 2)
+    lucid = [n for n, _ in layout.named_parameters()]
+    # lucidrains' names -> ours: the same tensors, our patch embedding has no Rearrange slot
+    ours = {"pos_embedding": "pos_embedding", "cls_token": "cls_token"}
+    ours.update(
+        {f"to_patch_embedding.{i + 1}.{k}": f"patch_embed.{i}.{k}" for i in range(3) for k in ("weight", "bias")}
+    )
+    shapes = dict(original.named_parameters())
+    for n, p in layout.named_parameters():  # the mapping pairs tensors of one shape
+        assert shapes[ours[n]].shape == p.shape, n
+    negated = {ours[lucid[0]], ours[lucid[4]]}  # CoUn's indices 0 and 4
+    assert negated == {"pos_embedding", "patch_embed.1.weight"}
     model = copy.deepcopy(original).train().requires_grad_(True)
     m = get_method("not")
     ctx = MethodContext(
@@ -420,6 +474,88 @@ def test_salun_mask_keeps_the_largest_gradients(scen):
     # the engine's mask equals a fresh computation with the same function
     again = saliency_mask(ctx.original, ctx, threshold)
     assert all(torch.equal(again[n], m.mask[n]) for n in names)
+
+
+class TinyBN(Tiny):
+    """Tiny with a BatchNorm1d on the features (running stats set away from the batch's):
+    its gradient in train mode differs from the one in eval mode."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.bn = nn.BatchNorm1d(3)
+        with torch.no_grad():
+            self.bn.running_mean.copy_(torch.tensor([0.3, -0.2, 0.1]))
+            self.bn.running_var.copy_(torch.tensor([0.5, 2.0, 1.5]))
+            self.bn.weight.copy_(torch.tensor([1.2, 0.7, -0.9]))
+            self.bn.bias.copy_(torch.tensor([0.1, -0.3, 0.2]))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.tanh(self.conv(x).flatten(1)))
+
+
+def test_salun_mask_is_the_eval_mode_saliency_summed_over_batches(scen):
+    """The mask against a saliency computed independently: the forward written out with torch
+    ops on leaf copies of theta_o, BatchNorm with its running statistics (eval mode), the batch
+    means of -CE summed over D_u in batches of 3 (rows 0-2, then row 3), as generate_mask.py
+    accumulates them. A train-mode pass (batch statistics) or one mean over all of D_u ranks
+    the weights differently here, so either would fail."""
+    threshold = 0.4
+    original = TinyBN(2).eval().requires_grad_(False)
+    ctx = MethodContext(
+        model=copy.deepcopy(original).train().requires_grad_(True),
+        original=original,
+        retain=scen.retain,
+        forget=scen.forget,
+        augmenter=scen.augmenter,
+        num_classes=K,
+        batch_size=3,
+        epochs=1,
+        generator=torch.Generator().manual_seed(0),
+        hparams=resolve_hparams("salun", {"salun_threshold": threshold}),
+    )
+    mask = saliency_mask(original, ctx, threshold)
+    names = [n for n, _ in original.named_parameters()]
+    x = ((scen.forget.x.double() / 255 - MEAN) / STD).reshape(N_F, 4)
+    y = scen.forget.y
+
+    def saliency(train_mode: bool, batches):
+        p = {n: t.detach().clone().double().requires_grad_(True) for n, t in original.named_parameters()}
+        rm, rv = original.bn.running_mean.double(), original.bn.running_var.double()
+        total = 0.0
+        for rows in batches:
+            z = torch.tanh(x[rows] @ p["conv.weight"].reshape(3, 4).T + p["conv.bias"])
+            mu, var = (z.mean(0), z.var(0, unbiased=False)) if train_mode else (rm, rv)
+            z = (z - mu) / torch.sqrt(var + 1e-5) * p["bn.weight"] + p["bn.bias"]
+            logits = z @ p["fc.weight"].T + p["fc.bias"]
+            total = total - (torch.logsumexp(logits, 1) - logits[torch.arange(len(rows)), y[rows]]).mean()
+        grads = torch.autograd.grad(total, [p[n] for n in names])
+        flat = np.concatenate([np.abs(g.numpy()).ravel() for g in grads])
+        keep = np.zeros(len(flat), bool)
+        keep[np.argsort(-flat, kind="stable")[: int(len(flat) * threshold)]] = True
+        return keep
+
+    by_batches = [torch.arange(0, 3), torch.arange(3, 4)]
+    want = saliency(False, by_batches)
+    got = np.concatenate([mask[n].numpy().ravel() for n in names])
+    assert np.array_equal(got, want)
+    assert not np.array_equal(saliency(True, by_batches), want)  # train mode ranks otherwise
+    assert not np.array_equal(saliency(False, [torch.arange(0, 4)]), want)  # one mean over D_u ranks otherwise
+
+
+def test_salun_step_hook_zeroes_gradients_outside_the_mask_and_keeps_them_inside(scen):
+    m, ctx = _ctx(scen, "salun", {"salun_threshold": 0.4})
+    loss = step_loss(m, ctx, next(iter(m.epoch_batches(ctx, 0))), 0, 0, 0.0, 0.1)
+    loss.backward()
+    before = {n: p.grad.clone() for n, p in ctx.model.named_parameters()}
+    assert all((g != 0).all() for g in before.values())  # every gradient entry non-zero to start with
+    m.before_step(ctx)
+    inside = outside = 0
+    for n, p in ctx.model.named_parameters():
+        keep = m.mask[n]
+        assert torch.equal(p.grad[~keep], torch.zeros_like(p.grad[~keep])), n  # exactly 0
+        assert torch.equal(p.grad[keep], before[n][keep]), n  # bit for bit unchanged
+        inside, outside = inside + int(keep.sum()), outside + int((~keep).sum())
+    assert inside > 0 and outside > 0
 
 
 def test_salun_masked_weights_stay_at_theta_o(scen):

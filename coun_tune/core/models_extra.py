@@ -180,6 +180,13 @@ class ViTSmall(FeatureClassifier):
         self.feature_dim = dim
         self.fc = nn.Linear(dim, num_classes)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw the ViT's own parameters (class token, positional embedding) as __init__
+        does; submodules reset themselves. (Bad Teacher's incompetent teacher uses it.)"""
+        self.cls_token.normal_()
+        self.pos_embedding.normal_()
+
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, num_patches, p * p * C), patches in row-major order, each
         flattened as (p1, p2, c) like einops' "b c (h p1) (w p2) -> b (h w) (p1 p2 c)"."""

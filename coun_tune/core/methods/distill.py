@@ -26,9 +26,13 @@
   mixing D_u with a 30% random sample of D_r (drawn once, as the original's
   `random.sample(retain, int(0.3 * len(retain)))`); on every row the student is distilled
   towards theta_o ("competent teacher") on retain rows and towards a randomly initialised
-  network of the same architecture ("incompetent teacher") on forget rows, KL averaged over
-  the mixed batch. (The original's `F.kl_div(..., reduction="mean")` also divides by the K
-  classes: a constant factor that the learning rate absorbs.)
+  network of the same architecture ("incompetent teacher") on forget rows. The loss is the
+  original's `F.kl_div(log_softmax(student), teacher_probs)` with its default
+  reduction="mean": the sum of KL terms divided by every element of the (N, K) batch, i.e. the
+  batch-mean KL divided by K (`kl_to_teacher(...) / K` here). With weight decay in the same
+  update, 1/K is not a constant the learning rate absorbs, so we keep the source's scale. The
+  incompetent teacher is a fresh initialisation of *every* parameter, including a ViT's
+  positional embedding and class token (`random_teacher`), as a newly built model would be.
 """
 
 from __future__ import annotations
@@ -117,23 +121,27 @@ class SCRUB(Method):
 
 def random_teacher(original: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
     """A frozen, eval-mode network of theta_o's architecture with fresh default
-    initialisation. The init seed is drawn from `generator` (one draw, so resume is exact) and
-    the init runs on the CPU under a forked global RNG: the same teacher on any device, and
-    the caller's global RNG state untouched."""
+    initialisation of every parameter: each submodule's `reset_parameters` (Conv/Linear:
+    default init; BatchNorm: affine and running stats; LayerNorm), and the model's own
+    `reset_parameters` where it has parameters outside any submodule (ViTSmall's positional
+    embedding and class token). The init seed is drawn from `generator` (one draw, so resume is
+    exact) and the init runs on the CPU under a forked global RNG: the same teacher on any
+    device, and the caller's global RNG state untouched."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     device = next(original.parameters()).device
     teacher = copy.deepcopy(original).cpu()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in teacher.modules():
-            if m is not teacher and hasattr(m, "reset_parameters"):
-                m.reset_parameters()  # Conv/Linear: default init; BatchNorm: affine and running stats
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
     return teacher.to(device).eval().requires_grad_(False)
 
 
 class BadTeacher(Method):
-    """loss = mean over the rows of a mixed batch (view 1 x1 (N, C, H, W)) of
-    KL(T_i || s(x1_i)), T_i = bad(x1_i) on forget rows and theta_o(x1_i) on retain rows."""
+    """loss = (1 / K) x mean over the rows of a mixed batch (view 1 x1 (N, C, H, W)) of
+    KL(T_i || s(x1_i)), T_i = bad(x1_i) on forget rows and theta_o(x1_i) on retain rows
+    (the source's kl_div reduction "mean" over the N x K elements)."""
 
     name = "bad_teacher"
     reads_forget = True
@@ -161,4 +169,5 @@ class BadTeacher(Method):
             good, bad = ctx.original(step.x1), self.bad(step.x1)
         ctx.count(forward_only=2 * len(step.y))
         teacher = torch.where(step.forget[:, None], bad, good)  # (N, K): each row's teacher logits
-        return kl_to_teacher(step.logits, teacher)
+        # the source's F.kl_div default reduction "mean": over all N x K elements
+        return kl_to_teacher(step.logits, teacher) / step.logits.shape[1]

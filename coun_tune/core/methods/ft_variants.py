@@ -11,8 +11,11 @@
   l1-sparse code's own setting is `no_l1_epochs` 0 over its 10 unlearning epochs, l1 in every
   epoch (fraction 1.0). The search range [0.08, 1.0] holds both.
 - NoT (Khalil et al., "NoT: Federated Unlearning via Weight Negation", CVPR 2025, the CoUn
-  authors' own baseline): negate the first layer's parameters of theta_o, then FT. For CNNs
-  that is the stem conv (weight, and bias where it has one). For the ViT, CoUn's appendix
+  authors' own baseline): negate the first layer's weights of theta_o, then FT. The method
+  negates parameter tensors by their index in `model.parameters()`: the first (index 0) for a
+  CNN (an implementation of NoT negates `enumerate(model.parameters())` below
+  `negate_layers = 1`), i.e. the stem conv's *weight* only: VGG's stem conv bias (index 1) is
+  left as it is, and ResNet-18's stem has no bias. For the ViT, CoUn's appendix
   negates "the positional embedding and the second patch-embedding layer (indices 0 and 4)".
   Those indices are positions in `list(model.parameters())` of lucidrains' `vit_pytorch` ViT,
   whose patch embedding is Sequential(Rearrange, LayerNorm(patch_dim), Linear(patch_dim, dim),
@@ -88,13 +91,13 @@ def first_layer(model: nn.Module) -> nn.Module:
 
 def not_parameters(model: nn.Module) -> list[str]:
     """Names of the parameters NoT negates: the ViT's positional embedding and patch-embedding
-    Linear weight (CoUn's indices 0 and 4), else the first layer's weight (and bias)."""
+    Linear weight (CoUn's indices 0 and 4), else the first layer's weight (not its bias)."""
     names = dict(model.named_parameters())
     if "pos_embedding" in names:
         return list(VIT_NOT_PARAMS)
     layer = first_layer(model)
     prefix = next(n for n, m in model.named_modules() if m is layer)
-    return [f"{prefix}.{n}" for n, _ in layer.named_parameters()]
+    return [f"{prefix}.weight"]
 
 
 class NoT(FT):

@@ -54,12 +54,17 @@ class RL(Method):
 
 def saliency_mask(original: torch.nn.Module, ctx: MethodContext, threshold: float) -> dict[str, torch.Tensor]:
     """{parameter name: bool mask of its shape}: True for the top `threshold` fraction of
-    |d(-CE on D_u)/d theta| at theta_o, ranked over all parameters together.
+    |sum over D_u batches of d(-CE)/d theta| at theta_o, ranked over all parameters together.
 
-    The gradient is summed over D_u in order, in eval mode and with the test-time transform
-    (no augmentation, no RNG draw): the mask is a function of theta_o and D_u alone. SalUn's
-    script also steps an optimiser while it accumulates; we take the gradient at theta_o, as
-    the paper defines it. Ties at the cut are broken by position (stable sort)."""
+    As the released `generate_mask.py` (`save_gradient_ratio`): model in eval mode, the batch
+    gradients of -CE (a mean over each batch) summed over D_u in order, no optimiser step
+    while accumulating (older copies of the script step an optimiser in train mode; METHOD.md
+    settles on the fixed one). Ties at the cut are broken by position (stable sort).
+    Deviation, stated: the released script reads D_u through the training loader, with its
+    random crop and flip; we take the test-time transform (no augmentation, no RNG draw), so
+    the mask is a function of theta_o and D_u alone: every seed and every resume of a split
+    shares one mask, and the saliency is the gradient on D_u's own images rather than on one
+    random draw of their augmentations."""
     model = copy.deepcopy(original).eval().requires_grad_(True)
     forget = ctx.forget
     for idx in ordered_batches(len(forget), ctx.batch_size, forget.x.device):
