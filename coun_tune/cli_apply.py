@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import hashlib
 import json
 import re
@@ -126,11 +127,63 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         raise UsageError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
+# Provenance an exported config may carry in its body (besides its comment header): read by
+# _registered_name and the transfer table. Any other key is a mistake, never silently ignored.
+PROVENANCE_KEYS = {"registered_model", "registered_name", "model_name", "transfer", *HEADER}
+# What apply needs of a config: without these it would run the method's defaults, not a pick.
+REQUIRED_KEYS = ("method", "hparams")
+
+
+def check_config_document(doc: dict, path: str) -> None:
+    """Accept only what `coun-tune export` writes, or a hand-written config with `method` and
+    `hparams`: a search spec, a misspelt key or a missing `hparams` would otherwise run the
+    method's default hyperparameters on the user's model."""
+    from coun_tune.config.search_spec import KEYS as SEARCH_SPEC_KEYS
+    from coun_tune.config.unlearn_config import TOP_KEYS
+
+    allowed = TOP_KEYS | {"data"} | PROVENANCE_KEYS
+    search_only = sorted(set(doc) & (SEARCH_SPEC_KEYS - allowed))
+    if search_only:
+        raise UsageError(
+            f"config {path!r} is a search spec (it has {search_only[0]!r}); apply takes a config written by "
+            "`coun-tune export` (or one with method and hparams)"
+        )
+    unknown = sorted(set(doc) - allowed)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(
+            f"unknown key {unknown[0]!r} in config {path!r}; {hint}"
+            f"allowed: {', '.join(sorted(TOP_KEYS | {'data'}))} (and export's provenance keys)"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in doc]
+    if missing:
+        raise UsageError(
+            f"config {path!r} has no {missing[0]!r}; apply takes a config written by `coun-tune export` "
+            "(or one with method and hparams)"
+        )
+    if not isinstance(doc["hparams"], dict) or not doc["hparams"]:
+        raise UsageError(f"config {path!r}: hparams must be a mapping of hyperparameters, got {doc['hparams']!r}")
+
+
+def check_alias(alias: str) -> None:
+    """MLflow's rules for a model alias (mlflow.utils.validation, 3.17): letters, digits, '_'
+    and '-', at most 255 characters, and not a name it reserves: 'latest' in any case, or
+    v<number> (a version). Checked before anything is read or written."""
+    if not re.fullmatch(r"[\w\-]{1,255}", alias):
+        raise UsageError(f"--alias {alias!r}: use letters, digits, '_', '-' (at most 255 characters)")
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise UsageError(
+            f"--alias {alias!r}: MLflow reserves 'latest' (in any case) and v<number>; choose another name"
+        )
+
+
 def _split_config(path: str) -> tuple[dict, dict, dict]:
     """(unlearn config document, data declaration, provenance) of an exported YAML."""
     from coun_tune.config.unlearn_config import TOP_KEYS, read_yaml
 
     doc = read_yaml(path)
+    check_config_document(doc, path)
     text = Path(path).read_text()
     data = doc.pop("data", None) or {}
     if not isinstance(data, dict):
@@ -184,6 +237,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     from coun_tune.core.user_data import DataDeclaration, load_user_data
     from coun_tune.core.user_model import build_user_model, check_model, load_state_dict_file, load_weights
 
+    check_alias(args.alias)
     doc, data_cfg, prov = _split_config(args.config)
     cfg = build_unlearn_config(doc, {})
     resolve_hparams(cfg.method, cfg.hparams)
@@ -207,8 +261,6 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise UsageError("--register needs --tracking-uri (the registry lives in an MLflow store)")
     if args.register is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", args.register):
         raise UsageError(f"--register {args.register!r}: use letters, digits, '_', '-', '.' (no '/', '@', ':')")
-    if not re.fullmatch(r"[A-Za-z_][\w\-]*", args.alias) or re.fullmatch(r"[vV]\d+|latest", args.alias):
-        raise UsageError(f"--alias {args.alias!r}: use letters, digits, '_', '-' (not 'latest' or v<number>)")
 
     decl = DataDeclaration(
         crop_padding=args.crop_padding if args.crop_padding is not None else data_cfg.get("crop_padding"),

@@ -569,3 +569,131 @@ def test_search_export_register_knee_then_apply_from_registry(tmp_path, cli):
     x = (torch.from_numpy(d.test_x[:16]).float() / 255 - DIGITS_NORM[0]) / DIGITS_NORM[1]
     with torch.no_grad():
         torch.testing.assert_close(served(x), after.eval()(x))
+
+
+# --- configs apply must refuse, through the real CLI (a fresh process) --------------------------------
+# Each case is otherwise a valid run (small_cnn weights, digits data, a request, an MLflow store):
+# without the check, apply would unlearn with the method's default hyperparameters (or fail only
+# in MLflow, after writing its outputs) and write out/.
+
+
+def _real_cli_setup(tmp_path: Path, small_digits) -> list:
+    from coun_tune.core.models import build_model
+
+    torch.save(build_model("small_cnn", 1, 10).state_dict(), tmp_path / "cnn.pt")
+    return [
+        "apply",
+        "--model",
+        "cnn.pt",
+        "--arch",
+        "small_cnn",
+        "--forget",
+        f"ids:{_request(tmp_path / 'r.parquet', [1, 2, 3]).name}",
+        "--data",
+        _npz(tmp_path / "d.npz", small_digits).name,
+        "--layout",
+        "nchw",
+        "--crop-padding",
+        "1",
+        "--no-flip",
+        "--output",
+        "out",
+        "--threads",
+        "1",
+    ]
+
+
+def _write_doc(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+EXPORTED = {
+    "scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0, "arch": "small_cnn", "recipe": "tiny"},
+    "method": "coun",
+    "hparams": {"temperature": 0.1, "cl_weight": 1.0, "lr": 0.05, "epochs": 1},
+    "seed": 0,
+}
+SEARCH_SPEC = {
+    "name": "not_a_config",
+    "scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0, "recipe": "tiny"},
+    "method": "coun",
+    "space": {"lr": {"log": [0.01, 0.1]}, "epochs": 1},
+    "num_samples": 2,
+}
+BAD_CONFIGS = {
+    "no_hparams": ({k: v for k, v in EXPORTED.items() if k != "hparams"}, "has no 'hparams'"),
+    "no_method": ({k: v for k, v in EXPORTED.items() if k != "method"}, "has no 'method'"),
+    "hparams_misspelt": (
+        {**{k: v for k, v in EXPORTED.items() if k != "hparams"}, "hparam": EXPORTED["hparams"]},
+        "unknown key 'hparam' in config 'bad.yaml'; did you mean 'hparams'?",
+    ),
+    "search_spec": (SEARCH_SPEC, "is a search spec (it has 'name')"),
+    "empty_hparams": ({**EXPORTED, "hparams": {}}, "hparams must be a mapping of hyperparameters"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_apply_refuses_a_config_that_is_not_a_picked_config(tmp_path, small_digits, case):
+    from _search_helpers import child_env, run_cli
+
+    args = _real_cli_setup(tmp_path, small_digits)
+    doc, needle = BAD_CONFIGS[case]
+    _write_doc(tmp_path / "bad.yaml", doc)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    proc = run_cli(
+        [*args, "--config", "bad.yaml", "--tracking-uri", uri, "--register", "m"],
+        cwd=tmp_path,
+        env=child_env(COUN_TUNE_CACHE=str(tmp_path / "cc")),
+        timeout=180,
+        expect_rc=2,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("coun-tune: error: ") and needle in lines[0], proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # no out/, no mlflow.db, nothing
+
+
+@pytest.mark.parametrize("alias", ["latest", "Latest", "LATEST", "v3", "V12", "has space", "a/b"])
+def test_apply_refuses_an_alias_mlflow_reserves_or_rejects_before_writing(tmp_path, small_digits, alias):
+    from _search_helpers import child_env, run_cli
+
+    args = _real_cli_setup(tmp_path, small_digits)
+    _write_doc(tmp_path / "picked.yaml", EXPORTED)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    proc = run_cli(
+        [*args, "--config", "picked.yaml", "--tracking-uri", uri, "--register", "m", "--alias", alias],
+        cwd=tmp_path,
+        env=child_env(COUN_TUNE_CACHE=str(tmp_path / "cc")),
+        timeout=180,
+        expect_rc=2,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--alias {alias!r}" in lines[0], proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+@pytest.mark.parametrize(
+    "alias", ["latest", "LaTeSt", "v1", "V007", "ok", "knee", "best_retain_acc", "7up", "-x", "a b", "a.b", ""]
+)
+def test_alias_check_agrees_with_mlflow(alias):
+    """coun-tune's early check refuses exactly what MLflow's registry would refuse later."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    from coun_tune.cli_apply import check_alias
+    from coun_tune.errors import UsageError
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+        mlflow_ok = True
+    except MlflowException:
+        mlflow_ok = False
+    try:
+        check_alias(alias)
+        ours_ok = True
+    except UsageError:
+        ours_ok = False
+    assert ours_ok == mlflow_ok, alias
