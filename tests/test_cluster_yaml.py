@@ -310,6 +310,18 @@ def test_only_ssh_is_open_to_the_world_and_ray_client_is_documented(offline):
     assert "--ray-client-server-port" not in head_start  # the default port the comment documents
 
 
+def test_ray_job_stop_leaves_the_driver_time_for_its_clean_stop(offline):
+    """`ray job stop` SIGTERMs the driver, then SIGKILLs it after RAY_JOB_STOP_WAIT_TIME_S (3 s by
+    default in 2.60's job supervisor): too short to save Tune's state and end the MLflow runs."""
+    from ray.dashboard.modules.job.job_supervisor import JobSupervisor
+
+    assert JobSupervisor.DEFAULT_RAY_JOB_STOP_WAIT_TIME_S < 60  # why the file sets it
+    prepared = validate(load())
+    (head_start,) = [c for c in prepared["head_start_ray_commands"] if "ray start --head" in c]
+    m = re.search(r"\bRAY_JOB_STOP_WAIT_TIME_S=(\d+)\b", head_start)
+    assert m and int(m[1]) >= 60, head_start
+
+
 # --- the shipped GPU specs pack onto the worker types ---------------------------------------------------
 
 GPU_SPECS = ["cifar10_resnet18_coun.yaml", "cifar100_resnet18_coun.yaml"]
