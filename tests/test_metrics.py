@@ -157,3 +157,50 @@ def test_mia_metrics_member_subset_size_of_test():
     all_sat = mia_metrics(np.full(30, 0.99999), np.full(10, 0.5), np.array([0.5]), seed=3)
     assert all_sat["mia_member_saturated"] == pytest.approx(100.0)
     assert all_sat["mia_efficacy"] == pytest.approx(100.0)  # a forget sample at 0.5 looks like the test set
+
+
+# ------------------------------------------------------------- the loss attack in evaluate
+
+
+def test_evaluate_loss_attack_direction_forget_low_loss_test_high_is_100():
+    """Through `evaluate` on a fixed model: every forget sample is classified right with a
+    confident margin (low loss), every test sample wrong (high loss), so the attack that
+    calls "forget" the low-loss side separates them perfectly: 100. Swapping the forget and
+    test losses, or thresholding the other way, gives 50."""
+    import torch
+    from torch import nn
+
+    from coun_tune.core.batching import Augmenter, DeviceSplit
+    from coun_tune.core.dataset_arrays import AugmentPolicy
+    from coun_tune.core.metrics import evaluate
+    from coun_tune.core.model_base import FeatureClassifier
+
+    class Sign(FeatureClassifier):
+        """logits = 8 * (d, -d), d = pixel 0 - pixel 1 (normalised): class 0 when d > 0."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Identity()
+            self.feature_dim = 2
+            self.dummy = nn.Parameter(torch.zeros(1))
+
+        def features(self, x):
+            d = x[:, 0, 0, 0] - x[:, 0, 0, 1]
+            return 8 * torch.stack([d, -d], 1) + self.dummy
+
+    rng = np.random.default_rng(0)
+
+    def split(n, label_is_right):
+        x = np.zeros((n, 1, 1, 2), np.uint8)
+        pos = rng.random(n) < 0.5
+        x[:, 0, 0, 0] = np.where(pos, rng.integers(180, 256, n), rng.integers(0, 60, n))
+        x[:, 0, 0, 1] = np.where(pos, rng.integers(0, 60, n), rng.integers(180, 256, n))
+        right = np.where(pos, 0, 1)
+        y = right if label_is_right else 1 - right
+        return DeviceSplit(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+
+    retain, forget, test = split(40, True), split(20, True), split(30, False)
+    aug = Augmenter(AugmentPolicy(crop_padding=0, flip=False, mean=(0.0,), std=(1.0,)), "cpu")
+    m = evaluate(Sign(), retain, forget, test, aug, seed=0)
+    assert m["forget_acc"] == 100.0 and m["test_acc"] == 0.0  # the data are what the docstring says
+    assert m["mia_loss_attack_acc"] == pytest.approx(100.0)

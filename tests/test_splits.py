@@ -223,3 +223,17 @@ def test_corrupted_registry_file_is_a_usage_error(tmp_path):
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(UsageError, match="unreadable"):
         materialize_split(data, "random:0.1", 0, tmp_path)
+
+
+def test_ids_request_rewritten_in_place_is_a_new_split(digits, tmp_path):
+    """The same path, rewritten with other ids, is another request: a new split hash and its
+    own forget set (a path-keyed registry would hand back the first request's split)."""
+    path = tmp_path / "req.parquet"
+    _write_ids(path, [3, 77, 500])
+    first = materialize_split(digits, f"ids:{path}", 0, tmp_path / "cache")
+    _write_ids(path, [4, 78, 501, 1000])
+    second = materialize_split(digits, f"ids:{path}", 0, tmp_path / "cache")
+    assert first.forget_idx.tolist() == [3, 77, 500]
+    assert second.forget_idx.tolist() == [4, 78, 501, 1000]
+    assert second.split_hash != first.split_hash
+    assert len(_split_files(tmp_path / "cache")) == 2

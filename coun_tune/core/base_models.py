@@ -4,7 +4,8 @@ them, together with their metrics.
 
 Cache layout: <cache_dir>/models/<key>/{model.pt, meta.json}; meta.json holds the sha256 of
 model.pt (checked on every load), the key's inputs, the training wall time and the model's
-metrics on each split it has been evaluated on (keyed by split hash).
+metrics on each split it has been evaluated on (keyed by split hash and metric-code version,
+`metrics_key`).
 A second run on the same scenario trains nothing and says so.
 
 cache_dir is a local/NFS path or s3://bucket/prefix (read and written through storage.py). On
@@ -31,7 +32,7 @@ from coun_tune.core import storage
 from coun_tune.core.batching import shuffled_batches
 from coun_tune.core.datasets import DatasetArrays
 from coun_tune.core.engine import ScenarioData, evaluate_scenario
-from coun_tune.core.metrics import gaps
+from coun_tune.core.metrics import METRICS_CODE_VERSION, gaps
 from coun_tune.core.models import FeatureClassifier, build_model
 from coun_tune.core.recipes import Scenario, TrainRecipe
 from coun_tune.core.splits import Split
@@ -146,6 +147,12 @@ def cache_key(data: DatasetArrays, split: Split, scenario: Scenario, role: str) 
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
 
 
+def metrics_key(split_hash: str) -> str:
+    """The key of a model's cached metrics on one split: the split hash and the metric code's
+    version (metrics.METRICS_CODE_VERSION), so metrics computed by older code are not reused."""
+    return f"{split_hash}:metrics-v{METRICS_CODE_VERSION}"
+
+
 def load_cached(entry: str | Path) -> tuple[dict, dict] | None:
     """(state_dict, meta) if the entry exists and its checksum holds, else None. A checksum
     mismatch is an error, not a silent retrain: the file was corrupted or tampered with.
@@ -237,16 +244,18 @@ def ensure_base_models(
             meta = {"sha256": _sha256(blob), "key_inputs": inputs, "wall_seconds": seconds, "metrics_by_split": {}}
             from_cache[role] = False
             log(f"{role}: trained in {seconds:.1f}s, cached at {entry}")
-        # Metrics depend on the split (which samples are D_u, which test samples count): cached
-        # per split hash beside the weights, computed once.
+        # Metrics depend on the split (which samples are D_u, which test samples count) and on
+        # the metric code: cached beside the weights under metrics_key(split), computed once
+        # per split and METRICS_CODE_VERSION (a change of the metric code recomputes them).
         by_split = meta.setdefault("metrics_by_split", {})
-        if split.split_hash not in by_split:
+        mkey = metrics_key(split.split_hash)
+        if mkey not in by_split:
             model.eval()
             m = evaluate_scenario(model, scen_data)  # MIA members drawn from the split
             m["wall_seconds"] = meta.get("wall_seconds", 0.0)
-            by_split[split.split_hash] = m
+            by_split[mkey] = m
             _write_json(entry, meta)
-        metrics[role] = by_split[split.split_hash]
+        metrics[role] = by_split[mkey]
         models[role] = model.eval()
     if "original" in metrics and "oracle" in metrics:
         metrics["original"] = {**metrics["original"], **gaps(metrics["original"], metrics["oracle"])}

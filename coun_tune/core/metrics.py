@@ -63,6 +63,10 @@ DIAGNOSTICS = (
 )
 SATURATED = 0.999
 MIA_RESAMPLES = 5
+# Bump when anything here (or the evaluation it calls: predict, the MIA, the loss attack, the
+# member draw) changes what a model scores: metrics cached beside a model (base_models'
+# meta.json, keyed by split hash and this version) are then recomputed, not served stale.
+METRICS_CODE_VERSION = 1
 
 
 @torch.no_grad()
