@@ -6,7 +6,10 @@ screenshots under docs/.
 
 Without a store it runs a tiny real search first (digits, 4 trials of one epoch) in a temp dir.
 Takes: docs/review_runs.png (the runs page from the printed link), docs/review_chart.png (the
-chart view, runs coloured by is_pareto), docs/review_description.png (the search's description).
+chart view, runs coloured by is_pareto), docs/review_description.png (the search's description);
+then exports the knee (`coun-tune export --pick knee`, which registers its model) and takes
+docs/review_model_registered.png (the knee's model page, registered) and
+docs/review_models_tab.png (the Models tab: one model per trial, with its metrics).
 """
 
 from __future__ import annotations
@@ -158,6 +161,55 @@ def take_screenshots(base: str, fragment: str, experiment_id: str, parent_run_id
     return shots
 
 
+def model_page(b, base: str, experiment_id: str, model_id: str, model_name: str):
+    """The logged model's page (`#/experiments/ID/models/MODEL_ID`), once its name is shown."""
+    return open_page(b, f"{base}/#/experiments/{experiment_id}/models/{model_id}", model_name, height=1200)
+
+
+def models_tab(b, base: str, experiment_id: str, wait_for: str):
+    """The experiment's Models tab (its logged models, with their metrics as columns)."""
+    return open_page(b, f"{base}/#/experiments/{experiment_id}/models?workflowType=machine_learning", wait_for)
+
+
+def registered_versions(page_text: str) -> str:
+    """The "Model versions" entry of a logged model page's side panel ("None" when unregistered)."""
+    lines = [l.strip() for l in page_text.split("Model versions", 1)[-1].strip().splitlines() if l.strip()]
+    if "Model versions" not in page_text or not lines:
+        return ""
+    return "None" if lines[0] == "None" else " ".join(lines[:2])
+
+
+def take_model_screenshots(base: str, experiment_id: str, model_id: str, model_name: str, out: Path) -> list[Path]:
+    """docs/review_model_registered.png (the registered model's page: no "Not registered",
+    its version in the side panel) and docs/review_models_tab.png (the Models tab: one model per
+    trial, named by it, with its metrics)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shots = [out / "review_model_registered.png", out / "review_models_tab.png"]
+    with browser() as b:
+        page = model_page(b, base, experiment_id, model_id, model_name)
+        page.screenshot(path=str(shots[0]))
+        page.close()
+        page = models_tab(b, base, experiment_id, model_name)
+        page.screenshot(path=str(shots[1]))
+        page.close()
+    return shots
+
+
+def export_knee(root: Path, tracking_uri: str, parent_run_id: str) -> tuple[str, str]:
+    """`coun-tune export PARENT --pick knee` (registers the knee's model, alias @knee); returns
+    (the knee's trial run id, the export's stdout)."""
+    from tests._search_helpers import run_cli
+
+    out = root / "knee.yaml"
+    done = run_cli(
+        ["export", parent_run_id, "--pick", "knee", "--output", str(out), "--tracking-uri", tracking_uri],
+        cwd=root,
+        timeout=300,
+    )
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", out.read_text()).group(1)
+    return run_id, done.stdout
+
+
 def tiny_search(root: Path, name: str = "review_demo", num_samples: int = 4) -> tuple[str, str]:
     """Run a real `coun-tune search` (digits, tiny recipe); returns (tracking URI, its stdout)."""
     from tests._search_helpers import run_cli, write_spec
@@ -207,8 +259,15 @@ def main(argv=None) -> int:
         fragment = printed_fragment(stdout)
         experiment_id = re.search(r"#/experiments/(\w+)/", fragment).group(1)
         parent_id = re.search(r"viewStateShareKey=coun-tune-(\w+)", fragment).group(1)
+        from coun_tune.tracking.mlflow_store import client_for
+        from coun_tune.tracking.models import logged_model_of
+
+        knee_run, _ = export_knee(Path(tmp), uri, parent_id)
+        knee = logged_model_of(client_for(uri), knee_run)
         with mlflow_server(uri) as base:
-            for path in take_screenshots(base, fragment, experiment_id, parent_id, Path(args.out)):
+            shots = take_screenshots(base, fragment, experiment_id, parent_id, Path(args.out))
+            shots += take_model_screenshots(base, experiment_id, knee.model_id, knee.name, Path(args.out))
+            for path in shots:
                 print(f"wrote {path}")
     return 0
 

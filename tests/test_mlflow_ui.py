@@ -4,7 +4,10 @@ Playwright) opening the link the search printed.
 
 It must show, with no setup by hand: the search's runs (trials and the two baselines) sorted
 front first with the Pareto metrics as columns, the chart view with the Pareto section, the
-parent's description with links to the front's runs, and the Pareto plot artifact."""
+parent's description with links to the front's runs, and the Pareto plot artifact; after
+`coun-tune export --pick knee`, the knee's logged model badged registered (its version in the
+model page's side panel, not "Not registered"), and the Models tab listing one model per trial,
+named by it, with its metrics and the knee's registered version."""
 
 from __future__ import annotations
 
@@ -14,10 +17,14 @@ import pytest
 
 from tests._browser import (
     browser,
+    export_knee,
     image_loaded,
     mlflow_server,
+    model_page,
+    models_tab,
     open_page,
     printed_fragment,
+    registered_versions,
     tiny_search,
 )
 
@@ -36,8 +43,18 @@ def served(tmp_path_factory):
     parent = next(r for r in runs if r.data.tags.get("coun_tune.role") == "search")
     trials = [r for r in runs if r.data.tags.get("coun_tune.role") == "trial"]
     baselines = [r for r in runs if r.data.tags.get("coun_tune.role") == "baseline"]
+    knee_run, _ = export_knee(root, uri, parent.info.run_id)  # registers the knee's model as ui_review@knee
     with mlflow_server(uri) as base:
-        yield {"base": base, "stdout": stdout, "exp": exp, "parent": parent, "trials": trials, "baselines": baselines}
+        yield {
+            "base": base,
+            "stdout": stdout,
+            "exp": exp,
+            "parent": parent,
+            "trials": trials,
+            "baselines": baselines,
+            "client": client,
+            "knee_run": knee_run,
+        }
 
 
 def test_printed_link_opens_the_search_runs_front_first(served):
@@ -92,3 +109,47 @@ def test_pareto_plot_artifact_loads(served):
         )
         assert image_loaded(page)
         assert re.search(r"trials\.json", page.inner_text("body"))  # the trials table beside it
+
+
+def test_knee_model_page_shows_it_registered(served):
+    from coun_tune.tracking.models import logged_model_of
+
+    client = served["client"]
+    knee = logged_model_of(client, served["knee_run"])
+    other = next(
+        logged_model_of(client, r.info.run_id) for r in served["trials"] if r.info.run_id != served["knee_run"]
+    )
+    with browser() as b:
+        page = model_page(b, served["base"], served["exp"], knee.model_id, knee.name)
+        body = page.inner_text("body")
+        assert knee.name.startswith("trial_")
+        assert "Not registered" not in body
+        assert registered_versions(body) == "ui_review v1"
+        page.close()
+        # the same page for a trial nobody exported: badged "Not registered" (the check can fail)
+        page = model_page(b, served["base"], served["exp"], other.model_id, other.name)
+        body = page.inner_text("body")
+        assert "Not registered" in body and registered_versions(body) == "None"
+        page.close()
+        # the registered version's page describes the pick and links back to the search and the run
+        page = open_page(b, f"{served['base']}/#/models/ui_review/versions/1", "@knee")
+        body = page.inner_text("body")
+        assert "knee (alias @knee): trial " in body
+        assert page.locator(f"a[href*='runs/{served['knee_run']}']").count() >= 1
+        page.close()
+
+
+def test_models_tab_lists_one_named_model_per_trial_with_metrics(served):
+    trials = served["trials"]
+    names = sorted(f"trial_{r.data.tags['coun_tune.trial_number']}" for r in trials)
+    with browser() as b:
+        page = models_tab(b, served["base"], served["exp"], names[-1])
+        body = page.inner_text("body")
+        for name in names:
+            assert name in body, name
+        assert "unlearned_model" not in body
+        for column in ("forget_gap", "retain_acc"):  # the models' own metrics are columns
+            assert column in body, column
+        knee = next(r for r in trials if r.info.run_id == served["knee_run"])
+        assert f"{knee.data.metrics['retain_acc']:g}" in body or f"{knee.data.metrics['retain_acc']:.4g}" in body
+        assert "ui_review\nv1" in body  # the knee's registered version, in its row
