@@ -211,6 +211,8 @@ def test_search_spreads_over_two_ray_nodes(two_node_cluster, tmp_path):
         # each node declares one (fake) GPU: trials ask for half of one, as the
         # CIFAR specs do; inside a trial torch sees no CUDA and trains on the CPU
         resources_per_trial={"cpu": 1, "gpu": 0.5},
+        # the front re-run on two unseen forget sets after the trials: Ray tasks on the nodes
+        holdout={"split_seeds": [5, 6]},
     )
     t0 = time.monotonic()
     run_cli(
@@ -247,7 +249,16 @@ def test_search_spreads_over_two_ray_nodes(two_node_cluster, tmp_path):
         assert c.data.tags.get("pareto") in ("true", "false")
         assert "model/model.pt" in {f.path for f in client.list_artifacts(c.info.run_id, "model")}
     assert parents[0].info.status == "FINISHED"
-    print(f"search on 2 nodes: {search_s:.0f} s; trial -> node: {nodes}")
+    # the hold-out runs are Ray tasks with the trial's resources (on a real cluster: the GPU
+    # workers, never the driver): every run placed on a node, the worker node among them
+    import pyarrow.parquet as pq
+
+    held = pq.read_table(client.download_artifacts(parents[0].info.run_id, "holdout.parquet", str(tmp_path)))
+    held = [r for r in held.to_pylist() if r["key"] != "original"]
+    assert held and {r["split_seed"] for r in held} == {5, 6}
+    held_nodes = [_node_of_pid(int(r["pid"]), two_node_cluster["nodes"]) for r in held]
+    assert None not in held_nodes and "worker" in held_nodes, held_nodes
+    print(f"search on 2 nodes: {search_s:.0f} s; trial -> node: {nodes}; hold-out runs -> {held_nodes}")
 
 
 # --- the same on S3: nothing shared between the nodes but the bucket ----------------------------

@@ -199,6 +199,9 @@ def test_interrupted_search_resumes_into_the_same_runs(tmp_path):
 
 
 def test_transfer_reruns_the_front_on_held_out_forget_sets(search):
+    """`coun-tune transfer` is the search's hold-out check, later: the calibration front re-run
+    on the new split (Ray tasks), holdout_* on each front run, holdout.parquet with the
+    original's rows as the do-nothing reference; export then picks on the hold-out values."""
     import pyarrow.parquet as pq
 
     root, _ = search
@@ -207,16 +210,26 @@ def test_transfer_reruns_the_front_on_held_out_forget_sets(search):
         ["transfer", "local", "--split-seeds", "1", "--tracking-uri", uri, "--cache-dir", str(root / "cache")], root
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out" in proc.stdout
+    assert "hold-out check" in proc.stdout and "original (do nothing)" in proc.stdout
     client, parents, children = runs_of(uri, "local")
     front = [c for c in children if c.data.tags["pareto"] == "true"]
-    local = client.download_artifacts(parents[0].info.run_id, "transfer.parquet", str(root))
+    local = client.download_artifacts(parents[0].info.run_id, "holdout.parquet", str(root))
     table = pq.read_table(local).to_pylist()
-    assert sorted(r["run_id"] for r in table) == sorted(c.info.run_id for c in front)
+    trials = [r for r in table if r["key"] != "original"]
+    assert sorted(r["key"] for r in trials) == sorted(c.info.run_id for c in front)
     assert all(r["split_seed"] == 1 for r in table)
+    assert [r["split_seed"] for r in table if r["key"] == "original"] == [1]
     for c in front:
-        mean = client.get_run(c.info.run_id).data.metrics["transfer_forget_gap_mean"]
-        assert mean == pytest.approx(next(r["forget_gap"] for r in table if r["run_id"] == c.info.run_id))
+        mean = client.get_run(c.info.run_id).data.metrics["holdout_forget_gap_mean"]
+        assert mean == pytest.approx(next(r["forget_gap"] for r in trials if r["key"] == c.info.run_id))
+    out = root / "after_transfer.yaml"
+    proc = cli(["export", "local", "--pick", "best:forget_gap", "--output", str(out), "--tracking-uri", uri], root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = {c.info.run_id: client.get_run(c.info.run_id).data.metrics["holdout_forget_gap_mean"] for c in front}
+    header = out.read_text()
+    assert "picked on hold-out means over 1 forget sets" in header
+    (picked,) = [run_id for run_id in held if run_id in header]
+    assert held[picked] == min(held.values())  # the hold-out value, not the calibration one
 
 
 def test_a_diverged_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path):

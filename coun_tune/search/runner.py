@@ -43,7 +43,6 @@ class RunInfo:
     mia_epochs: list[int]  # early-stopping rungs where an objective needs the MIA (else [])
     calibration_seeds: list[int]  # split seeds every trial is scored on (the first: the scenario's)
     objectives: list[str]  # reported per split and with their std over the splits
-    gpus: float = 0.0
 
     @classmethod
     def of(cls, plan: SearchPlan) -> RunInfo:
@@ -60,7 +59,6 @@ class RunInfo:
             mia_epochs=mia_rung_epochs(s),
             calibration_seeds=list(s.calibration_seeds),
             objectives=list(s.objectives),
-            gpus=s.resources_per_trial["gpu"],
         )
 
     def to_dict(self) -> dict:
@@ -468,12 +466,22 @@ def conclude(
         )
         return outcome
     if spec.holdout_seeds:
+        import signal
+        import threading
+
+        # Tune's SIGINT handler outlives tuner.fit() and only sets a stop flag Tune no longer
+        # reads: a Ctrl-C during the check must raise here instead
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
         try:
             run_holdout(plan, client, state, data_ref, base or {}, out)
         except KeyboardInterrupt:  # the trials are done; --resume re-runs only the unfinished hold-out runs
             outcome.status = INTERRUPTED
             mark_interrupted(plan, client, state, out)
             return outcome
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
     client.set_tag(parent_id, "status", "completed")
     client.log_metric(parent_id, "search_wall_seconds", wall)
     outcome.review = review_pareto(client, parent_id, spec.objectives, out=out)

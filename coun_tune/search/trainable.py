@@ -67,11 +67,6 @@ def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
     from coun_tune.core.pipeline import unlearn_epochs
 
     torch.set_num_threads(max(1, int(run_info.get("cpus", 1))))
-    if run_info.get("gpus", 0) > 0 and not torch.cuda.is_available():
-        raise RuntimeError(
-            "this trial asked for a GPU but torch sees no CUDA device on its node "
-            f"(torch {torch.__version__}): install a CUDA build of torch on the workers, or set gpu: 0"
-        )
     scenario = Scenario(**run_info["scenario"])
     seeds = calibration_seeds(run_info)
     preps = {
