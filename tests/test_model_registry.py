@@ -79,9 +79,12 @@ def test_registering_tags_the_logged_model_once_and_describes_the_version(store)
     root, uri, client, parent, run_ids = store
     exp = client.get_run(parent).info.experiment_id
     knee = run_ids[1]
+    client.log_metric(knee, "is_pareto", 1.0, step=0)  # as the review does, after the model was logged
     assert register_model(client, knee, NAME, "knee", pick="knee") == f"models:/{NAME}/1"
     assert register_model(client, knee, NAME, "knee", pick="knee") == f"models:/{NAME}/1"  # again: same version
     model = logged_model_of(client, knee)
+    keys = [m.key for m in model.metrics]
+    assert sorted(keys) == ["forget_gap", "is_pareto", "retain_acc", "test_acc"]  # the review's too, once each
     # MLflow's own format (what its server and mlflow.register_model write), one entry per version
     assert json.loads(model.tags[MODEL_VERSIONS]) == [{"name": NAME, "version": 1}]
     # MLflow's fluent client writes the version as a string: the same version, not a second one

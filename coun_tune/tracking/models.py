@@ -340,8 +340,10 @@ def version_description(client, run_id: str, model_id: str, alias: str, pick: st
 def register_model(client, run_id: str, name: str, alias: str, pick: str | None = None) -> str:
     """Register the run's MLflow model under `name` (created if new) and point `alias` at it.
     Registering the same logged model again reuses its version. The logged model is tagged with
-    its versions (mark_registered) and the version described (version_description; `pick`, the
-    pick as the user wrote it, defaults to the alias). Returns the version's URI,
+    its versions (mark_registered), gets the run's latest metrics (log_run_metrics_to_model: the
+    review's is_pareto and pareto_rank, logged after the model) and the version is described
+    (version_description; `pick`, the pick as the user wrote it, defaults to the alias).
+    Returns the version's URI,
     `models:/NAME/VERSION` (immutable; `models:/NAME@ALIAS` follows the alias)."""
     from mlflow.exceptions import MlflowException
 
@@ -372,6 +374,9 @@ def register_model(client, run_id: str, name: str, alias: str, pick: str | None 
         )
     )
     mark_registered(client, logged.model_id, name, version.version)
+    # what was logged on the run since the model (the review's is_pareto, pareto_rank, ...) goes
+    # on the registered model too; values already there are kept once
+    log_run_metrics_to_model(client, run_id, logged.model_id)
     client.update_model_version(
         name, str(version.version), description=version_description(client, run_id, logged.model_id, alias, pick)
     )
