@@ -8,8 +8,9 @@ On `digits_half`, per search seed, three real searches (Ray Tune + Optuna NSGA-I
 Then every completed trial's config is re-run on FRESH forget sets (split seeds 200..204, each
 with its own oracle; disjoint from every calibration and hold-out seed) as Ray tasks, and each
 search is judged there:
-    hv_fresh       hypervolume of the search's calibration front, re-measured on the fresh means
-                   (one reference point for the whole run: the worst fresh values of all trials)
+    hv_fresh       normalised hypervolume of the search's calibration front, re-measured on the
+                   fresh means: the share of the box between the best and the worst fresh values
+                   of all trials of the run (one box for every search, so ratios compare)
     spearman       Spearman's rho between each trial's calibration forget_gap and its fresh mean
     knee_fresh     the fresh forget_gap / retain_acc of the config the search exports (its knee)
 Ratios (3-split / 1-split, per seed, then mean and sample std over seeds) are printed last.
@@ -126,14 +127,15 @@ def judge(searches: list[dict], rows_of: dict, results: dict) -> list[dict]:
         return [float(np.mean([x[k] for x in results[r["config_key"]]])) for k in names]
 
     every = np.array([fresh_mean(r) for rows in rows_of.values() for r in rows])
-    ref = pareto.reference_point(names, modes, every)
+    box_min = pareto.to_minimisation(every, modes)
+    ref, ideal = box_min.max(axis=0), box_min.min(axis=0)
     out = []
     for s in searches:
         rows = rows_of[s["parent"]]
         cal = np.array([[r[k] for k in names] for r in rows])
         fr = np.array([fresh_mean(r) for r in rows])
         front = pareto.non_dominated_mask(cal, modes)
-        hv = pareto.hypervolume(pareto.to_minimisation(fr[front], modes), ref)
+        hv = pareto.normalised_hypervolume(pareto.to_minimisation(fr[front], modes), ref, ideal)
         knee = pareto.pick_index(rows, OBJ, "knee")
         out.append(
             {
@@ -154,7 +156,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=9, help="N: trials of the 1-split search")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search (sampler) seeds")
     ap.add_argument("--fresh", type=int, default=5, help="fresh forget sets (split seeds 200, 201, ...)")
-    ap.add_argument("--json", help="write the per-search figures here")
+    ap.add_argument("--json", help="write the per-search figures and the raw records here")
+    ap.add_argument("--rejudge", help="judge the raw records of an earlier --json instead of searching again")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="honest_front_"))
     cache = os.environ.setdefault("COUN_TUNE_CACHE", str(work / "cache"))
@@ -164,22 +167,27 @@ def main() -> None:
     )
     import mlflow
 
-    searches = run_searches(work, args.seeds, args.trials)
-    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    rows_of, results = fresh_records(client, searches, fresh, cache)
+    if args.rejudge:
+        raw = json.loads(Path(args.rejudge).read_text())
+        searches, rows_of, results = raw["searches"], raw["rows_of"], raw["results"]
+    else:
+        searches = run_searches(work, args.seeds, args.trials)
+        client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+        rows_of, results = fresh_records(client, searches, fresh, cache)
     judged = judge(searches, rows_of, results)
     if args.json:
-        Path(args.json).write_text(json.dumps(judged, indent=1))
+        raw = {"searches": searches, "rows_of": rows_of, "results": results}
+        Path(args.json).write_text(json.dumps({"judged": judged, **raw}, default=str))
     print("\nvariant             seed  trials  hv_fresh  spearman  knee forget_gap cal -> fresh  knee retain_acc fresh")
     for j in judged:
         print(
-            f"{j['variant']:18s}  {j['seed']:4d}  {j['trials']:6d}  {j['hv_fresh']:8.1f}  {j['spearman']:8.2f}  "
+            f"{j['variant']:18s}  {j['seed']:4d}  {j['trials']:6d}  {j['hv_fresh']:8.3f}  {j['spearman']:8.2f}  "
             f"{j['knee_forget_gap_cal']:10.2f} -> {j['knee_forget_gap_fresh']:5.2f}  {j['knee_retain_acc_fresh']:10.2f}"
         )
     print("\nmeans over search seeds (sample std):")
     for label, _, _ in variants(args.trials):
         mine = [j for j in judged if j["variant"] == label]
-        for k in ("spearman", "knee_forget_gap_fresh", "knee_retain_acc_fresh"):
+        for k in ("hv_fresh", "spearman", "knee_forget_gap_fresh", "knee_retain_acc_fresh"):
             v = [j[k] for j in mine]
             print(f"  {label:18s} {k:22s} {np.mean(v):6.2f} +- {sample_std(v):.2f}")
     print(f"\nratios (3-split / 1-split, per seed; load {os.getloadavg()}):")

@@ -41,8 +41,9 @@ def _run_or_none(client, run_id: str | None):
 
 
 def search_records(tracking_uri: str, provenance: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
-    """(the picked trial's final metrics, its transfer-check metrics `transfer_*`) from the
-    trial run named in the exported config, if that run is in this store; else ({}, {})."""
+    """(the picked trial's final metrics, its hold-out metrics `holdout_*` (`transfer_*` from
+    searches before the hold-out check)) from the trial run named in the exported config, if
+    that run is in this store; else ({}, {})."""
     client = client_for(tracking_uri)
     run = _run_or_none(client, provenance.get("trial_run_id") or provenance.get("run_id"))
     if run is None:
@@ -50,7 +51,7 @@ def search_records(tracking_uri: str, provenance: dict[str, Any]) -> tuple[dict[
     m = run.data.metrics
     return (
         {k: float(m[k]) for k in CALIBRATION if k in m},
-        {k: float(v) for k, v in sorted(m.items()) if k.startswith("transfer_")},
+        {k: float(v) for k, v in sorted(m.items()) if k.startswith(("holdout_", "transfer_"))},
     )
 
 

@@ -140,6 +140,7 @@ def pick_basis(rows: list[dict], names: list[str]) -> tuple[list[dict], str]:
             m = HOLDOUT_MEAN.match(k)
             if m and not m["metric"].startswith("original_"):
                 v[f"calibration_{m['metric']}"] = r.get(m["metric"])
+                v[f"calibration_{m['metric']}_std"] = r.get(f"{m['metric']}_std", float("nan"))
                 v[m["metric"]] = value
                 v[f"{m['metric']}_std"] = r.get(f"holdout_{m['metric']}_std", float("nan"))
         view.append(v)
@@ -247,7 +248,7 @@ def review_pareto(
             describe.trial_label(rows[i]) + (" (knee)" if i == knee else ""),
             *[_pm(rows[i][k], rows[i].get(f"{k}_std")) for k in names],
             *(
-                [_pm(rows[i].get(f"calibration_{k}"), None) for k in names]
+                [_pm(rows[i].get(f"calibration_{k}"), rows[i].get(f"calibration_{k}_std")) for k in names]
                 + [rows[i].get("holdout_flagged_on", "") if rows[i].get("holdout_flag") else ""]
                 if held
                 else []
@@ -258,6 +259,7 @@ def review_pareto(
         for i in shown
     ]
     name = (spec or {}).get("name") or client.get_experiment(parent.info.experiment_id).name
+    base_doc = _parent_json(client, parent_run_id, "base_models.json") or {}
     tracking_uri = client.tracking_uri
     describe_search = (
         lambda spec_shown: describe.search_description(  # noqa: E731
@@ -275,16 +277,28 @@ def review_pareto(
             objectives=objectives,
             hv=hv_info,
             front=[rows[i] for i in shown],
-            baselines=baselines,
+            baselines={
+                k: {**v, "run_id": baselines.get(k, {}).get("run_id")}
+                for k, v in (holdout_baselines(base_doc, names) if held else baselines).items()
+            },
             param_names=searched,
             n_trials=len(rows),
             spec=spec_shown,
             prov=prov,
         )
     )
-    note = describe_search(spec)
+    original = holdout_baselines(base_doc, names).get("original", {}) if held else baselines.get("original", {})
+    warning = knee_warning(rows[knee], original)
+    block = pick_lines(rows, shown, names, knee, basis, n_cal=len(json.loads(parent.data.tags.get(CAL_TAG, "[0]"))))
+    block += [f"**Warning**: {warning}", ""] if warning else []
+
+    def with_block(text: str) -> str:  # after the heading: what the pick rests on comes first
+        head, _, rest = text.partition("\n")
+        return "\n".join([head, "", *block]) + rest
+
+    note = with_block(describe_search(spec))
     if len(note) > MAX_NOTE:  # MLflow caps a run tag at 8000 characters; spec.yaml is an artifact anyway
-        note = describe_search(None)
+        note = with_block(describe_search(None))
     if len(note) > MAX_NOTE:
         note = note[: MAX_NOTE - 80] + "\n\n(cut here: the whole front is in trials.json)\n"
     client.set_tag(parent_run_id, describe.NOTE, note)
@@ -339,10 +353,8 @@ def review_pareto(
         title = (
             f"{name}: Pareto front of {len(rows)} trials (labels: trial numbers), hypervolume {hv:.3f}"
             if not held
-            else f"{name}: front on hold-out means of {len(rows)} validated configs (hollow: calibration), "
-            f"hypervolume {hv:.3f}"
+            else f"{name}: front on hold-out means ({len(rows)} configs; hollow: calibration), HV {hv:.3f}"
         )
-        base_doc = _parent_json(client, parent_run_id, "base_models.json") or {}
         svg = pareto_figure(
             rows,
             names,
@@ -375,6 +387,8 @@ def review_pareto(
         )
     else:
         print(f"{int(mask.sum())} of {len(rows)} completed trials on the front", file=out)
+    if warning:
+        print(f"warning: {warning}", file=out)
     print_review_link(tracking_uri, parent.info.experiment_id, parent_run_id, out)
     return {
         "rows": rows,
@@ -386,6 +400,63 @@ def review_pareto(
         "objectives": objectives,
         "baselines": baselines,
     }
+
+
+CAL_TAG = "coun_tune.calibration_seeds"
+
+
+def knee_warning(knee_row: dict, original: dict) -> str | None:
+    """A line when the knee is further from the oracle than doing nothing (its avg_gap or
+    test_gap above the untouched original's, on the same forget sets), else None."""
+    worse = [
+        f"{k} {knee_row[k]:.2f} vs the original's {original[k]:.2f}"
+        for k in ("avg_gap", "test_gap")
+        if isinstance(knee_row.get(k), (int, float)) and isinstance(original.get(k), (int, float))
+        if knee_row[k] > original[k]
+    ]
+    if not worse:
+        return None
+    return f"the knee is further from the oracle than the untouched original ({'; '.join(worse)})"
+
+
+def pick_lines(rows: list[dict], shown: list[int], names: list[str], knee: int, basis: str, n_cal: int) -> list[str]:
+    """The description's first paragraph: what the front and the picks rest on, with the
+    calibration and hold-out values side by side when there was a hold-out check."""
+    if basis != HOLDOUT:
+        what = (
+            f"means over {n_cal} calibration forget sets (± sample std)" if n_cal > 1 else "one calibration forget set"
+        )
+        return [
+            f"**Not validated on unseen forget sets**: the front is computed on {what}. Add "
+            "`holdout: {split_seeds: [...]}` to the spec, or run `coun-tune transfer`, before trusting a pick.",
+            "",
+        ]
+    n = int(max((r.get("holdout_n", 0) for r in rows), default=0))
+    head = ["trial", *[h for k in names for h in (f"{k} calibration", f"{k} hold-out")], "flag"]
+    body = [
+        [
+            describe.trial_label(rows[i]) + (" (knee)" if i == knee else ""),
+            *[
+                v
+                for k in names
+                for v in (
+                    _pm(rows[i].get(f"calibration_{k}"), rows[i].get(f"calibration_{k}_std")),
+                    _pm(rows[i][k], rows[i].get(f"{k}_std")),
+                )
+            ],
+            "⚑ " + rows[i].get("holdout_flagged_on", "") if rows[i].get("holdout_flag") else "",
+        ]
+        for i in shown
+    ]
+    return [
+        f"**Picked on hold-out means** over {n} forget sets no trial was scored on (the front, the knee and every "
+        f"export); calibration means over {n_cal} splits beside them (mean ± sample std). ⚑: the hold-out mean lies "
+        "outside the calibration mean ± 2 standard errors + the oracle's seed noise (the search's value did not "
+        "generalise). The table `holdout.json` and `holdout.parquet` hold every run.",
+        "",
+        describe.md_table(head, body),
+        "",
+    ]
 
 
 def holdout_baselines(base_doc: dict, names: list[str]) -> dict[str, dict]:
