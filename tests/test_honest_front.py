@@ -1,6 +1,7 @@
 """The honest front end to end (issue 14): a real search (local Ray, Optuna, SQLite MLflow, the
 real CLI) whose trials are scored on 3 calibration splits and whose front is re-run on 3
-hold-out splits; Ctrl-C during the hold-out check, then --resume.
+hold-out splits; a Ctrl-C while the last trial is mid-way (after its first of 2 epochs on every
+split), --resume, a Ctrl-C during the hold-out check, --resume.
 
 What must hold: every trial run holds the three per-split values and forget_gap equals their
 mean (and each per-split value equals an independent `unlearn` on that split); every front
@@ -14,9 +15,10 @@ import json
 
 import numpy as np
 import pytest
-from _search_helpers import child_env, run_cli, write_spec
+from _search_helpers import SPACE, child_env, run_cli, write_spec
 
 from coun_tune.search.holdout import TEST_SIGINT_ENV
+from coun_tune.search.progress import TEST_SIGINT_ENV as SIGINT_MID_TRIAL
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +52,19 @@ def honest(tmp_path_factory):
         scenario=SCENARIO,
         calibration={"split_seeds": CAL},
         holdout={"split_seeds": HOLD},
+        space={**SPACE, "epochs": 2},
     )
     env = child_env(COUN_TUNE_CACHE=str(root / "cc"))
     out = {"root": root, "uri": uri}
+    out["mid_trial"] = run_cli(
+        ["search", "spec.yaml"], cwd=root, env={**env, SIGINT_MID_TRIAL: "1"}, expect_rc=130, timeout=600
+    )
     out["first"] = run_cli(
-        ["search", "spec.yaml"], cwd=root, env={**env, TEST_SIGINT_ENV: str(STOP_AFTER)}, expect_rc=130, timeout=600
+        ["search", "spec.yaml", "--resume"],
+        cwd=root,
+        env={**env, TEST_SIGINT_ENV: str(STOP_AFTER)},
+        expect_rc=130,
+        timeout=600,
     )
     (exp_dir,) = [p for p in (root / "results").iterdir() if p.is_dir()]
     out["exp_dir"] = exp_dir
@@ -86,6 +96,18 @@ def test_ctrl_c_during_the_holdout_check_leaves_a_resumable_search(honest):
     assert json.loads((honest["exp_dir"] / "coun_tune_search.json").read_text())["status"] == "finished"
 
 
+def test_a_trial_interrupted_mid_way_resumes_every_split_without_repeating_an_epoch(honest):
+    """The Ctrl-C came after the last trial's first epoch (on all 3 splits); after --resume each
+    trial logged epochs 1 and 2 once, per split too (the per-split values of the resumed epoch 2
+    are re-derived from scratch in test_a_per_split_value_is_what_unlearn_gives_on_that_split)."""
+    assert "search interrupted" in honest["mid_trial"].stdout and "hold-out" not in honest["mid_trial"].stdout
+    client, _, trials = _runs(honest["uri"], "honest")
+    for t in trials:
+        for k in ("forget_gap", "forget_gap_split1", "retain_acc_split2"):
+            steps = [m.step for m in client.get_metric_history(t.info.run_id, k)]
+            assert sorted(steps) == [1, 2], (k, steps)
+
+
 def test_every_trial_reports_the_mean_of_its_calibration_splits(honest):
     _, _, trials = _runs(honest["uri"], "honest")
     assert len(trials) == 3
@@ -99,8 +121,8 @@ def test_every_trial_reports_the_mean_of_its_calibration_splits(honest):
 
 
 def test_a_per_split_value_is_what_unlearn_gives_on_that_split(honest):
-    """Re-derived outside the search: the trial's config unlearned on split 1 (and on the
-    scenario's own split 0) in this process gives the trial's forget_gap_split1 (split0)."""
+    """Re-derived outside the search: each trial's config unlearned from scratch on each
+    calibration split in this process gives the trial's forget_gap_split<seed>."""
     import torch
     import yaml
 
@@ -108,14 +130,14 @@ def test_a_per_split_value_is_what_unlearn_gives_on_that_split(honest):
     from coun_tune.core.pipeline import prepare, unlearn
 
     client, _, trials = _runs(honest["uri"], "honest")
-    t = trials[0]
-    doc = yaml.safe_load(open(client.download_artifacts(t.info.run_id, "model/config.yaml", str(honest["root"]))))
-    cfg = build_unlearn_config(doc, {})
     torch.set_num_threads(1)
-    for s in (0, 1):
-        prep = prepare(cfg.scenario.with_split(s), honest["root"] / "cache", "cpu", log=lambda _: None)
-        _, m = unlearn(prep, cfg.method, cfg.hparams, batch_size=cfg.batch_size, seed=cfg.seed)
-        assert m["forget_gap"] == pytest.approx(t.data.metrics[f"forget_gap_split{s}"], abs=1e-6), s
+    for t in trials:  # the one interrupted mid-way included
+        path = client.download_artifacts(t.info.run_id, "model/config.yaml", str(honest["root"]))
+        cfg = build_unlearn_config(yaml.safe_load(open(path)), {})
+        for s in CAL:
+            prep = prepare(cfg.scenario.with_split(s), honest["root"] / "cache", "cpu", log=lambda _: None)
+            _, m = unlearn(prep, cfg.method, cfg.hparams, batch_size=cfg.batch_size, seed=cfg.seed)
+            assert m["forget_gap"] == pytest.approx(t.data.metrics[f"forget_gap_split{s}"], abs=1e-6), (t, s)
 
 
 def _front(points):
