@@ -3,6 +3,7 @@
 - Ctrl-C after the sampler created its last trial ends like an early one (exit 130, resumable,
   no review/export, no child run left RUNNING) and --resume completes it; a second --resume of
   the finished search changes nothing; a changed spec is refused.
+- SIGTERM (what `ray job stop` sends) takes the same path as Ctrl-C, and --resume completes it.
 - Two searches started at once on a fresh SQLite store both complete, each with its own record.
 - A SIGKILLed driver's Ray processes and temp dir are removed by the next search.
 - Inputs that used to end in a traceback or a hang: --address where nothing listens (or nothing
@@ -190,6 +191,72 @@ def test_resume_refuses_a_changed_spec(late_ctrl_c, cli):
     before = sorted(p.name for p in search_dirs(root))
     one_line_error(cli(["search", "changed.yaml", "--resume"], root), "the spec changed")
     assert sorted(p.name for p in search_dirs(root)) == before
+
+
+# --- SIGTERM (`ray job stop`, `docker stop`, `kill`) ends like Ctrl-C ------------------------------
+
+
+def test_sigterm_ends_the_search_like_ctrl_c_and_resume_completes_it(tmp_path, prepared, session_cache_dir):
+    """The driver gets SIGTERM (what `ray job stop` sends) once the first trial has reported
+    epoch 1 of 3. Ray's own SIGTERM handler would sys.exit wherever the driver is: a traceback,
+    MLflow runs left RUNNING. It must end as a Ctrl-C does: exit 130, the search interrupted and
+    resumable, no run left RUNNING; --resume then finishes it without logging any epoch twice."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    write_spec(
+        tmp_path / "spec.yaml",
+        "termed",
+        cache_dir=session_cache_dir,
+        storage_path=tmp_path / "results",
+        tracking_uri=uri,
+        num_samples=2,
+        max_concurrent_trials=1,
+        sampler="random",
+        space={**SPACE, "epochs": 3},
+    )
+    env = child_env(COUN_TUNE_CACHE=str(tmp_path / "cc"))
+    log = tmp_path / "first.out"
+    with open(log, "w") as out, open(tmp_path / "first.err", "w") as err:
+        proc = subprocess.Popen(
+            cli_command() + ["search", "spec.yaml"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not any(line.split()[1:3] == ["running", "1/3"] for line in log.read_text().splitlines() if line.strip()):
+            assert proc.poll() is None, f"the search ended before epoch 1: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "no trial reported epoch 1 within 300 s"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=180)
+    finally:
+        stop_session(proc.pid)
+    stdout, stderr = log.read_text(), (tmp_path / "first.err").read_text()
+    assert rc == 130, (rc, stdout[-2000:], stderr[-3000:])
+    assert "Traceback" not in stderr and "SystemExit" not in stderr, stderr[-3000:]
+    assert "search interrupted" in stdout and "--resume" in stdout and "Pareto front" not in stdout
+    (exp_dir,) = search_dirs(tmp_path)
+    assert json.loads((exp_dir / "coun_tune_search.json").read_text())["status"] == "interrupted"
+    _, parents, children = runs(uri, "termed")
+    (parent,) = parents
+    assert (parent.info.status, parent.data.tags["status"]) == ("KILLED", "interrupted")
+    assert children and all(c.info.status != "RUNNING" for c in children)
+    assert ("KILLED", "interrupted") in {(c.info.status, c.data.tags.get("status")) for c in children}
+    assert session_pids(proc.pid) == []  # its local Ray went with it
+
+    resumed = run_cli(["search", "spec.yaml", "--resume"], cwd=tmp_path, env=env)
+    assert "exported the knee config" in resumed.stdout
+    client, parents, children = runs(uri, "termed")
+    (parent,) = parents
+    assert (parent.info.status, parent.data.tags["status"]) == ("FINISHED", "completed")
+    assert len(children) == 2
+    for c in children:
+        assert c.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "retain_acc")]
+        assert sorted(steps) == [1, 2, 3]  # the interrupted trial went on from its checkpoint
 
 
 # --- two searches at once ------------------------------------------------------------------

@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -173,28 +174,91 @@ def check_address(address: str) -> None:
         ) from None
 
 
+# What Ray's GCS client logs, once a second until ray.init gives up with a bare "Failed to
+# connect to Ray cluster" (about 20 s), when the cluster refuses this client's token.
+AUTH_FAILURE_MARKS = ("InvalidAuthToken", "AuthenticationError", "Unauthenticated")
+
+
+def auth_failure_message(address: str) -> str:
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    why = (
+        "RAY_AUTH_MODE is not 'token' here"
+        if mode != "token"
+        else "the token here is not the cluster's (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+    )
+    return (
+        f"--address {address}: the Ray cluster refused this client's authentication ({why}); "
+        "export RAY_AUTH_MODE=token and use the cluster's token (copy ~/.ray/auth_token from the head)"
+    )
+
+
 def probe_connect(address: str, timeout: float) -> None:
     """Connect once from a throw-away process, under a timeout: Ray's connect retries for ever
-    and cannot be cancelled from inside (a thread left in it aborts the interpreter at exit)."""
+    and cannot be cancelled from inside (a thread left in it aborts the interpreter at exit).
+    Its stderr is read as it comes, so a refused token ends the probe at Ray's first complaint
+    and says so, instead of Ray's "Failed to connect" 20 s later."""
+    import queue
     import subprocess
     import sys
 
     code = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); ray.shutdown()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline, seen, refused = time.monotonic() + timeout, [], False
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", code, address],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            start_new_session=True,
-        )
-    except subprocess.TimeoutExpired:
-        raise UsageError(
-            f"--address {address}: no answer within {timeout:.0f} s (is it a Ray head's GCS port?)"
-        ) from None
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise UsageError(
+                    f"--address {address}: no answer within {timeout:.0f} s (is it a Ray head's GCS port?)"
+                ) from None
+            if line is None:
+                break
+            seen.append(line)
+            if any(mark in line for mark in AUTH_FAILURE_MARKS):
+                refused = True
+                break
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: nothing else is in it
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    if refused:
+        raise UsageError(auth_failure_message(address))
     if proc.returncode != 0:
-        last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no reason given"]
+        last = [line.strip() for line in seen if line.strip()][-1:] or ["no reason given"]
         raise UsageError(f"--address {address}: Ray could not connect ({last[0][:300]})")
+
+
+def sigterm_as_sigint(signum, frame) -> None:
+    """SIGTERM (`ray job stop`, `docker stop`, systemd, `kill`) takes the path of Ctrl-C.
+
+    Inside `tuner.fit()` the SIGINT handler is Tune's own: it ends the run gracefully (trials
+    stopped, experiment state saved), so the search ends interrupted and resumable. Elsewhere
+    it is Python's, which raises KeyboardInterrupt (the CLI's exit 130). Calling whichever is
+    current keeps one path for both signals; a second SIGTERM, like a second Ctrl-C, finds
+    Tune's handler already restored to Python's and stops at once."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored or default (a process started in the background): still stop
+        raise KeyboardInterrupt
 
 
 def env_vars_for_workers() -> dict[str, str]:
@@ -211,18 +275,21 @@ class RaySession:
         self.temp_dir: str | None = None
         self.record: Path | None = None
         self.started = False
+        self._sigterm_before = None
 
     def __enter__(self) -> RaySession:
         import ray
 
         if ray.is_initialized():
             return self
+        sigterm_before = signal.getsignal(signal.SIGTERM)
         clean_dead_runs(self.log)
         runtime_env = {"env_vars": env_vars_for_workers()} if env_vars_for_workers() else None
         if self.address:
             probe_connect(self.address, float(os.environ.get(CONNECT_TIMEOUT_ENV, 45)))
             ray.init(address=self.address, log_to_driver=False, runtime_env=runtime_env)
             self.started = True
+            self._catch_sigterm(sigterm_before)
             return self
         # short: Ray's socket paths must fit 107 bytes
         self.temp_dir = tempfile.mkdtemp(prefix="ctune-ray-")
@@ -241,7 +308,16 @@ class RaySession:
             )
         finally:
             self.record = write_record(self.temp_dir)
+        self._catch_sigterm(sigterm_before)
         return self
+
+    def _catch_sigterm(self, before) -> None:
+        """After ray.init, whose own SIGTERM handler calls sys.exit wherever the driver is (a
+        traceback, MLflow runs left RUNNING, no resumable state): route SIGTERM to the SIGINT
+        path; __exit__ puts back the handler from before ray.init."""
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm_before = signal.SIG_DFL if before is None else before
+            signal.signal(signal.SIGTERM, sigterm_as_sigint)
 
     def refresh_record(self) -> None:
         """Re-record the processes (workers and agents started since ray.init)."""
@@ -253,10 +329,18 @@ class RaySession:
 
         if not self.started:
             return
-        ray.shutdown()
-        if self.temp_dir:
-            leftovers = [(p, start_time(p)) for p in pids_naming(self.temp_dir)]
-            _stop([(p, t) for p, t in leftovers if t is not None])
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-        if self.record:
-            self.record.unlink(missing_ok=True)
+        restore = self._sigterm_before
+        if restore is not None:  # the teardown must finish: a second SIGTERM waits for it
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            ray.shutdown()
+            if self.temp_dir:
+                leftovers = [(p, start_time(p)) for p in pids_naming(self.temp_dir)]
+                _stop([(p, t) for p, t in leftovers if t is not None])
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+            if self.record:
+                self.record.unlink(missing_ok=True)
+        finally:
+            if restore is not None:
+                signal.signal(signal.SIGTERM, restore)
+                self._sigterm_before = None
