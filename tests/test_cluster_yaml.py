@@ -272,6 +272,17 @@ def test_documented_grant_lets_the_default_head_role_launch_the_workers(offline)
 # --- spot first, on-demand beside it ----------------------------------------------------------------
 
 
+def test_gpu_workers_refuse_to_join_without_cuda(offline):
+    """A worker whose torch sees no GPU would run its trials on the CPU without a word."""
+    prepared = validate(load())
+    head = prepared["head_node_type"]
+    for name, v in prepared["available_node_types"].items():
+        if name != head:
+            assert v["resources"].get("GPU", 0) >= 1, name  # worker_setup_commands run on every worker type
+    assert any("assert torch.cuda.is_available()" in c for c in prepared["worker_setup_commands"])
+    assert not any("torch.cuda" in c for c in prepared["head_setup_commands"])  # the head has no GPU
+
+
 def test_spot_workers_have_an_on_demand_twin_of_lower_priority(offline):
     prepared = validate(load())
     head = prepared["head_node_type"]
