@@ -135,15 +135,25 @@ def test_the_refusal_ends_the_probe_at_once(tmp_path, token_head, monkeypatch):
     assert time.monotonic() - t0 < 12
 
 
-def test_the_right_token_connects(tmp_path, token_head):
-    """The same probe with the cluster's token passes (the refusal above is about the token)."""
+def test_the_right_token_connects_and_the_driver_catches_sigterm(tmp_path, token_head):
+    """With the cluster's token the probe passes (the refusals above are about the token), and a
+    driver connected to the cluster (the `ray job submit` case: `ray job stop` sends SIGTERM)
+    has SIGTERM routed to Ctrl-C's path while connected, Ray's sys.exit handler replaced, and the
+    handler from before put back after."""
     address, token = token_head
     code = (
-        "import sys; from coun_tune.search.ray_session import probe_connect; "
-        "probe_connect(sys.argv[1], 60); print('connected')"
+        "import signal, sys\n"
+        "from coun_tune.search.ray_session import RaySession, probe_connect, sigterm_as_sigint\n"
+        "probe_connect(sys.argv[1], 60)\n"
+        "with RaySession(sys.argv[1]):\n"
+        "    assert signal.getsignal(signal.SIGTERM) is sigterm_as_sigint, signal.getsignal(signal.SIGTERM)\n"
+        "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGTERM)\n"
+        "print('connected')\n"
     )
     (tmp_path / "home").mkdir()
-    env = child_env(HOME=str(tmp_path / "home"), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    env = child_env(
+        HOME=str(tmp_path / "home"), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, COUN_TUNE_CACHE=str(tmp_path / "cc")
+    )
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     proc = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "connected" in proc.stdout, proc.stderr[-3000:]
