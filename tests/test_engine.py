@@ -90,7 +90,6 @@ def test_flops_ft_by_hand(one_epoch_runs, prepared):
     assert ft["flops_true"] == 3 * (2 * macs) * rows
 
 
-@pytest.mark.xfail(strict=True, reason="engine.step_loss counts view 2 as a trained sample; needs ctx.count(views=...)")
 def test_flops_coun_four_thirds_of_ft(one_epoch_runs, prepared):
     """CoUn (two views) 4 per retain row in the paper's convention, 6 in true work: CoUn/FT is
     4/3 in `flops` and 2 in `flops_true` at equal epochs."""

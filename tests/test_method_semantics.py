@@ -794,20 +794,11 @@ def test_flops_paper_convention_reproduces_the_papers_coun_figure():
     assert teacher == {"flops": 70.0, "flops_true": 70.0}
 
 
-# The engine counts the CL plug-in's second view with `ctx.count(trained=...)` today, i.e. as a
-# new sample (3 forwards) instead of an extra view of one (1 forward): CoUn then costs 6 per
-# retain sample, not the paper's 4. The fix is one line in engine.step_loss
-# (`ctx.count(views=len(x_r))`); until it lands the plug-in rows are expected to fail.
-_VIEW2_PENDING = pytest.mark.xfail(
-    strict=True, reason="engine.step_loss counts view 2 as a trained sample; needs ctx.count(views=...)"
-)
-
-
 @pytest.mark.parametrize(
     "method,hp,samples,views,forward_only",
     [
         ("ft", {}, 10, 0, 0),
-        pytest.param("coun", {}, 10, 10, 0, marks=_VIEW2_PENDING),  # two views of each retain sample
+        ("coun", {}, 10, 10, 0),  # two views of each retain sample
         ("ga", {"lr": 1e-3}, 4, 0, 0),
         ("neggrad_plus", {}, 10 + 3 * 4, 0, 0),  # each retain step: a forget batch of 4
         ("scrub", {"scrub_max_fraction": 1.0}, 14, 0, 14),  # epoch 1: 4 max + 10 min rows, teacher on each
@@ -822,7 +813,6 @@ def test_flops_hand_counted(scen, method, hp, samples, views, forward_only):
     assert metrics["flops_true"] == 2 * macs * (3 * (samples + views) + forward_only)
 
 
-@_VIEW2_PENDING
 def test_flops_coun_over_ft_is_four_thirds_at_equal_epochs(scen):
     _, ft = _run(scen, "ft", {"epochs": 2})
     _, coun = _run(scen, "coun", {"epochs": 2})

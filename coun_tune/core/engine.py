@@ -167,7 +167,7 @@ def step_loss(
     batch's retain rows (none: no term, e.g. SCRUB's max steps). The loop and the tests call
     this one function. Draws from ctx.generator in this order: view 1, the method's own
     draws, view 2; so turning the plug-in on changes nothing before view 2. Counts the rows
-    it trains on in ctx.work."""
+    it trains on in ctx.work, and their second views (ctx.work["views"]: flops' convention)."""
     x1 = ctx.augmenter(batch.x, ctx.generator)
     z2 = None
     if fused_views and cl_weight > 0 and batch.forget is None and len(batch) >= 2:
@@ -194,7 +194,7 @@ def step_loss(
         if len(x_r) >= 2:  # one positive and at least one negative
             if z2 is None:
                 z2 = ctx.model.features(ctx.augmenter(x_r, ctx.generator))
-            ctx.count(trained=len(x_r))
+            ctx.count(views=len(x_r))  # a second view of rows counted above: flops +1, flops_true +3
             loss = loss + cl_weight * contrastive_loss(z1_r, z2, tau)
     return loss
 
