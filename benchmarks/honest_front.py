@@ -157,7 +157,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search (sampler) seeds")
     ap.add_argument("--fresh", type=int, default=5, help="fresh forget sets (split seeds 200, 201, ...)")
     ap.add_argument("--json", help="write the per-search figures and the raw records here")
-    ap.add_argument("--rejudge", help="judge the raw records of an earlier --json instead of searching again")
+    ap.add_argument(
+        "--rejudge", nargs="+", help="judge the raw records of earlier --json files (merged) instead of searching"
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="honest_front_"))
     cache = os.environ.setdefault("COUN_TUNE_CACHE", str(work / "cache"))
@@ -168,8 +170,13 @@ def main() -> None:
     import mlflow
 
     if args.rejudge:
-        raw = json.loads(Path(args.rejudge).read_text())
-        searches, rows_of, results = raw["searches"], raw["rows_of"], raw["results"]
+        searches, rows_of, results = [], {}, {}
+        for f in args.rejudge:
+            raw = json.loads(Path(f).read_text())
+            searches += raw["searches"]
+            rows_of.update(raw["rows_of"])
+            results.update(raw["results"])
+        args.seeds = sorted({s["seed"] for s in searches})
     else:
         searches = run_searches(work, args.seeds, args.trials)
         client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
@@ -190,17 +197,37 @@ def main() -> None:
         for k in ("hv_fresh", "spearman", "knee_forget_gap_fresh", "knee_retain_acc_fresh"):
             v = [j[k] for j in mine]
             print(f"  {label:18s} {k:22s} {np.mean(v):6.2f} +- {sample_std(v):.2f}")
+    print(
+        "\npaired differences, 3-split - 1-split per search seed (mean, 95% t interval; 'not detected' if it spans 0):"
+    )
+    for label in ("3-split =compute", "3-split =trials"):
+        for k in ("hv_fresh", "spearman", "knee_forget_gap_fresh"):
+            d = [_of(judged, label, s)[k] - _of(judged, "1-split", s)[k] for s in args.seeds]
+            lo, hi = t_interval(d)
+            verdict = "not detected" if lo <= 0 <= hi else ("3-split higher" if lo > 0 else "3-split lower")
+            print(f"  {label:18s} {k:22s} {np.mean(d):+7.3f}  [{lo:+.3f}, {hi:+.3f}]  {verdict}")
     print(f"\nratios (3-split / 1-split, per seed; load {os.getloadavg()}):")
     for label in ("3-split =compute", "3-split =trials"):
-        r = [
-            next(j for j in judged if j["variant"] == label and j["seed"] == s)["hv_fresh"]
-            / next(j for j in judged if j["variant"] == "1-split" and j["seed"] == s)["hv_fresh"]
-            for s in args.seeds
-        ]
+        r = [_of(judged, label, s)["hv_fresh"] / _of(judged, "1-split", s)["hv_fresh"] for s in args.seeds]
         print(
             f"  hypervolume on fresh sets, {label:18s}: {np.mean(r):.3f} +- {sample_std(r):.3f}  "
             f"({', '.join(f'{x:.3f}' for x in r)})"
         )
+
+
+def _of(judged: list[dict], label: str, seed: int) -> dict:
+    return next(j for j in judged if j["variant"] == label and j["seed"] == seed)
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The two-sided t interval of the mean (n - 1 degrees of freedom); NaNs dropped."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if len(v) < 2:
+        return (float("nan"), float("nan"))
+    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean() - half), float(v.mean() + half)
 
 
 if __name__ == "__main__":

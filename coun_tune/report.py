@@ -30,6 +30,14 @@ def fmt(v) -> str:
     return str(v)
 
 
+def plus_minus(mean, std):
+    """`mean +- std` (2 decimals) when the std over splits is known, else the mean as it is
+    (fmt renders it; None as "-")."""
+    if mean is None or std is None or std != std or std in (float("inf"), float("-inf")):
+        return mean
+    return f"{mean:.2f} +- {std:.2f}"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     cells = [[str(h) for h in headers]] + [[fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

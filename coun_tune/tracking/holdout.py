@@ -113,6 +113,7 @@ def log_holdout(
     import pyarrow.parquet as pq
     from mlflow.entities import Metric
 
+    from coun_tune.report import plus_minus as _pm
     from coun_tune.report import table
     from coun_tune.tracking.describe import trial_label
 
@@ -144,6 +145,7 @@ def log_holdout(
             line[f"{k} calibration"] = _pm(row[k], row.get(f"{k}_std"))
             line[f"{k} hold-out"] = _pm(m.get(f"holdout_{k}_mean"), m.get(f"holdout_{k}_std"))
         line["flag"] = f"outside band: {m['_flagged_on']}" if m["_flagged_on"] else ""
+        line = {k: ("" if v is None else v) for k, v in line.items()}
         lines.append(line)
         shown.append([v for k, v in line.items() if k != "run_id"])
     if original:
@@ -179,14 +181,6 @@ def log_holdout(
             file=out,
         )
     return summary
-
-
-def _pm(mean, std) -> str:
-    if mean is None:
-        return ""
-    if std is None or not np.isfinite(std):
-        return f"{mean:.2f}"
-    return f"{mean:.2f} +- {std:.2f}"
 
 
 def validate_front(

@@ -33,6 +33,7 @@ import yaml
 
 from coun_tune import pareto
 from coun_tune.errors import UsageError
+from coun_tune.report import plus_minus as _pm
 from coun_tune.report import table
 from coun_tune.tracking import describe
 from coun_tune.tracking.mlflow_store import PARENT, ROLE, TRIAL_ID, child_runs
@@ -473,13 +474,6 @@ def holdout_baselines(base_doc: dict, names: list[str]) -> dict[str, dict]:
         per = [{**sp[label], **gaps(sp[label], sp["oracle"])} for sp in splits]
         out[label] = {k: float(np.mean([p[k] for p in per])) for k in per[0] if all(k in p for p in per)}
     return out
-
-
-def _pm(mean, std) -> str | float | None:
-    """A value, or `mean +- std` when the std over splits is known."""
-    if mean is None or std is None or not np.isfinite(std):
-        return mean
-    return f"{mean:.2f} +- {std:.2f}"
 
 
 def print_review_link(tracking_uri: str, experiment_id: str, parent_run_id: str, out=sys.stdout) -> None:
