@@ -8,8 +8,9 @@ Without a store it runs a tiny real search first (digits, 4 trials of one epoch)
 Takes: docs/review_runs.png (the runs page from the printed link), docs/review_chart.png (the
 chart view, runs coloured by is_pareto), docs/review_description.png (the search's description);
 then exports the knee (`coun-tune export --pick knee`, which registers its model) and takes
-docs/review_model_registered.png (the knee's model page, registered) and
-docs/review_models_tab.png (the Models tab: one model per trial, with its metrics).
+docs/review_model_registered.png (the knee's model page, registered),
+docs/review_models_tab.png and docs/review_models_metrics.png (the Models tab: one model per
+trial, its registered version, its metrics).
 """
 
 from __future__ import annotations
@@ -166,9 +167,72 @@ def model_page(b, base: str, experiment_id: str, model_id: str, model_name: str)
     return open_page(b, f"{base}/#/experiments/{experiment_id}/models/{model_id}", model_name, height=1200)
 
 
-def models_tab(b, base: str, experiment_id: str, wait_for: str):
+def models_tab(b, base: str, experiment_id: str, wait_for: str, width: int = 1600):
     """The experiment's Models tab (its logged models, with their metrics as columns)."""
-    return open_page(b, f"{base}/#/experiments/{experiment_id}/models?workflowType=machine_learning", wait_for)
+    return open_page(
+        b, f"{base}/#/experiments/{experiment_id}/models?workflowType=machine_learning", wait_for, width=width
+    )
+
+
+_GRID_JS = """() => {
+  const key = (id) => id.replaceAll('&quot;', '"');
+  const heads = {};
+  document.querySelectorAll('.ag-header-cell[col-id]').forEach(h => {
+    heads[key(h.getAttribute('col-id'))] = h.innerText.trim();
+  });
+  const rows = {};
+  document.querySelectorAll('.ag-row[row-index]').forEach(r => {
+    const i = r.getAttribute('row-index');
+    rows[i] = rows[i] || {};
+    r.querySelectorAll('.ag-cell[col-id]').forEach(c => {
+      rows[i][key(c.getAttribute('col-id'))] = c.innerText.trim();
+    });
+  });
+  const v = document.querySelector('.ag-body-horizontal-scroll-viewport');
+  return {heads, rows, left: v ? v.scrollLeft : 0, width: v ? v.scrollWidth : 0, view: v ? v.clientWidth : 0};
+}"""
+_SCROLL_JS = "(x) => document.querySelectorAll('.ag-body-horizontal-scroll-viewport').forEach(e => e.scrollLeft = x)"
+
+
+def grid_rows(page, key_column: str = "Model name") -> dict[str, dict[str, str]]:
+    """Every cell of the Models tab's grid, {row's `key_column` text (last line): {header: text}}.
+    The grid (ag-grid) renders only the columns in view, so it is read while scrolled across."""
+    out: dict[str, dict[str, str]] = {}
+    x = 0
+    while True:
+        page.evaluate(_SCROLL_JS, x)
+        page.wait_for_timeout(400)
+        seen = page.evaluate(_GRID_JS)
+        for cells in seen["rows"].values():
+            named = {seen["heads"].get(k, k): v for k, v in cells.items()}
+            if named.get(key_column):
+                out.setdefault(named[key_column].splitlines()[-1], {}).update(named)
+        if x >= seen["width"] - seen["view"] or seen["view"] <= 0:
+            page.evaluate(_SCROLL_JS, 0)
+            return out
+        x += max(seen["view"] // 2, 100)
+
+
+def scroll_grid_to(page, header: str) -> None:
+    """Scroll the Models tab's grid so that column `header` is the first one beside the pinned
+    ones (the model's name, status, creation time)."""
+    x = 0
+    while True:
+        page.evaluate(_SCROLL_JS, x)
+        page.wait_for_timeout(400)
+        left = page.evaluate(
+            "(h) => { const c = [...document.querySelectorAll('.ag-header-viewport .ag-header-cell')]"
+            ".find(e => e.innerText.trim() === h); return c ? parseFloat(c.style.left) : null; }",
+            header,
+        )
+        if left is not None:
+            page.evaluate(_SCROLL_JS, left)
+            page.wait_for_timeout(800)
+            return
+        seen = page.evaluate(_GRID_JS)
+        if x >= seen["width"] - seen["view"] or seen["view"] <= 0:
+            raise AssertionError(f"no column {header!r} in the grid")
+        x += max(seen["view"] // 2, 100)
 
 
 def registered_versions(page_text: str) -> str:
@@ -181,16 +245,19 @@ def registered_versions(page_text: str) -> str:
 
 def take_model_screenshots(base: str, experiment_id: str, model_id: str, model_name: str, out: Path) -> list[Path]:
     """docs/review_model_registered.png (the registered model's page: no "Not registered",
-    its version in the side panel) and docs/review_models_tab.png (the Models tab: one model per
-    trial, named by it, with its metrics)."""
+    its version in the side panel), docs/review_models_tab.png (the Models tab: one model per
+    trial, named by it, the registered one with its version) and docs/review_models_metrics.png
+    (the same, scrolled to the models' metrics)."""
     out.mkdir(parents=True, exist_ok=True)
-    shots = [out / "review_model_registered.png", out / "review_models_tab.png"]
+    shots = [out / "review_model_registered.png", out / "review_models_tab.png", out / "review_models_metrics.png"]
     with browser() as b:
         page = model_page(b, base, experiment_id, model_id, model_name)
         page.screenshot(path=str(shots[0]))
         page.close()
         page = models_tab(b, base, experiment_id, model_name)
         page.screenshot(path=str(shots[1]))
+        scroll_grid_to(page, "forget_gap")  # the metrics beside the names (metric columns run A-Z)
+        page.screenshot(path=str(shots[2]))
         page.close()
     return shots
 

@@ -18,6 +18,7 @@ import pytest
 from tests._browser import (
     browser,
     export_knee,
+    grid_rows,
     image_loaded,
     mlflow_server,
     model_page,
@@ -141,15 +142,16 @@ def test_knee_model_page_shows_it_registered(served):
 
 def test_models_tab_lists_one_named_model_per_trial_with_metrics(served):
     trials = served["trials"]
-    names = sorted(f"trial_{r.data.tags['coun_tune.trial_number']}" for r in trials)
     with browser() as b:
-        page = models_tab(b, served["base"], served["exp"], names[-1])
-        body = page.inner_text("body")
-        for name in names:
-            assert name in body, name
-        assert "unlearned_model" not in body
-        for column in ("forget_gap", "retain_acc"):  # the models' own metrics are columns
-            assert column in body, column
-        knee = next(r for r in trials if r.info.run_id == served["knee_run"])
-        assert f"{knee.data.metrics['retain_acc']:g}" in body or f"{knee.data.metrics['retain_acc']:.4g}" in body
-        assert "ui_review\nv1" in body  # the knee's registered version, in its row
+        page = models_tab(b, served["base"], served["exp"], "trial_1")
+        rows = grid_rows(page)
+    assert sorted(rows) == sorted(
+        f"trial_{r.data.tags['coun_tune.trial_number']}" for r in trials
+    )  # no unlearned_model
+    for run in trials:
+        row = rows[f"trial_{run.data.tags['coun_tune.trial_number']}"]
+        assert row["Source run"] == run.info.run_name
+        for metric in ("forget_gap", "retain_acc", "test_acc"):  # the model's own metrics, as columns
+            assert float(row[metric]) == pytest.approx(run.data.metrics[metric]), (metric, row)
+        registered = "ui_review\nv1" if run.info.run_id == served["knee_run"] else "-"
+        assert row["Registered models"] == registered, row
