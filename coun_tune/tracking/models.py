@@ -307,10 +307,8 @@ def version_description(client, run_id: str, model_id: str, alias: str, pick: st
     objectives = json.loads(raw) if raw else {}
     number = tags.get(TRIAL_NUMBER)
     what = f"trial {number}" if number else f"run `{run.info.run_name}`"
-    lines = [f"**{pick or alias}** (alias `@{alias}`): {what} of coun-tune search"]
-    if parent is not None:
-        lines[0] += f" `{parent.info.run_name}`"
-    lines[0] += "."
+    source = f" of coun-tune search `{parent.info.run_name}`" if parent is not None else ""
+    lines = [f"**{pick or alias}** (alias `@{alias}`): {what}{source}."]
     metrics = run.data.metrics
     shown = list(objectives) or [m for m in ("forget_gap", "retain_acc") if m in metrics]
     extra = [m for m in ("avg_gap", "test_acc", "forget_acc", "mia_efficacy") if m in metrics and m not in shown]
