@@ -130,3 +130,19 @@ def test_runs_uris_resolve_by_the_models_name_and_the_older_name(store):
         assert config["arch"] == "small_cnn"
     with pytest.raises(UsageError):  # another trial's model name is not this run's model
         load_model_uri(f"runs:/{run_ids[2]}/trial_1", uri)
+
+
+def test_model_ids_by_run_lets_one_batch_log_on_the_run_and_its_model(store):
+    """What the review needs to put is_pareto in the Models tab: each run's model id from one
+    search, then one log_batch per run writes the metric on both."""
+    from mlflow.entities import Metric
+
+    from coun_tune.tracking.models import logged_model_of, model_ids_by_run
+
+    root, uri, client, parent, run_ids = store
+    exp = client.get_run(parent).info.experiment_id
+    ids = model_ids_by_run(client, exp)
+    assert ids == {r: logged_model_of(client, r).model_id for r in run_ids}
+    client.log_batch(run_ids[0], metrics=[Metric("pareto_rank", 0.0, 1, 0, model_id=ids[run_ids[0]])])
+    assert {m.key: m.value for m in logged_model_of(client, run_ids[0]).metrics}["pareto_rank"] == 0.0
+    assert client.get_run(run_ids[0]).data.metrics["pareto_rank"] == 0.0

@@ -273,6 +273,26 @@ def logged_model_of(client, run_id: str):
     return max(found, key=lambda m: m.creation_timestamp) if found else None
 
 
+def model_ids_by_run(client, experiment_id: str) -> dict[str, str]:
+    """{source run id: model id} of every READY logged model of the experiment (the latest one
+    per run), in one paged search: for logging a metric on a run and its model at once,
+    `Metric(key, value, ts, step, model_id=ids.get(run_id))` (how the review can put is_pareto
+    and pareto_rank in the Models tab's columns without one request per trial)."""
+    from mlflow.entities import LoggedModelStatus
+
+    latest, token = {}, None
+    while True:
+        page = client.search_logged_models([experiment_id], page_token=token)
+        for m in page:
+            if m.source_run_id and m.status == LoggedModelStatus.READY:
+                old = latest.get(m.source_run_id)
+                if old is None or m.creation_timestamp > old.creation_timestamp:
+                    latest[m.source_run_id] = m
+        token = page.token
+        if not token:
+            return {run_id: m.model_id for run_id, m in latest.items()}
+
+
 def mark_registered(client, model_id: str, name: str, version) -> list[dict]:
     """Add {name, version} to the logged model's `mlflow.modelVersions` tag, in MLflow's own
     format (a JSON list of {"name": ..., "version": ...}, appended to, never duplicated; MLflow's
