@@ -52,12 +52,12 @@ def honest(tmp_path_factory):
         scenario=SCENARIO,
         calibration={"split_seeds": CAL},
         holdout={"split_seeds": HOLD},
-        space={**SPACE, "epochs": 2},
+        space={**SPACE, "epochs": 3},
     )
     env = child_env(COUN_TUNE_CACHE=str(root / "cc"))
     out = {"root": root, "uri": uri}
     out["mid_trial"] = run_cli(
-        ["search", "spec.yaml"], cwd=root, env={**env, SIGINT_MID_TRIAL: "1"}, expect_rc=130, timeout=600
+        ["search", "spec.yaml"], cwd=root, env={**env, SIGINT_MID_TRIAL: "2"}, expect_rc=130, timeout=600
     )
     out["first"] = run_cli(
         ["search", "spec.yaml", "--resume"],
@@ -96,16 +96,26 @@ def test_ctrl_c_during_the_holdout_check_leaves_a_resumable_search(honest):
     assert json.loads((honest["exp_dir"] / "coun_tune_search.json").read_text())["status"] == "finished"
 
 
-def test_a_trial_interrupted_mid_way_resumes_every_split_without_repeating_an_epoch(honest):
-    """The Ctrl-C came after the last trial's first epoch (on all 3 splits); after --resume each
-    trial logged epochs 1 and 2 once, per split too (the per-split values of the resumed epoch 2
-    are re-derived from scratch in test_a_per_split_value_is_what_unlearn_gives_on_that_split)."""
-    assert "search interrupted" in honest["mid_trial"].stdout and "hold-out" not in honest["mid_trial"].stdout
+def test_a_trial_interrupted_mid_way_resumes_every_split_from_its_checkpoint(honest):
+    """The Ctrl-C came after the last trial's second epoch (of 3, on all 3 splits). After
+    --resume a new process went on from a checkpoint (its first report is past epoch 1), and
+    each trial logged every epoch once, per split too. That the resumed splits each continued
+    from their own state is checked by re-deriving the per-split values from scratch in
+    test_a_per_split_value_is_what_unlearn_gives_on_that_split (every split resumed from split
+    0's state fails it)."""
+    assert "1 interrupted" in honest["mid_trial"].stdout and "hold-out" not in honest["mid_trial"].stdout
+    resumed = []
+    for f in (honest["exp_dir"]).glob("unlearn_trial_*/result.json"):
+        reports = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        pids = list(dict.fromkeys(r["pid"] for r in reports))
+        if len(pids) > 1:
+            resumed.append(min(r["epoch"] for r in reports if r["pid"] == pids[-1]))
+    assert resumed and min(resumed) > 1, resumed  # went on from a checkpoint, not from scratch
     client, _, trials = _runs(honest["uri"], "honest")
     for t in trials:
         for k in ("forget_gap", "forget_gap_split1", "retain_acc_split2"):
             steps = [m.step for m in client.get_metric_history(t.info.run_id, k)]
-            assert sorted(steps) == [1, 2], (k, steps)
+            assert sorted(steps) == [1, 2, 3], (k, steps)
 
 
 def test_every_trial_reports_the_mean_of_its_calibration_splits(honest):

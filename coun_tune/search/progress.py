@@ -24,8 +24,11 @@ from coun_tune.report import table
 from coun_tune.tracking.trial_logger import pruned_at_epoch
 
 # Test-only (tests/test_faults.py): when set, the driver sends itself SIGINT, as a Ctrl-C would
-# arrive, once the sampler has created the search's last trial and that trial has reported its
-# first epoch: a deterministic "late Ctrl-C". Read at call time, so a --resume without it runs on.
+# arrive, once the sampler has created the search's last trial and that trial has reported the
+# epoch the variable names (1: its first): a deterministic "late Ctrl-C". At 2 or later the
+# trial's earlier checkpoints are registered, so its resume goes on from one (at 1 the stop can
+# come before Tune registers the first, and the trial reruns from scratch, ending the same).
+# Read at call time, so a --resume without it runs on.
 TEST_SIGINT_ENV = "COUN_TUNE_TEST_SIGINT_AFTER_LAST_TRIAL_STARTS"
 
 COMPLETED, FAILED, INTERRUPTED, PRUNED = "done", "failed", "interrupted", "pruned"  # pruned: early-stopped
@@ -121,6 +124,7 @@ class TrialProgress(Callback):
             os.environ.get(TEST_SIGINT_ENV)
             and len(trials) >= self.num_samples
             and trial is trials[-1]
+            and int(row["epoch"] or 0) >= int(os.environ[TEST_SIGINT_ENV])
             and not row.get("test_sigint_sent")
         ):
             row["test_sigint_sent"] = True
