@@ -120,6 +120,12 @@ def fresh_records(client, searches: list[dict], fresh: list[int], cache: str) ->
     return rows_of, results
 
 
+def split_mean(results: dict, row: dict, seeds: list[int], names: list[str]) -> list[float]:
+    """A trial's fresh-set means over the given split seeds, one per objective."""
+    recs = [x for x in results[row["config_key"]] if x["split_seed"] in seeds]
+    return [float(np.mean([x[k] for x in recs])) for k in names]
+
+
 def judge(searches: list[dict], rows_of: dict, results: dict) -> list[dict]:
     names, modes = list(OBJ), list(OBJ.values())
 
@@ -137,6 +143,14 @@ def judge(searches: list[dict], rows_of: dict, results: dict) -> list[dict]:
         front = pareto.non_dominated_mask(cal, modes)
         hv = pareto.normalised_hypervolume(pareto.to_minimisation(fr[front], modes), ref, ideal)
         knee = pareto.pick_index(rows, OBJ, "knee")
+        # the hold-out check, simulated: the first 2 fresh sets play the hold-out the calibration
+        # front is re-run on and the knee is picked from (review.pick_basis), the other fresh
+        # sets judge both knees
+        seeds = sorted({x["split_seed"] for recs in results.values() for x in recs})
+        hold, judge_on = seeds[:2], seeds[2:]
+        on_front = [rows[i] for i in np.flatnonzero(front)]
+        view = [{**r, **dict(zip(names, split_mean(results, r, hold, names)))} for r in on_front]
+        knee_h = on_front[pareto.pick_index(view, OBJ, "knee")]
         out.append(
             {
                 **s,
@@ -146,6 +160,13 @@ def judge(searches: list[dict], rows_of: dict, results: dict) -> list[dict]:
                 "knee_forget_gap_cal": float(cal[knee, 0]),
                 "knee_forget_gap_fresh": float(fr[knee, 0]),
                 "knee_retain_acc_fresh": float(fr[knee, 1]),
+                "knee_cal_forget_gap_judge": split_mean(results, rows[knee], judge_on, names)[0],
+                "knee_hold_forget_gap_judge": split_mean(results, knee_h, judge_on, names)[0],
+                # what the search would report for its knee vs what the judging sets give it
+                "knee_cal_error": abs(float(cal[knee, 0]) - split_mean(results, rows[knee], judge_on, names)[0]),
+                "knee_hold_error": abs(
+                    split_mean(results, knee_h, hold, names)[0] - split_mean(results, knee_h, judge_on, names)[0]
+                ),
             }
         )
     return out
@@ -194,7 +215,14 @@ def main() -> None:
     print("\nmeans over search seeds (sample std):")
     for label, _, _ in variants(args.trials):
         mine = [j for j in judged if j["variant"] == label]
-        for k in ("hv_fresh", "spearman", "knee_forget_gap_fresh", "knee_retain_acc_fresh"):
+        for k in (
+            "hv_fresh",
+            "spearman",
+            "knee_forget_gap_fresh",
+            "knee_retain_acc_fresh",
+            "knee_cal_forget_gap_judge",
+            "knee_hold_forget_gap_judge",
+        ):
             v = [j[k] for j in mine]
             print(f"  {label:18s} {k:22s} {np.mean(v):6.2f} +- {sample_std(v):.2f}")
     print(
@@ -206,6 +234,29 @@ def main() -> None:
             lo, hi = t_interval(d)
             verdict = "not detected" if lo <= 0 <= hi else ("3-split higher" if lo > 0 else "3-split lower")
             print(f"  {label:18s} {k:22s} {np.mean(d):+7.3f}  [{lo:+.3f}, {hi:+.3f}]  {verdict}")
+    print("\npicking on a hold-out (2 fresh sets) vs on calibration, judged on the other fresh sets:")
+    for label, _, _ in variants(args.trials):
+        d = [
+            _of(judged, label, s)["knee_hold_forget_gap_judge"] - _of(judged, label, s)["knee_cal_forget_gap_judge"]
+            for s in args.seeds
+        ]
+        lo, hi = t_interval(d)
+        verdict = "not detected" if lo <= 0 <= hi else ("hold-out pick lower" if hi < 0 else "hold-out pick higher")
+        print(
+            f"  {label:18s} knee forget_gap, hold-out pick - calibration pick "
+            f"{np.mean(d):+7.3f}  [{lo:+.3f}, {hi:+.3f}]  {verdict}"
+        )
+    print("\nhow far the value a search reports for its knee is from the knee's forget_gap on the judging sets:")
+    for label, _, _ in variants(args.trials):
+        mine = [_of(judged, label, s) for s in args.seeds]
+        cal = [j["knee_cal_error"] for j in mine]
+        hold = [j["knee_hold_error"] for j in mine]
+        print(
+            f"  {label:18s} |calibration value - judged| {np.mean(cal):.2f} +- {sample_std(cal):.2f}   "
+            f"|hold-out value - judged| {np.mean(hold):.2f} +- {sample_std(hold):.2f}   "
+            "paired difference %+.2f [%+.2f, %+.2f]"
+            % (np.mean(np.subtract(hold, cal)), *t_interval(list(np.subtract(hold, cal))))
+        )
     print(f"\nratios (3-split / 1-split, per seed; load {os.getloadavg()}):")
     for label in ("3-split =compute", "3-split =trials"):
         r = [_of(judged, label, s)["hv_fresh"] / _of(judged, "1-split", s)["hv_fresh"] for s in args.seeds]
