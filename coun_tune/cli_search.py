@@ -44,7 +44,9 @@ def dispatch(args: argparse.Namespace) -> int:
         spec = load_search_spec(args.spec)
         if args.tracking_uri is not None:
             check_tracking_uri_form(args.tracking_uri, "--tracking-uri")
-        outcome = run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
+        outcome = run_search(
+            spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume, spec_path=args.spec
+        )
         return outcome.exit_code
     from coun_tune.errors import UsageError
     from coun_tune.pareto import parse_pick
@@ -86,5 +88,8 @@ def dispatch(args: argparse.Namespace) -> int:
         )
     else:
         path = export_config(client, parent.info.run_id, args.pick, args.output)
-        print(f"wrote {path}\napply it: coun-tune unlearn --config {path} --output out/")
+        from coun_tune.tracking.mlflow_store import coun_tune_command
+
+        apply = coun_tune_command("unlearn", "--config", str(Path(path).resolve()), "--output", "out/")
+        print(f"wrote {path}\napply it: {apply}")
     return 0

@@ -74,6 +74,7 @@ class SearchPlan:
     resume: bool
     data: object = None  # DatasetArrays, loaded on the driver and put once in Ray's object store
     state: SearchState | None = None  # on --resume: the state of the search being continued
+    spec_path: str = "<spec>"  # as the user gave it, for the commands the search prints
 
     @property
     def name(self) -> str:

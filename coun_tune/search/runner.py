@@ -183,12 +183,20 @@ def tune_config(spec: SearchSpec, searcher, scheduler=None):
 
 
 def run_search(
-    spec: SearchSpec, address: str | None = None, tracking_uri: str | None = None, resume: bool = False, out=sys.stdout
+    spec: SearchSpec,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    resume: bool = False,
+    out=sys.stdout,
+    spec_path: str | None = None,
 ) -> Outcome:
-    """Run (or resume) a search; see the module docstring for the steps."""
+    """Run (or resume) a search; see the module docstring for the steps. `spec_path`: the spec
+    file as given, for the --resume command printed on an interruption."""
     from coun_tune.search.ray_session import RaySession
 
     plan = make_plan(spec, address, tracking_uri, resume)
+    if spec_path:
+        plan.spec_path = os.path.abspath(spec_path)
     if plan.state is not None and plan.state.status == FINISHED:
         print(
             f"search {plan.name} already finished (MLflow parent run {plan.state.parent_run_id}); "
@@ -398,7 +406,12 @@ def mark_interrupted(plan: SearchPlan, client, state: SearchState, out) -> None:
     client.set_terminated(parent_id, status="KILLED")
     state.status = INTERRUPTED
     state.save(plan.exp_uri)
-    print("\nsearch interrupted; continue it with:\n  coun-tune search <spec> --resume", file=out)
+    from coun_tune.tracking.mlflow_store import coun_tune_command
+
+    print(
+        f"\nsearch interrupted; continue it with:\n  {coun_tune_command('search', plan.spec_path, '--resume')}",
+        file=out,
+    )
 
 
 def run_holdout(plan: SearchPlan, client, state: SearchState, data_ref, base: dict, out) -> None:
@@ -495,7 +508,10 @@ def conclude(
     state.save(plan.exp_uri)
     print(f"\nexported the knee config to {outcome.export_path}", file=out)
     if not storage.is_remote(export_uri):
-        print(f"  apply it: coun-tune unlearn --config {outcome.export_path} --output out/", file=out)
+        from coun_tune.tracking.mlflow_store import coun_tune_command
+
+        apply = coun_tune_command("unlearn", "--config", os.path.abspath(export_uri), "--output", "out/")
+        print(f"  apply it: {apply}", file=out)
     # the review printed the link to this search's runs (and how to serve a SQLite store) above
     print(f"MLflow: experiment {spec.name!r}, parent run {parent_id} (the review link is above)", file=out)
     return outcome

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from coun_tune.tracking.mlflow_store import PARENT, sqlite_path
+from coun_tune.tracking.mlflow_store import PARENT, coun_tune_command, sqlite_path
 
 NOTE = "mlflow.note.content"
 EXPERIMENT_KIND = "mlflow.experimentKind"  # "custom_model_development": the classic training view
@@ -275,7 +275,11 @@ def search_description(
         "`pareto.png`, `pareto.html` and the trials table `trials.json` are this run's artifacts.",
         "",
         "**Export** the knee (or `best:METRIC`, or a constraint such as `retain_acc>=99`):",
-        f"`coun-tune export {parent_run_id} --pick knee --output picked.yaml --tracking-uri {tracking_uri}`",
+        "`"
+        + coun_tune_command(
+            "export", parent_run_id, "--pick", "knee", "--output", "picked.yaml", "--tracking-uri", tracking_uri
+        )
+        + "`",
         "",
     ]
     prov_line = f"coun-tune {prov.get('coun_tune.version', '?')}"

@@ -200,13 +200,19 @@ def review_pareto(
     }
 
     ts = int(time.time() * 1000)
+    from coun_tune.tracking.models import model_ids_by_run
+
+    model_ids = model_ids_by_run(client, parent.info.experiment_id)  # the Models tab shows them too
     for i, (r, rank, cd) in enumerate(zip(rows, ranks, crowd)):
         r.update(
             is_pareto=float(rank == 0), pareto_rank=float(rank), crowding_distance=float(cd), is_knee=float(i == knee)
         )
         client.log_batch(
             r["run_id"],
-            metrics=[Metric(k, r[k], ts, 0) for k in ("is_pareto", "pareto_rank", "crowding_distance", "is_knee")],
+            metrics=[
+                Metric(k, r[k], ts, 0, model_id=model_ids.get(r["run_id"]))
+                for k in ("is_pareto", "pareto_rank", "crowding_distance", "is_knee")
+            ],
         )
         client.set_tag(r["run_id"], "pareto", "true" if rank == 0 else "false")
         client.set_tag(r["run_id"], describe.RUN_COLOR, describe.COLORS["pareto" if rank == 0 else "dominated"])
@@ -541,7 +547,7 @@ def export_config(
                 if logged_model_of(client, row["run_id"]) is None and (local / "model.pt").is_file():
                     log_model_from_files(client, row["run_id"], local)  # a run logged before models existed
                 name = model_name or client.get_experiment(parent.info.experiment_id).name
-                model_uri = register_model(client, row["run_id"], name, alias_for(pick))
+                model_uri = register_model(client, row["run_id"], name, alias_for(pick), pick=pick)
             except Exception as e:  # the config is still worth writing; say why there is no model
                 not_registered = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 print(
