@@ -90,6 +90,7 @@ def test_cluster_storage_fields():
             "cache_dir": "s3://bucket/cache",
             "storage_endpoint": "http://127.0.0.1:9000",
             "scheduler": {"type": "mo_asha", "grace_epochs": 2},
+            "space": {"temperature": {"log": [0.03, 0.3]}, "epochs": {"int": [2, 4]}},  # a rung at 2 exists
         }
     )
     assert (spec.storage_path, spec.cache_dir, spec.storage_endpoint) == (
