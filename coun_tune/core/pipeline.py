@@ -62,6 +62,18 @@ def prepare(
     return Prepared(scenario, data, split, scen_data, base)
 
 
+def _run_args(prep: Prepared, batch_size: int | None, seed: int | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A fresh copy of theta_o to unlearn, and the arguments every run on `prep` shares."""
+    model = copy.deepcopy(prep.base.original).train().requires_grad_(True)
+    return model, {
+        "original": prep.base.original,
+        "scenario": prep.scen_data,
+        "batch_size": batch_size or prep.batch_size,
+        "seed": prep.scenario.seed if seed is None else seed,
+        "oracle_metrics": prep.base.oracle_metrics,
+    }
+
+
 def unlearn(
     prep: Prepared,
     method: str,
@@ -72,19 +84,8 @@ def unlearn(
 ) -> tuple[torch.nn.Module, dict[str, float]]:
     """Unlearn a copy of theta_o; returns (theta_u, its final metrics with gaps to the oracle).
     `seed` (default: the scenario's) drives augmentation and batch order."""
-    model = copy.deepcopy(prep.base.original).train().requires_grad_(True)
-    metrics = run_unlearning(
-        model,
-        prep.base.original,
-        prep.scen_data,
-        method,
-        hparams,
-        batch_size=batch_size or prep.batch_size,
-        seed=prep.scenario.seed if seed is None else seed,
-        oracle_metrics=prep.base.oracle_metrics,
-        **kwargs,
-    )
-    return model, metrics
+    model, args = _run_args(prep, batch_size, seed)
+    return model, run_unlearning(model, method_name=method, hparams=hparams, **args, **kwargs)
 
 
 def unlearn_epochs(
@@ -98,19 +99,8 @@ def unlearn_epochs(
     """unlearn() one epoch at a time: (the model being unlearned, a generator that trains one
     epoch per next() and yields its EpochReport). A search trial calibrated on several forget
     sets steps one of these per split in lock step."""
-    model = copy.deepcopy(prep.base.original).train().requires_grad_(True)
-    run = unlearning_epochs(
-        model,
-        prep.base.original,
-        prep.scen_data,
-        method,
-        hparams,
-        batch_size=batch_size or prep.batch_size,
-        seed=prep.scenario.seed if seed is None else seed,
-        oracle_metrics=prep.base.oracle_metrics,
-        **kwargs,
-    )
-    return model, run
+    model, args = _run_args(prep, batch_size, seed)
+    return model, unlearning_epochs(model, method_name=method, hparams=hparams, **args, **kwargs)
 
 
 def unlearn_sequential(
