@@ -137,3 +137,26 @@ def test_model_uris_resolve_through_the_given_store_only(store, tmp_path, monkey
     ):
         with pytest.raises(UsageError):
             load_model_uri(bad, uri)
+
+
+def test_export_prints_the_trial_its_objective_values_and_the_registered_model(store):
+    """The printed line names the trial by its run's number, its objective values (knee =
+    trial 2: forget_gap 1, retain_acc 95, by hand above) and the version and alias URIs the
+    registry resolves; without registering, it says so."""
+    import io
+
+    from coun_tune.tracking.review import export_config, exported_model_uri
+
+    root, uri, client, parent, run_ids = store
+    said = io.StringIO()
+    out = export_config(client, parent, "knee", root / "printed.yaml", stream=said)
+    version_uri = exported_model_uri(out)
+    first, second = said.getvalue().splitlines()
+    assert first.startswith("export: trial 2 (forget_gap 1.00, retain_acc 95.00; calibration values), picked on")
+    assert second.strip() == f"registered model {version_uri} (alias models:/exportable@knee)"
+    version = client.get_model_version("exportable", version_uri.rsplit("/", 1)[1])
+    assert version.run_id == run_ids[1]
+    said = io.StringIO()
+    export_config(client, parent, "best:retain_acc", root / "unregistered.yaml", register=False, stream=said)
+    assert said.getvalue().startswith("export: trial 4 (forget_gap 4.00, retain_acc 99.50;")
+    assert "model not registered" in said.getvalue()

@@ -1,10 +1,15 @@
 """What a person watching a search sees: one compact line per trial event, and a one-screen
 summary at the end. Tune's own per-trial result dump is off (RunConfig(verbose=0)).
 
-    trial        status      epoch  forget_gap  retain_acc  temperature  cl_weight      lr
-    a1b2_00000   started         -           -           -       0.0612       1.25  0.0312
-    a1b2_00000   running       1/3        3.12       97.80       0.0612       1.25  0.0312
-    a1b2_00000   done          3/3        1.04       98.90       0.0612       1.25  0.0312
+    trial  status      epoch  forget_gap  retain_acc  temperature  cl_weight      lr  tune_id
+    1      started         -           -           -       0.0612       1.25  0.0312  a1b2_00000
+    1      running       1/3        3.12       97.80       0.0612       1.25  0.0312  a1b2_00000
+    1      done          3/3        1.04       98.90       0.0612       1.25  0.0312  a1b2_00000
+
+`trial` is the trial's number, the one its MLflow run name (`trial 7 · ...`), the front table,
+pareto.png and export use: the trial logger numbers trials 1, 2, ... in the order Tune starts
+them, and this callback counts starts the same way (both see each on_trial_start, both keep
+their count across a restore). The Tune id comes last, for matching Ray's own logs.
 
 The callback is also the record of how each trial ended: Tune marks the trials it stops on
 Ctrl-C as TERMINATED, like finished ones, so "did the search finish" is read from the ends seen
@@ -43,6 +48,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _epoch(row: dict) -> str:
+    """`2/5` (Tune may hand the epoch back as a float: 2.0)."""
+    if row.get("epoch") is None:
+        return "-"
+    e = row["epoch"]
+    return f"{int(e) if float(e).is_integer() else e}/{row.get('epochs') or '?'}"
+
+
 class TrialProgress(Callback):
     # How each search's trials ended, by experiment name, for the runner on this driver (a
     # restored Tuner unpickles its own copy of this callback, so no reference survives to ask).
@@ -71,14 +84,16 @@ class TrialProgress(Callback):
 
     # --- the lines -------------------------------------------------------------------------
     def _columns(self) -> list[str]:
-        return ["trial", "status", "epoch", *self.objectives, *self.params]
+        return ["trial", "status", "epoch", *self.objectives, *self.params, "tune_id"]
 
     def _widths(self) -> list[int]:
-        return [12, 11, 6] + [max(10, len(c)) for c in self.objectives + self.params]
+        return [5, 11, 6] + [max(10, len(c)) for c in self.objectives + self.params] + [0]
 
     def _line(self, cells: list[str]) -> str:
         w = self._widths()
-        return "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(cells))
+        return "  ".join(
+            c.ljust(w[i]) if i < 2 or i == len(cells) - 1 else c.rjust(w[i]) for i, c in enumerate(cells)
+        ).rstrip()
 
     def _show(self, trial_id: str, status: str) -> None:
         row = self.trials[trial_id]
@@ -86,13 +101,14 @@ class TrialProgress(Callback):
         if not self._header_shown:
             print(self._line(self._columns()), flush=True)
             self._header_shown = True
-        epoch = "-" if row.get("epoch") is None else f"{row['epoch']}/{row.get('epochs') or '?'}"
+        epoch = _epoch(row)
         cells = [
-            trial_id,
+            number_of(row),
             status,
             epoch,
             *[_fmt(row.get(k)) for k in self.objectives],
             *[_fmt(row.get("config", {}).get(k)) for k in self.params],
+            trial_id,
         ]
         print(self._line(cells), file=sys.stdout, flush=True)
 
@@ -111,6 +127,8 @@ class TrialProgress(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         row = self._row(trial)
+        if row.get("number") is None:  # the trial logger's rule: numbered in order of first start
+            row["number"] = 1 + sum(r.get("number") is not None for r in self.trials.values())
         self._show(trial.trial_id, "resumed" if row.get("epoch") else "started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -146,8 +164,13 @@ class TrialProgress(Callback):
         TrialProgress.ends_by_search[self.search_name] = {tid: dict(r) for tid, r in self.trials.items()}
 
 
+def number_of(row: dict) -> str:
+    """A progress row's trial number (as its MLflow run is named); "-" for a trial never started."""
+    return "-" if row.get("number") is None else str(row["number"])
+
+
 def trial_rows(search_name: str) -> dict[str, dict]:
-    """trial id -> {status: done | failed | interrupted, epoch, epochs, objectives, config}, as
+    """trial id -> {number, status: done | failed | interrupted, epoch, epochs, objectives, config}, as
     the last fit() of this search on this driver saw them."""
     return dict(TrialProgress.ends_by_search.get(search_name, {}))
 
@@ -163,17 +186,21 @@ def summary(
         f"{status.count(INTERRUPTED)} interrupted; {wall_s:.0f} s"
     )
     rows = []
-    for tid, r in sorted(progress_rows.items(), key=lambda kv: kv[1].get("n", 0))[:SUMMARY_ROWS]:
-        ep = "-" if r.get("epoch") is None else f"{r['epoch']}/{r.get('epochs') or '?'}"
+    order = sorted(
+        progress_rows.items(), key=lambda kv: (kv[1].get("number") is None, kv[1].get("number") or 0, kv[1].get("n", 0))
+    )
+    for tid, r in order[:SUMMARY_ROWS]:
+        ep = _epoch(r)
         rows.append(
             [
-                tid,
+                number_of(r),
                 r.get("status"),
                 ep,
                 *[_fmt(r.get(k)) for k in objectives],
                 *[_fmt(r.get("config", {}).get(k)) for k in params],
+                tid,
             ]
         )
     more = len(progress_rows) - SUMMARY_ROWS
     tail = f"\n... and {more} more trials (all of them are in MLflow)" if more > 0 else ""
-    return head + "\n" + table(["trial", "status", "epoch", *objectives, *params], rows) + tail
+    return head + "\n" + table(["trial", "status", "epoch", *objectives, *params, "tune_id"], rows) + tail

@@ -33,8 +33,8 @@ import yaml
 
 from coun_tune import pareto
 from coun_tune.errors import UsageError
+from coun_tune.report import fmt, table
 from coun_tune.report import plus_minus as _pm
-from coun_tune.report import table
 from coun_tune.tracking import describe
 from coun_tune.tracking.mlflow_store import PARENT, ROLE, TRIAL_ID, child_runs
 
@@ -572,14 +572,37 @@ def export_config(
             k: round(float(row[f"calibration_{k}"]), 4) for k in objectives if row.get(f"calibration_{k}") is not None
         }
         header += f"# calibration values: {json.dumps(cal)}\n"
-    print(f"export: trial {describe.trial_label(row)}, {basis_note(basis, rows)}", file=stream)
     if not_registered:
         header += f"# model not registered: {not_registered}\n"
+    alias_uri = model_uri.rsplit("/", 1)[0] + "@" + alias_for(pick) if model_uri else None
     if model_uri:
-        alias_uri = model_uri.rsplit("/", 1)[0] + "@" + alias_for(pick)
         header += f"# model_uri: {model_uri}  (alias {alias_uri})\n"
+    print(export_line(row, objectives, basis, rows, model_uri, alias_uri, not_registered), file=stream)
     out.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
     return out
+
+
+def export_line(
+    row: dict,
+    objectives: dict[str, str],
+    basis: str,
+    rows: list[dict],
+    model_uri: str | None,
+    alias_uri: str | None,
+    not_registered: str | None = None,
+) -> str:
+    """What export prints: the trial by the number its run is named with, its objective values
+    (on the basis the pick was made on, ± std over the forget sets), what the pick rests on and
+    the registered model's URI (version and alias), or why there is none."""
+    values = ", ".join(f"{k} {fmt(_pm(row[k], row.get(f'{k}_std')))}" for k in objectives)
+    where = (
+        f"registered model {model_uri} (alias {alias_uri})"
+        if model_uri
+        else f"model not registered ({not_registered})"
+        if not_registered
+        else "model not registered (--no-register)"
+    )
+    return f"export: trial {describe.trial_label(row)} ({values}; {basis} values), {basis_note(basis, rows)}\n  {where}"
 
 
 def exported_model_uri(path: str | Path) -> str | None:
