@@ -13,6 +13,11 @@ def add_commands(sub) -> None:
     s.add_argument("--address", help="an existing Ray cluster (e.g. 127.0.0.1:6379 or auto); default: local Ray")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (overrides the spec's)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search with the same name")
+    s.add_argument(
+        "--warm-start",
+        metavar="EXPERIMENT",
+        help="run the Pareto configs of this MLflow experiment's latest search (same tracking store) first",
+    )
 
     p = sub.add_parser("pareto", help="recompute the Pareto front of a search from MLflow, tag and log it")
     p.add_argument("search", help="experiment name (its latest search) or parent run id")
@@ -44,8 +49,26 @@ def dispatch(args: argparse.Namespace) -> int:
         spec = load_search_spec(args.spec)
         if args.tracking_uri is not None:
             check_tracking_uri_form(args.tracking_uri, "--tracking-uri")
+        warm_start = None
+        if args.warm_start is not None:
+            from coun_tune.errors import UsageError
+            from coun_tune.search.warm_start import front_configs
+
+            if args.resume:
+                raise UsageError("--warm-start starts a new search; --resume continues one with its own trials")
+            warm_start, numbers = front_configs(spec, args.tracking_uri or spec.tracking_uri, args.warm_start)
+            print(
+                f"warm start: {len(warm_start)} Pareto configs of {args.warm_start} (its trials {', '.join(numbers)})"
+                " run first",
+                flush=True,
+            )
         outcome = run_search(
-            spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume, spec_path=args.spec
+            spec,
+            address=args.address,
+            tracking_uri=args.tracking_uri,
+            resume=args.resume,
+            spec_path=args.spec,
+            warm_start=warm_start,
         )
         return outcome.exit_code
     from coun_tune.errors import UsageError

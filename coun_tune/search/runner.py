@@ -14,6 +14,7 @@ Every step takes the plan and returns what the next needs; the result is an `Out
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -116,7 +117,10 @@ def make_sampler(spec: SearchSpec):
     return optuna.samplers.RandomSampler(seed=spec.seed)
 
 
-def make_searcher(spec: SearchSpec):
+def make_searcher(spec: SearchSpec, study_name: str | None = None, journal: str | None = None, warm_start=None):
+    """The searcher; with `journal`, its study `study_name` lives in that JournalStorage file
+    (optuna-dashboard reads it), else in memory. `warm_start`: configs enqueued as the first
+    trials (search.warm_start)."""
     # tells trials the scheduler stopped to Optuna as PRUNED (Ray's OptunaSearch: COMPLETE)
     from coun_tune.search.samplers import PruningOptunaSearch
 
@@ -126,7 +130,50 @@ def make_searcher(spec: SearchSpec):
         mode=list(spec.objectives.values()),
         sampler=make_sampler(spec),
         seed=spec.seed,
+        study_name=study_name,
+        storage=open_journal(journal) if journal else None,
+        points_to_evaluate=list(warm_start or []) or None,
     )
+
+
+OPTUNA_JOURNAL = "optuna.journal"
+
+
+def open_journal(path: str):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return JournalStorage(JournalFileBackend(path))
+
+
+def study_journal(plan: SearchPlan) -> str:
+    """Where the search's Optuna study lives (study name: the search's directory name). The
+    driver writes it, so it is a file the driver's machine (the head, on a cluster) holds: in
+    the search's directory when that is local; else beside a SQLite MLflow store; else in the
+    head's cache dir. A journal holds many studies (file-locked appends), so searches that
+    share one stay apart by name."""
+    from coun_tune.tracking.mlflow_store import sqlite_path
+
+    if not storage.is_remote(plan.exp_uri):
+        return os.path.join(os.path.abspath(plan.exp_uri), OPTUNA_JOURNAL)
+    db = sqlite_path(plan.tracking_uri)
+    if db is not None:
+        return str(db.resolve().parent / OPTUNA_JOURNAL)
+    root = os.environ.get("COUN_TUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "coun-tune")
+    return os.path.join(os.path.abspath(root), "optuna", OPTUNA_JOURNAL)
+
+
+def dashboard_command(journal: str) -> str:
+    """optuna-dashboard on the journal, by the executable beside this interpreter (works in a
+    shell where the venv is not activated). optuna-dashboard is an optional extra and has no
+    `python -m` entry: when it is missing, the line says how to install it."""
+    python = Path(sys.executable).absolute()
+    exe = python.with_name("optuna-dashboard")
+    cmd = shlex.join([str(exe), journal])
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return cmd
+    return f"{shlex.join([str(python), '-m', 'pip', 'install', 'optuna-dashboard'])} && {cmd}"
 
 
 def make_scheduler(plan: SearchPlan):
@@ -189,6 +236,7 @@ def run_search(
     resume: bool = False,
     out=sys.stdout,
     spec_path: str | None = None,
+    warm_start: list[dict] | None = None,
 ) -> Outcome:
     """Run (or resume) a search; see the module docstring for the steps. `spec_path`: the spec
     file as given, for the --resume command printed on an interruption."""
@@ -223,7 +271,15 @@ def run_search(
             session.refresh_record()  # the workers and agents exist now
             client, state = open_parent_run(plan, base)
             state_written = True
-            tuner = build_tuner(plan, state, data_ref)
+            tuner = build_tuner(plan, state, data_ref, warm_start)
+            journal = study_journal(plan)
+            if os.path.isfile(journal):  # a search resumed from before the journal has none
+                where = " (on this machine, the driver's)" if storage.is_remote(plan.exp_uri) else ""
+                print(
+                    f"optuna study {plan.name}: {journal}{where}; view it: {dashboard_command(journal)}",
+                    file=out,
+                    flush=True,
+                )
             status, rows, wall = fit_trials(plan, tuner)
             return conclude(plan, client, state, status, rows, wall, out, data_ref, base)
     finally:
@@ -334,7 +390,7 @@ def _tune_storage(exp_uri: str):
     return (fs if storage.is_remote(exp_uri) else None), path
 
 
-def build_tuner(plan: SearchPlan, state: SearchState, data_ref):
+def build_tuner(plan: SearchPlan, state: SearchState, data_ref, warm_start=None):
     from ray import tune
 
     from coun_tune.core.engine import resolve_hparams
@@ -357,7 +413,9 @@ def build_tuner(plan: SearchPlan, state: SearchState, data_ref):
     progress = TrialProgress(plan.name, list(spec.objectives), list(spec.space), spec.num_samples, epochs)
     return tune.Tuner(
         trainable,
-        tune_config=tune_config(spec, make_searcher(spec), make_scheduler(plan)),
+        tune_config=tune_config(
+            spec, make_searcher(spec, plan.name, study_journal(plan), warm_start), make_scheduler(plan)
+        ),
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=path.rsplit("/", 1)[0],

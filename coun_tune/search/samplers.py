@@ -8,6 +8,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from coun_tune.tracking.trial_logger import pruned_at_epoch
 
+# user attr of a trial asked before an interrupt and lost with Tune's unsaved state
+ORPHANED = "coun_tune_orphaned_by_resume"
+TUNE_TRIAL_ID = "tune_trial_id"  # user attr: the trial's Tune id
+
 
 class NoRepeatNSGAII(optuna.samplers.NSGAIISampler):
     """NSGA-II that never proposes a config already tried.
@@ -40,6 +44,9 @@ class PruningOptunaSearch(OptunaSearch):
     COMPLETE trials only); the epoch and the values at the rung go into its user attrs."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if self._told_before(trial_id):
+            self._completed_trials.add(trial_id)
+            return
         epoch = None if error or not result else pruned_at_epoch(result)
         if epoch is None or trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result=result, error=error)
@@ -49,3 +56,37 @@ class PruningOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr("values_at_pruning", {m: result.get(m) for m in names})
         self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
+
+    # --- a persistent study (a JournalStorage file the driver writes) across --resume ---------
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if self._storage is not None and trial_id in self._ot_trials:
+            # the study's trial numbers are Optuna's (ask order, from 0); the Tune id ties a
+            # trial in optuna-dashboard to its MLflow run (tag coun_tune.trial_id)
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+        return config
+
+    def _told_before(self, trial_id: str) -> bool:
+        """True when the storage already holds this trial as finished: a resumed search reruns
+        a trial Tune's last checkpoint saw running although its result reached the storage
+        before the interrupt (a SIGKILL between the tell and Tune's snapshot). Telling it again
+        raises; its values are already there, so nothing is told twice."""
+        if self._storage is None or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return False
+        frozen = self._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+        return frozen.state.is_finished()
+
+    def restore(self, checkpoint_path: str):
+        """Tune's restore unpickles the study, whose storage is the same journal file (an
+        absolute path), so the resumed searcher reads and writes the study it left. A trial
+        asked after the checkpoint Tune restores was never run by Tune and never will be (Tune
+        asks anew): it would stay RUNNING in the storage for ever, so it is ended FAIL, marked."""
+        super().restore(checkpoint_path)
+        if self._storage is None or self._ot_study is None:
+            return
+        known = {t._trial_id for t in self._ot_trials.values()}
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen._trial_id not in known:
+                self._storage.set_trial_user_attr(frozen._trial_id, ORPHANED, True)
+                self._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
