@@ -66,6 +66,7 @@ def trial_rows(client, parent, include_pruned: bool = False) -> list[dict]:
                 "run_id": run.info.run_id,
                 "trial_id": run.data.tags.get(TRIAL_ID, ""),
                 "trial_number": run.data.tags.get(describe.TRIAL_NUMBER),
+                "run_name": run.info.run_name or "",
                 **{f"param.{k}": v for k, v in run.data.params.items()},
                 **run.data.metrics,
             }
@@ -120,6 +121,59 @@ def ensure_baselines(client, parent) -> dict[str, dict]:
             client.set_terminated(run.info.run_id, status="FINISHED")
         out[label] = {"run_id": run.info.run_id, **metrics}
     return out
+
+
+KNEE_MARK = "★ knee · "  # run-name prefix of the knee's run (the runs table's name column)
+# A trial's SVC MIA is "unstable" when the efficacy over MIA_RESAMPLES SVC fits on resampled
+# members (core.metrics: mia_efficacy_resample_min/_max) spreads by more than this many points.
+# Why 10: on near-perfect models the MIA is bistable (METHOD.md section 4); in the README's main
+# job the stable trials spread by 0.1-2.3 points and the bistable ones by 57-83, so the cut is
+# not delicate; and 10 points of mia_gap move avg_gap (the mean of four gaps) by 2.5, more than
+# the whole range of avg_gap over the stable trials (1.35-1.60) and more than any gap between
+# the knee and the untouched original: a difference that size is the attack's, not forgetting.
+MIA_UNSTABLE_SPREAD = 10.0
+MIA_UNSTABLE = "mia_unstable"  # trial tag: "true" | "false"
+
+
+def knee_run_name(name: str, is_knee: bool) -> str:
+    """The run name with the knee's marker added or removed (idempotent)."""
+    bare = name[len(KNEE_MARK) :] if name.startswith(KNEE_MARK) else name
+    return KNEE_MARK + bare if is_knee else bare
+
+
+def mia_spread(row: dict) -> float | None:
+    """max - min of the MIA efficacy over the resampled SVC fits, or None when not logged."""
+    lo, hi = row.get("mia_efficacy_resample_min"), row.get("mia_efficacy_resample_max")
+    if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
+        return None
+    return float(hi) - float(lo)
+
+
+def mia_unstable(row: dict) -> bool:
+    spread = mia_spread(row)
+    return spread is not None and spread > MIA_UNSTABLE_SPREAD
+
+
+def mia_note(rows: list[dict]) -> str | None:
+    """The description's line on trials whose avg_gap is driven by an unstable MIA: each with
+    its avg_gap and the mean of its other three gaps (avg_gap without the MIA's term)."""
+    parts = []
+    for r in rows:
+        if not mia_unstable(r) or not all(isinstance(r.get(k), (int, float)) for k in ("avg_gap", "mia_gap")):
+            continue
+        rest = (4 * r["avg_gap"] - r["mia_gap"]) / 3
+        parts.append(
+            f"trial {describe.trial_label(r)}: avg_gap {r['avg_gap']:.2f} ({rest:.2f} without mia_gap "
+            f"{r['mia_gap']:.2f}; MIA spread {mia_spread(r):.1f})"
+        )
+    if not parts:
+        return None
+    return (
+        f"**MIA unstable** (tag `{MIA_UNSTABLE}=true`: the SVC MIA's efficacy over the resampled fits spreads by "
+        f"more than {MIA_UNSTABLE_SPREAD:g} points, so their mia_gap and avg_gap measure the attack, not forgetting): "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 HOLDOUT_MEAN = re.compile(r"^holdout_(?P<metric>[a-z_]+)_mean$")
@@ -222,6 +276,13 @@ def review_pareto(
             client.log_batch(r["run_id"], metrics=[Metric(k, 0.0, ts, 0) for k in ("is_pareto", "is_knee")])
             client.set_tag(r["run_id"], "pareto", "false")
             client.set_tag(r["run_id"], describe.RUN_COLOR, describe.COLORS["dominated"])
+    knee_run = rows[knee]["run_id"]
+    for r in all_rows:  # the knee's run name carries the marker; a former knee's loses it
+        named = knee_run_name(r.get("run_name", ""), r["run_id"] == knee_run)
+        if named != r.get("run_name", ""):
+            client.update_run(r["run_id"], name=named)
+            r["run_name"] = named
+        client.set_tag(r["run_id"], MIA_UNSTABLE, "true" if mia_unstable(r) else "false")
     baselines = ensure_baselines(client, parent)
 
     prov = describe.provenance()
@@ -298,6 +359,8 @@ def review_pareto(
     warning = knee_warning(rows[knee], original)
     block = pick_lines(rows, shown, names, knee, basis, n_cal=len(json.loads(parent.data.tags.get(CAL_TAG, "[0]"))))
     block += [f"**Warning**: {warning}", ""] if warning else []
+    unstable_note = mia_note(all_rows)
+    block += [unstable_note, ""] if unstable_note else []
 
     def with_block(text: str) -> str:  # after the heading: what the pick rests on comes first
         head, _, rest = text.partition("\n")
@@ -396,6 +459,13 @@ def review_pareto(
         print(f"{int(mask.sum())} of {len(rows)} completed trials on the front", file=out)
     if warning:
         print(f"warning: {warning}", file=out)
+    unstable = [describe.trial_label(r) for r in all_rows if mia_unstable(r)]
+    if unstable:
+        print(
+            f"MIA unstable on trial{'s' if len(unstable) > 1 else ''} {', '.join(unstable)} (resample spread above "
+            f"{MIA_UNSTABLE_SPREAD:g} points: their mia_gap/avg_gap measure the attack; tag {MIA_UNSTABLE}=true)",
+            file=out,
+        )
     print_review_link(tracking_uri, parent.info.experiment_id, parent_run_id, out)
     return {
         "rows": rows,
