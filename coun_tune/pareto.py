@@ -154,6 +154,26 @@ def normalised_hypervolume(points: np.ndarray, ref: np.ndarray, ideal: np.ndarra
     return hypervolume(points, ref) / box if box > 0 else 0.0
 
 
+def hypervolume_gain(points: np.ndarray, baseline: np.ndarray, ref: np.ndarray) -> float:
+    """The hypervolume `points` add to what `baseline` alone dominates (all minimised, up to
+    `ref`): HV(points + baseline) - HV(baseline), the region the points dominate and the
+    baseline does not. With the untouched original as the baseline this is the improvement
+    over doing nothing. (Taking the original itself as the reference point would count only
+    points that beat it in every objective: the original's retain_acc is the best there is, so
+    every search would score 0.)"""
+    p = np.asarray(points, dtype=float).reshape(-1, len(ref))
+    b = np.asarray(baseline, dtype=float).reshape(1, len(ref))
+    return hypervolume(np.vstack([p, b]), ref) - hypervolume(b, ref)
+
+
+def normalised_hypervolume_gain(points: np.ndarray, baseline: np.ndarray, ref: np.ndarray, ideal: np.ndarray) -> float:
+    """hypervolume_gain as a fraction of what the baseline leaves to gain in the box between
+    `ideal` and `ref` (0: no better than the baseline; 1: the ideal point reached)."""
+    box = float(np.prod(np.asarray(ref, dtype=float) - np.asarray(ideal, dtype=float)))
+    left = box - hypervolume(np.asarray(baseline, dtype=float).reshape(1, len(ref)), ref)
+    return hypervolume_gain(points, baseline, ref) / left if left > 0 else 0.0
+
+
 def knee_index(values: np.ndarray, modes: Sequence[str]) -> int:
     """Index (into `values`, which should be the front) of the point closest to the ideal
     point after min-max scaling each objective over the front: a balanced compromise."""

@@ -7,9 +7,14 @@ Trials (forget_gap min, retain_acc max):
   7: (6, 85)  dominated by 5 too                                rank 2
 Crowding distance on the front (ranges 4 and 19.5): trial 2: (2-0)/4 + (98-80)/19.5 = 1.4231,
   trial 3: (4-1)/4 + (99.5-95)/19.5 = 0.9808; the extremes 1 and 4 are infinite: logged as m+1 = 3.
-Hypervolume of the front up to the reference (forget_gap 100, retain_acc 0):
-  [0,1) x 80 + [1,2) x 95 + [2,4) x 98 + [4,100) x 99.5 = 80 + 95 + 196 + 9552 = 9923 of the
-  100 x 100 box -> 0.9923.
+Hypervolume over doing nothing: the original (_fake_search.BASE_MODELS) has forget_gap 10
+  (forget_acc 100 vs the oracle's 90) and retain_acc 100; alone it dominates [10,100) x 100 =
+  9000 of the box [0,100] x [0,100], leaving 1000 to gain. Front + original:
+  [0,1) x 80 + [1,2) x 95 + [2,4) x 98 + [4,10) x 99.5 + 9000 = 80 + 95 + 196 + 597 + 9000 = 9968:
+  gain 968 -> 0.968 (the front alone would score 0.9923 of the box, the original alone 0.9).
+History in order of completion (trials end in order 1..7): after trial 1 [0,10) x 80 = 800 ->
+  0.8; after 2: 80 + [1,10) x 95 = 935 -> 0.935; after 3: 80 + 95 + [2,10) x 98 = 959 -> 0.959;
+  after 4: 0.968, and 5, 6, 7 (dominated) leave it there.
 """
 
 from __future__ import annotations
@@ -54,16 +59,32 @@ def test_pareto_metrics_on_every_trial(reviewed):
     assert len(set(colours[:4])) == 1 and colours[4] != colours[0]
 
 
-def test_hypervolume_normalised_against_hand_computation(reviewed):
+def test_hypervolume_over_doing_nothing_against_hand_computation(reviewed):
     uri, client, parent, runs, out = reviewed
     m = client.get_run(parent).data.metrics
-    assert m["hypervolume_raw"] == pytest.approx(9923.0)
-    assert m["hypervolume"] == pytest.approx(0.9923)
+    assert m["hypervolume_raw"] == pytest.approx(968.0)
+    assert m["hypervolume"] == pytest.approx(0.968)
     assert m["pareto_size"] == 4
-    assert json.loads(client.get_run(parent).data.tags["hypervolume_reference"]) == {
-        "forget_gap": 100.0,
-        "retain_acc": 0.0,
+    tags = client.get_run(parent).data.tags
+    assert json.loads(tags["hypervolume_reference"]) == {"forget_gap": 10.0, "retain_acc": 100.0}  # the original
+    assert json.loads(tags["hypervolume_box"]) == {
+        "worst": {"forget_gap": 100.0, "retain_acc": 0.0},
+        "ideal": {"forget_gap": 0.0, "retain_acc": 100.0},
     }
+    said = (
+        "hypervolume 0.9680 over doing nothing: the share of what the untouched original (forget_gap 10, retain_acc 100"
+    )
+    assert said in out and said in tags["mlflow.note.content"]
+
+
+def test_hypervolume_history_one_point_per_completed_trial(reviewed):
+    """Logged by two reviews, kept once: step k = the k-th completed trial."""
+    uri, client, parent, runs, out = reviewed
+    history = sorted(client.get_metric_history(parent, "hypervolume_history"), key=lambda h: h.step)
+    assert [h.step for h in history] == [1, 2, 3, 4, 5, 6, 7]
+    assert [h.value for h in history] == pytest.approx([0.8, 0.935, 0.959, 0.968, 0.968, 0.968, 0.968])
+    ends = sorted(client.get_run(r).info.end_time for r in runs)
+    assert [h.timestamp for h in history] == ends
 
 
 def test_original_and_oracle_are_baseline_runs_under_the_search(reviewed):
@@ -92,7 +113,7 @@ def test_descriptions_link_the_front_and_the_runs_view(reviewed):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     for r, rank in zip(runs, RANKS):
         assert (f"runs/{r}" in note) == (rank == 0), r
-    assert "0.9923" in note and "forget_gap (↓" in note and "retain_acc (↑" in note
+    assert "0.9680" in note and "forget_gap (↓" in note and "retain_acc (↑" in note
     assert "digits" in note and "feedbeef" in note
     assert "coun_tune.version" in run.data.tags
     # the printed link opens the saved view of this search: its runs, sorted by pareto_rank
@@ -119,3 +140,8 @@ def test_trials_table_and_plots_on_the_parent(reviewed, tmp_path):
     assert {"path": "trials.json", "type": "table"} in logged
     page = open(client.download_artifacts(parent, "pareto.html", str(tmp_path))).read()
     assert "original" in page and "oracle" in page and "better: lower" in page
+    # the caption says what the hypervolume is measured from, in words (was "{'retain_acc': -0.0}")
+    caption = page.rsplit("<p>", 1)[1].split("</p>", 1)[0]
+    assert "over doing nothing" in caption
+    assert "(forget_gap 0, retain_acc 100) to (forget_gap 100, retain_acc 0)" in caption
+    assert "-0" not in caption and "{" not in caption

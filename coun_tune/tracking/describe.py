@@ -52,6 +52,24 @@ def run_name(number: str, sampled: dict[str, Any]) -> str:
     return " · ".join([f"trial {number}", *[f"{k} {short(v)}" for k, v in sampled.items()]])
 
 
+def point(values: dict[str, float]) -> str:
+    """`forget_gap 1.44, retain_acc 100` (no dict repr, no -0.0)."""
+    return ", ".join(f"{k} {short(float(v) + 0.0)}" for k, v in values.items())
+
+
+def hypervolume_sentence(hv: dict, basis: str = "calibration") -> str:
+    """What the hypervolume number means, in one sentence (CLI, pareto.html, description).
+    hv: review.hypervolume_over_original's info."""
+    box = f"the box from ({point(hv['ideal'])}) to ({point(hv['reference'])})"
+    if hv.get("original"):
+        return (
+            f"hypervolume {hv['normalised']:.4f} over doing nothing: the share of what the untouched original "
+            f"({point(hv['original'])}, {basis}) leaves to gain in {box} that the front gains "
+            f"(0: no better than doing nothing, 1: the ideal point; raw gain {hv['raw']:.4g})"
+        )
+    return f"hypervolume {hv['normalised']:.4f}: the share of {box} the front dominates (raw {hv['raw']:.4g})"
+
+
 # --- links ----------------------------------------------------------------------------------
 
 
@@ -246,10 +264,8 @@ def search_description(
         "",
         "**Objectives**: " + ", ".join(f"{k} ({ARROW[m]})" for k, m in objectives.items()),
         "",
-        f"**Hypervolume**: {hv['normalised']:.4f} (normalised: the share of the box from the ideal point "
-        f"({', '.join(f'{k} {short(v)}' for k, v in hv['ideal'].items())}) to the reference point "
-        f"({', '.join(f'{k} {short(v)}' for k, v in hv['reference'].items())}) that the front dominates; "
-        f"raw {hv['raw']:.4g})",
+        f"**Hypervolume**: {hv['normalised']:.4f} ({hypervolume_sentence(hv, hv.get('basis', 'calibration'))}). "
+        "Its history after each completed trial (calibration values) is the metric `hypervolume_history`.",
         "",
         f"**Pareto front**: {len(front)} of {n_trials} completed trials (each row links to its run):",
         "",

@@ -67,6 +67,7 @@ def trial_rows(client, parent, include_pruned: bool = False) -> list[dict]:
                 "trial_id": run.data.tags.get(TRIAL_ID, ""),
                 "trial_number": run.data.tags.get(describe.TRIAL_NUMBER),
                 "run_name": run.info.run_name or "",
+                "end_time": run.info.end_time or 0,
                 **{f"param.{k}": v for k, v in run.data.params.items()},
                 **run.data.metrics,
             }
@@ -240,18 +241,14 @@ def review_pareto(
     ranks, crowd = rank_front(values, modes)
     knee = pareto.pick_index(rows, objectives, "knee")
     mask = ranks == 0
-    ref = pareto.reference_point(names, modes, values)
-    ideal = pareto.ideal_point(names, modes, values)
-    front_min = pareto.to_minimisation(values[mask], modes)
-    hv_raw = pareto.hypervolume(front_min, ref)
-    hv = pareto.normalised_hypervolume(front_min, ref, ideal)
-    sign = np.array([1.0 if m == "min" else -1.0 for m in modes])  # back from the minimised space
-    hv_info = {
-        "normalised": hv,
-        "raw": hv_raw,
-        "reference": dict(zip(names, (ref * sign).tolist())),
-        "ideal": dict(zip(names, (ideal * sign).tolist())),
-    }
+    held = basis == HOLDOUT
+    baselines = ensure_baselines(client, parent)
+    base_doc = _parent_json(client, parent_run_id, "base_models.json") or {}
+    original = holdout_baselines(base_doc, names).get("original", {}) if held else baselines.get("original", {})
+    hv, hv_raw, hv_info = hypervolume_over_original(values[mask], names, modes, original, values)
+    hv_info["basis"] = basis
+    cal_original = baselines.get("original", {})
+    history = hypervolume_history(all_rows, names, modes, cal_original)
 
     ts = int(time.time() * 1000)
     from coun_tune.tracking.models import model_ids_by_run
@@ -283,7 +280,6 @@ def review_pareto(
             client.update_run(r["run_id"], name=named)
             r["run_name"] = named
         client.set_tag(r["run_id"], MIA_UNSTABLE, "true" if mia_unstable(r) else "false")
-    baselines = ensure_baselines(client, parent)
 
     prov = describe.provenance()
     for k, v in prov.items():
@@ -294,16 +290,22 @@ def review_pareto(
             Metric("hypervolume", hv, ts, 0),
             Metric("hypervolume_raw", hv_raw, ts, 0),
             Metric("pareto_size", float(mask.sum()), ts, 0),
+            # step k: after the k-th completed trial (by end time); the trial's end time as the
+            # timestamp, so a second review logs the same points (MLflow keeps them once)
+            *[Metric(HV_HISTORY, v, t, k) for k, (t, v) in enumerate(history, start=1)],
         ],
     )
-    client.set_tag(parent_run_id, "hypervolume_reference", json.dumps(hv_info["reference"]))
+    # what the hypervolume is measured from: the original (doing nothing), in the box below
+    client.set_tag(parent_run_id, "hypervolume_reference", json.dumps(hv_info["original"] or hv_info["reference"]))
+    client.set_tag(
+        parent_run_id, "hypervolume_box", json.dumps({"worst": hv_info["reference"], "ideal": hv_info["ideal"]})
+    )
 
     params = sorted({k for r in rows for k in r if k.startswith("param.") and k[6:] not in PARAM_SKIP})
     spec = _parent_json(client, parent_run_id, "spec.yaml")
     searched = searched_names(spec, params)
     shown = sorted(np.flatnonzero(mask), key=lambda i: values[i, 0])
     extra = [m for m in ("avg_gap", "test_acc") if m not in names]
-    held = basis == HOLDOUT
     headers = [
         "trial",
         *[f"{k} hold-out" if held else k for k in names],
@@ -327,7 +329,6 @@ def review_pareto(
         for i in shown
     ]
     name = (spec or {}).get("name") or client.get_experiment(parent.info.experiment_id).name
-    base_doc = _parent_json(client, parent_run_id, "base_models.json") or {}
     tracking_uri = client.tracking_uri
     describe_search = (
         lambda spec_shown: describe.search_description(  # noqa: E731
@@ -355,7 +356,6 @@ def review_pareto(
             prov=prov,
         )
     )
-    original = holdout_baselines(base_doc, names).get("original", {}) if held else baselines.get("original", {})
     warning = knee_warning(rows[knee], original)
     block = pick_lines(rows, shown, names, knee, basis, n_cal=len(json.loads(parent.data.tags.get(CAL_TAG, "[0]"))))
     block += [f"**Warning**: {warning}", ""] if warning else []
@@ -437,7 +437,7 @@ def review_pareto(
             noise=base_doc.get("oracle_noise") or {},
         )
         (Path(d) / "pareto.html").write_text(
-            pareto_page(svg, headers, front_rows, title, f"reference point {hv_info['reference']}")
+            pareto_page(svg, headers, front_rows, title, describe.hypervolume_sentence(hv_info, basis))
         )
         for f in ("trials.json", "trials.parquet", "pareto.png", "pareto.html"):
             client.log_artifact(parent_run_id, str(Path(d) / f))
@@ -445,7 +445,7 @@ def review_pareto(
     print(
         "\nPareto front ("
         + ", ".join(f"{k}: {v}" for k, v in objectives.items())
-        + f") on the {basis} values, hypervolume {hv:.4f} (normalised; raw {hv_raw:.2f}):",
+        + f") on the {basis} values; {describe.hypervolume_sentence(hv_info, basis)}:",
         file=out,
     )
     print(table(headers, front_rows), file=out)
@@ -480,6 +480,57 @@ def review_pareto(
 
 
 CAL_TAG = "coun_tune.calibration_seeds"
+HV_HISTORY = "hypervolume_history"
+
+
+def hypervolume_over_original(
+    front: np.ndarray, names: list[str], modes: list[str], original: dict, box_values: np.ndarray | None = None
+) -> tuple[float, float, dict]:
+    """(normalised, raw, info) hypervolume of a front (raw metric values, (n, m)) as the
+    improvement over the untouched original (pareto.normalised_hypervolume_gain: the region
+    the front dominates and doing nothing does not, as a share of what doing nothing leaves to
+    gain in the box from the ideal point to the percent scale's worst end; a metric with no
+    percent scale is bounded by `box_values`, default the front). Without the original's values
+    (an older search): the plain share of the box, `info["original"]` None."""
+    front = np.asarray(front, dtype=float).reshape(-1, len(names))
+    box = front if box_values is None else np.asarray(box_values, dtype=float).reshape(-1, len(names))
+    ref = pareto.reference_point(names, modes, box)
+    ideal = pareto.ideal_point(names, modes, box)
+    front_min = pareto.to_minimisation(front, modes)
+    sign = np.array([1.0 if m == "min" else -1.0 for m in modes])  # back from the minimised space
+    has_original = all(isinstance(original.get(k), (int, float)) for k in names)
+    if has_original:
+        base = pareto.to_minimisation(np.array([[original[k] for k in names]], dtype=float), modes)[0]
+        raw = pareto.hypervolume_gain(front_min, base, ref)
+        hv = pareto.normalised_hypervolume_gain(front_min, base, ref, ideal)
+    else:
+        raw = pareto.hypervolume(front_min, ref)
+        hv = pareto.normalised_hypervolume(front_min, ref, ideal)
+    info = {
+        "normalised": hv,
+        "raw": raw,
+        "original": {k: float(original[k]) for k in names} if has_original else None,
+        "reference": {k: float(v) + 0.0 for k, v in zip(names, (ref * sign).tolist())},
+        "ideal": {k: float(v) + 0.0 for k, v in zip(names, (ideal * sign).tolist())},
+    }
+    return hv, raw, info
+
+
+def hypervolume_history(
+    rows: list[dict], names: list[str], modes: list[str], original: dict
+) -> list[tuple[int, float]]:
+    """[(end time ms, normalised hypervolume over the original)] after each completed trial, in
+    order of completion: the front of the first k trials' (calibration) values, k = 1..n."""
+    done = sorted(rows, key=lambda r: (r.get("end_time") or 0, int(r.get("trial_number") or 0)))
+    every = np.array([[r[n] for n in names] for r in done], dtype=float)  # one box for every step
+    out = []
+    for k in range(1, len(done) + 1):
+        v = np.array([[r[n] for n in names] for r in done[:k]], dtype=float)
+        front = v[pareto.non_dominated_mask(v, modes)]
+        out.append(
+            (int(done[k - 1].get("end_time") or 0), hypervolume_over_original(front, names, modes, original, every)[0])
+        )
+    return out
 
 
 def knee_warning(knee_row: dict, original: dict) -> str | None:
