@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,8 +21,8 @@ from coun_tune.search.samplers import ORPHANED, TUNE_TRIAL_ID
 from tests._search_helpers import (
     OBJECTIVES,
     SEARCHED,
+    SPACE,
     child_env,
-    cli_command,
     free_port,
     run_cli,
     stop_session,
@@ -139,3 +138,166 @@ def test_study_journal_lives_where_the_driver_can_write(tmp_path, monkeypatch):
     monkeypatch.setenv("COUN_TUNE_CACHE", str(tmp_path / "cache"))
     server = SearchPlan(spec, "s3://bucket/runs/unit_1", "http://127.0.0.1:5000", "", "d", False)
     assert study_journal(server) == str(tmp_path / "cache" / "optuna" / OPTUNA_JOURNAL)
+
+
+# --- end to end: the real CLI, local Ray, MLflow on SQLite ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One finished tiny search (3 trials of one epoch); its stdout."""
+    root = tmp_path_factory.mktemp("optuna_storage")
+    write_spec(
+        root / "a.yaml",
+        "wsa",
+        cache_dir=root / "cache",
+        storage_path=root / "results",
+        tracking_uri=f"sqlite:///{root}/mlflow.db",
+        num_samples=3,
+    )
+    proc = run_cli(["search", "a.yaml"], cwd=root, env=child_env(COUN_TUNE_CACHE=str(root / "ray")))
+    return root, proc.stdout
+
+
+@pytest.mark.slow
+def test_the_journal_holds_exactly_the_searchs_trials(searched):
+    root, stdout = searched
+    exp = search_dir(root, "wsa")
+    journal = exp / OPTUNA_JOURNAL
+    assert_journal_equals_mlflow(journal, exp.name, root / "mlflow.db", "wsa")
+    line = next(x for x in stdout.splitlines() if x.startswith("optuna study "))
+    dashboard = Path(sys.executable).absolute().with_name("optuna-dashboard")
+    assert line == f"optuna study {exp.name}: {journal}; view it: {dashboard} {journal}", line
+
+
+@pytest.mark.slow
+def test_one_line_refusals_of_warm_start_write_nothing(searched, tmp_path):
+    """No such experiment, a search with no completed trial, a front outside this spec's
+    space (the parameter named), --resume with it: exit 2, one line, no search started."""
+    from mlflow.tracking import MlflowClient
+
+    root, _ = searched
+    db = root / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    if client.get_experiment_by_name("empty") is None:
+        empty = client.create_experiment("empty")
+        client.create_run(empty, tags={"coun_tune.role": "search"})
+    before = sorted(e.name for e in client.search_experiments())
+
+    def refused(name: str, warm: str, *args: str, **space) -> str:
+        spec = write_spec(
+            tmp_path / f"{name}.yaml",
+            name,
+            cache_dir=tmp_path / "cache",
+            storage_path=tmp_path / "results",
+            tracking_uri=f"sqlite:///{db}",
+            **({"space": space} if space else {}),
+        )
+        proc = run_cli(["search", str(spec), "--warm-start", warm, *args], cwd=tmp_path, expect_rc=2, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and not proc.stdout.strip(), (proc.stdout, proc.stderr)
+        return lines[0]
+
+    line = refused("c1", "nosuch")
+    assert "--warm-start nosuch: no MLflow experiment" in line, line
+    assert "no completed trial" in refused("c3", "empty")
+    narrow = {"temperature": {"log": [0.03, 0.3]}, "cl_weight": {"log": [0.1, 6.0]}, "lr": {"log": [0.2, 0.5]}}
+    line = refused("c4", "wsa", **{**narrow, "epochs": 1})
+    assert "lr=" in line and "outside this spec's space [0.2, 0.5]" in line, line
+    assert "--resume" in refused("c5", "wsa", "--resume")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
+    assert sorted(e.name for e in client.search_experiments()) == before
+
+
+@pytest.mark.slow
+def test_a_warm_started_search_runs_the_other_fronts_configs_first(searched, tmp_path):
+    from coun_tune.pareto import non_dominated_mask
+
+    root, _ = searched
+    db = root / "mlflow.db"
+    runs = sorted(mlflow_trials(db, "wsa"), key=lambda r: int(r.data.tags["coun_tune.trial_number"]))
+    values = [[r.data.metrics[k] for k in OBJECTIVES] for r in runs]
+    on_front = non_dominated_mask(values, list(OBJECTIVES.values()))
+    front = [{k: float(r.data.params[k]) for k in SEARCHED} for r, on in zip(runs, on_front) if on]
+    assert 1 <= len(front) < 3  # the warm start leaves the sampler a trial of its own
+
+    write_spec(
+        tmp_path / "b.yaml",
+        "wsb",
+        cache_dir=root / "cache",
+        storage_path=tmp_path / "results",
+        tracking_uri=f"sqlite:///{db}",
+        num_samples=3,
+    )
+    proc = run_cli(
+        ["search", "b.yaml", "--warm-start", "wsa"], cwd=tmp_path, env=child_env(COUN_TUNE_CACHE=str(tmp_path / "ray"))
+    )
+    assert f"warm start: {len(front)} Pareto configs of wsa" in proc.stdout
+    exp = search_dir(tmp_path, "wsb")
+    trials = assert_journal_equals_mlflow(exp / OPTUNA_JOURNAL, exp.name, db, "wsb")
+    assert [t.params for t in trials[: len(front)]] == front
+    assert all("fixed_params" in t.system_attrs for t in trials[: len(front)])  # enqueued, not sampled
+    assert "fixed_params" not in trials[-1].system_attrs
+
+
+@pytest.mark.slow
+def test_a_resumed_search_keeps_the_journal_equal_to_mlflow(tmp_path):
+    """Ctrl-C while the last trial runs (epoch 1 of 2), then --resume: one study, every trial
+    once, COMPLETE with the values MLflow holds; the resumed trial kept its Optuna trial."""
+    from coun_tune.search.progress import TEST_SIGINT_ENV
+
+    write_spec(
+        tmp_path / "r.yaml",
+        "wsr",
+        cache_dir=tmp_path / "cache",
+        storage_path=tmp_path / "results",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        num_samples=3,
+        max_concurrent_trials=1,
+        space={**{k: v for k, v in SPACE.items() if k != "epochs"}, "epochs": 2},
+    )
+    ray_cache = str(tmp_path / "ray")
+    run_cli(
+        ["search", "r.yaml"],
+        cwd=tmp_path,
+        env=child_env(COUN_TUNE_CACHE=ray_cache, **{TEST_SIGINT_ENV: "1"}),
+        expect_rc=130,
+    )
+    exp = search_dir(tmp_path, "wsr")
+    interrupted = load_journal(exp / OPTUNA_JOURNAL, exp.name).get_trials()
+    assert [t.state.name for t in interrupted] == ["COMPLETE", "COMPLETE", "RUNNING"]
+    run_cli(["search", "r.yaml", "--resume"], cwd=tmp_path, env=child_env(COUN_TUNE_CACHE=ray_cache))
+    trials = assert_journal_equals_mlflow(exp / OPTUNA_JOURNAL, exp.name, tmp_path / "mlflow.db", "wsr")
+    assert len(trials) == 3
+    assert [t.params for t in trials] == [t.params for t in interrupted]
+
+
+@pytest.mark.slow
+def test_optuna_dashboard_serves_the_study_from_the_journal(searched):
+    """optuna-dashboard (the optional extra), started on 127.0.0.1 on the printed journal,
+    lists the study with its trials within 30 s."""
+    exe = Path(sys.executable).absolute().with_name("optuna-dashboard")
+    if not exe.is_file():
+        pytest.skip("optuna-dashboard is not installed (pip install -e '.[dashboard]')")
+    root, _ = searched
+    exp = search_dir(root, "wsa")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(exe), "--host", "127.0.0.1", "--port", str(port), str(exp / OPTUNA_JOURNAL)],
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline, studies = time.time() + 30, None
+        while time.time() < deadline and studies is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    studies = json.loads(r.read())["study_summaries"]
+            except OSError:
+                time.sleep(0.5)
+        assert studies is not None, "optuna-dashboard did not answer within 30 s"
+        assert [(s["study_name"], len(s["directions"])) for s in studies] == [(exp.name, 2)]
+    finally:
+        stop_session(proc.pid, grace=5)
