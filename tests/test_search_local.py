@@ -116,7 +116,10 @@ def test_pareto_tags_match_brute_force(search):
     assert [c.data.tags["pareto"] == "true" for c in children] == expected
     parent = client.get_run(parents[0].info.run_id)
     assert parent.data.metrics["pareto_size"] == sum(expected)
-    assert parent.data.metrics["hypervolume"] > 0
+    assert 0 <= parent.data.metrics["hypervolume"] <= 1  # the front's gain over doing nothing, normalised
+    history = sorted(client.get_metric_history(parent.info.run_id, "hypervolume_history"), key=lambda h: h.step)
+    assert [h.step for h in history] == list(range(1, len(children) + 1))  # one point per completed trial
+    assert all(a.value <= b.value + 1e-12 for a, b in zip(history, history[1:]))  # a trial never loses volume
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "trials.parquet",
         "pareto.png",

@@ -250,6 +250,7 @@ def search_description(
     n_trials: int,
     spec: dict | None,
     prov: dict[str, str],
+    importances: dict[str, dict[str, float]] | None = None,
 ) -> str:
     """The parent run's (and the experiment's) Markdown description.
     hv: {normalised, raw, reference: {metric: value}, ideal: {metric: value}} in metric units.
@@ -283,6 +284,16 @@ def search_description(
         cell = f"[{label}]({run_fragment(experiment_id, b['run_id'])})" if b.get("run_id") else label
         rows.append([cell, *[b.get(k) for k in names], *[b.get(m) for m in extra], *[None] * len(param_names)])
     lines += [md_table(["run", *names, *extra, *param_names], rows), ""]
+    if importances:
+        objs = [k for k in names if k in importances]
+        order = sorted(param_names, key=lambda p: -importances[objs[0]].get(p, 0.0))
+        lines += [
+            "**Hyperparameter importance** per objective (Optuna's fANOVA over every completed trial's calibration "
+            "values; each column sums to 1; metrics `param_importance/<objective>/<param>`):",
+            "",
+            md_table(["hyperparameter", *objs], [[p, *[importances[k].get(p) for k in objs]] for p in order]),
+            "",
+        ]
     lines += [
         f"**Review**: [this search's runs]({runs_fragment(experiment_id, parent_run_id)}) "
         f"(sorted by `pareto_rank`; `is_pareto` = 1 on the front) · "

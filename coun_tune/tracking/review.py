@@ -281,6 +281,22 @@ def review_pareto(
             r["run_name"] = named
         client.set_tag(r["run_id"], MIA_UNSTABLE, "true" if mia_unstable(r) else "false")
 
+    from coun_tune.tracking.importance import IMPORTANCE_PREFIX, param_importances
+
+    params = sorted({k for r in rows for k in r if k.startswith("param.") and k[6:] not in PARAM_SKIP})
+    spec = _parent_json(client, parent_run_id, "spec.yaml")
+    searched = searched_names(spec, params)
+    # on every completed trial's calibration values: what the sampler searched on
+    importances = param_importances(all_rows, objectives, (spec or {}).get("space") or {}, searched)
+    client.log_batch(
+        parent_run_id,
+        metrics=[
+            Metric(f"{IMPORTANCE_PREFIX}/{k}/{p}", v, ts, 0) for k, per in importances.items() for p, v in per.items()
+        ],
+    )
+    if importances:
+        client.log_dict(parent_run_id, importances, "param_importances.json")
+
     prov = describe.provenance()
     for k, v in prov.items():
         client.set_tag(parent_run_id, k, v)
@@ -301,9 +317,6 @@ def review_pareto(
         parent_run_id, "hypervolume_box", json.dumps({"worst": hv_info["reference"], "ideal": hv_info["ideal"]})
     )
 
-    params = sorted({k for r in rows for k in r if k.startswith("param.") and k[6:] not in PARAM_SKIP})
-    spec = _parent_json(client, parent_run_id, "spec.yaml")
-    searched = searched_names(spec, params)
     shown = sorted(np.flatnonzero(mask), key=lambda i: values[i, 0])
     extra = [m for m in ("avg_gap", "test_acc") if m not in names]
     headers = [
@@ -352,6 +365,7 @@ def review_pareto(
             },
             param_names=searched,
             n_trials=len(rows),
+            importances=importances,
             spec=spec_shown,
             prov=prov,
         )
