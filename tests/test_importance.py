@@ -81,6 +81,6 @@ def test_importances_in_the_description(reviewed):
     note = client.get_run(parent).data.tags["mlflow.note.content"]
     assert "**Hyperparameter importance** per objective" in note
     m = client.get_run(parent).data.metrics
-    row = next(x for x in note.splitlines() if x.startswith("| lr |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
+    row = next(x for x in note.splitlines() if x.replace("\u00a0", "").startswith("|lr|"))
+    cells = [c.strip("\u00a0") for c in row.strip("|").split("|")]
     assert cells == ["lr", f"{m['param_importance/forget_gap/lr']:.3g}", f"{m['param_importance/retain_acc/lr']:.3g}"]

@@ -103,10 +103,10 @@ def view_state(parent_run_id: str, objectives: dict[str, str], searched: Sequenc
     objectives' scatter (points coloured by run colour: the front red) and a parallel
     coordinates chart of the searched hyperparameters against the objectives."""
     names = list(objectives)
-    metrics = [
-        *names,
-        *[m for m in ("is_pareto", "pareto_rank", "crowding_distance", "avg_gap", "test_acc") if m not in names],
-    ]
+    # objectives first (MLflow 3.17 lays metric columns out in its own key order, not this
+    # list's; a UI that honours the order gets them first); crowding_distance stays a metric
+    # but not a default column: it is a sampler's tie-breaker, not something to pick by
+    metrics = [*names, *[m for m in ("is_knee", "is_pareto", "pareto_rank", "avg_gap", "test_acc") if m not in names]]
     charts = []
     for i, (x, y) in enumerate(zip(names, names[1:] + names[:1]) if len(names) > 2 else [tuple(names)]):
         if len(names) < 2:
@@ -225,12 +225,36 @@ def _cell(v: Any) -> str:
     return "–" if v is None else short(v).replace("|", "\\|")
 
 
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += [
-        "| " + " | ".join(c if isinstance(c, str) and c.startswith("[") else _cell(c) for c in r) + " |" for r in rows
+PAD = "\u00a0\u00a0"  # no-break spaces: Markdown keeps them, so cells stay apart in the UI
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], padded: bool = False) -> str:
+    """A GitHub-style Markdown table. padded: MLflow's note renderer draws tables with no cell
+    padding or borders, so plain cells run together ("0.5199.81"): every cell is padded with
+    no-break spaces, and numeric columns are right-aligned (`---:`) so their digits line up
+    (the search's descriptions; unpadded: `| a | b |`, as registry descriptions are read)."""
+    cells = [[c if isinstance(c, str) and c.startswith("[") else _cell(c) for c in r] for r in rows]
+    if not padded:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
+    numeric = [
+        bool(cells) and all(_numeric(r[j]) or r[j] == "–" for r in cells) and any(_numeric(r[j]) for r in cells)
+        for j in range(len(headers))
     ]
+    lines = [
+        "|" + "|".join(f"{PAD}{h}{PAD}" for h in headers) + "|",
+        "|" + "|".join("---:" if n else ":---" for n in numeric) + "|",
+    ]
+    lines += ["|" + "|".join(f"{PAD}{c}{PAD}" for c in r) + "|" for r in cells]
     return "\n".join(lines)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text.split(" ")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def search_description(
@@ -283,7 +307,7 @@ def search_description(
     for label, b in baselines.items():
         cell = f"[{label}]({run_fragment(experiment_id, b['run_id'])})" if b.get("run_id") else label
         rows.append([cell, *[b.get(k) for k in names], *[b.get(m) for m in extra], *[None] * len(param_names)])
-    lines += [md_table(["run", *names, *extra, *param_names], rows), ""]
+    lines += [md_table(["run", *names, *extra, *param_names], rows, padded=True), ""]
     if importances:
         objs = [k for k in names if k in importances]
         order = sorted(param_names, key=lambda p: -importances[objs[0]].get(p, 0.0))
@@ -291,7 +315,9 @@ def search_description(
             "**Hyperparameter importance** per objective (Optuna's fANOVA over every completed trial's calibration "
             "values; each column sums to 1; metrics `param_importance/<objective>/<param>`):",
             "",
-            md_table(["hyperparameter", *objs], [[p, *[importances[k].get(p) for k in objs]] for p in order]),
+            md_table(
+                ["hyperparameter", *objs], [[p, *[importances[k].get(p) for k in objs]] for p in order], padded=True
+            ),
             "",
         ]
     lines += [
