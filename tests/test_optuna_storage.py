@@ -165,6 +165,16 @@ def test_the_journal_holds_exactly_the_searchs_trials(searched):
     exp = search_dir(root, "wsa")
     journal = exp / OPTUNA_JOURNAL
     assert_journal_equals_mlflow(journal, exp.name, root / "mlflow.db", "wsa")
+    study = load_journal(journal, exp.name)
+    assert study.metric_names == list(OBJECTIVES)  # optuna-dashboard names the axes
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp_id = client.get_experiment_by_name("wsa").experiment_id
+    (parent,) = client.search_runs([exp_id], filter_string="tags.`coun_tune.role` = 'search'")
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    assert study.user_attrs["mlflow_experiment_id"] == exp_id
+    assert study.user_attrs["mlflow_tracking_uri"] == f"sqlite:///{root}/mlflow.db"
     line = next(x for x in stdout.splitlines() if x.startswith("optuna study "))
     dashboard = Path(sys.executable).absolute().with_name("optuna-dashboard")
     assert line == f"optuna study {exp.name}: {journal}; view it: {dashboard} {journal}", line

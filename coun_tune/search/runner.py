@@ -117,10 +117,16 @@ def make_sampler(spec: SearchSpec):
     return optuna.samplers.RandomSampler(seed=spec.seed)
 
 
-def make_searcher(spec: SearchSpec, study_name: str | None = None, journal: str | None = None, warm_start=None):
+def make_searcher(
+    spec: SearchSpec,
+    study_name: str | None = None,
+    journal: str | None = None,
+    warm_start=None,
+    study_attrs: dict | None = None,
+):
     """The searcher; with `journal`, its study `study_name` lives in that JournalStorage file
-    (optuna-dashboard reads it), else in memory. `warm_start`: configs enqueued as the first
-    trials (search.warm_start)."""
+    (optuna-dashboard reads it; `study_attrs` become its user attrs), else in memory.
+    `warm_start`: configs enqueued as the first trials (search.warm_start)."""
     # tells trials the scheduler stopped to Optuna as PRUNED (Ray's OptunaSearch: COMPLETE)
     from coun_tune.search.samplers import PruningOptunaSearch
 
@@ -133,6 +139,7 @@ def make_searcher(spec: SearchSpec, study_name: str | None = None, journal: str 
         study_name=study_name,
         storage=open_journal(journal) if journal else None,
         points_to_evaluate=list(warm_start or []) or None,
+        study_attrs=study_attrs,
     )
 
 
@@ -162,6 +169,14 @@ def study_journal(plan: SearchPlan) -> str:
         return str(db.resolve().parent / OPTUNA_JOURNAL)
     root = os.environ.get("COUN_TUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "coun-tune")
     return os.path.join(os.path.abspath(root), "optuna", OPTUNA_JOURNAL)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """A SQLite URI by absolute path (the study is read from anywhere), others as they are."""
+    from coun_tune.tracking.mlflow_store import sqlite_path
+
+    db = sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None else uri
 
 
 def dashboard_command(journal: str) -> str:
@@ -414,7 +429,19 @@ def build_tuner(plan: SearchPlan, state: SearchState, data_ref, warm_start=None)
     return tune.Tuner(
         trainable,
         tune_config=tune_config(
-            spec, make_searcher(spec, plan.name, study_journal(plan), warm_start), make_scheduler(plan)
+            spec,
+            make_searcher(
+                spec,
+                plan.name,
+                study_journal(plan),
+                warm_start,
+                {
+                    "mlflow_tracking_uri": absolute_tracking_uri(plan.tracking_uri),
+                    "mlflow_experiment_id": state.experiment_id,
+                    "mlflow_parent_run_id": state.parent_run_id,
+                },
+            ),
+            make_scheduler(plan),
         ),
         run_config=tune.RunConfig(
             name=plan.name,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
@@ -58,6 +60,29 @@ class PruningOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
     # --- a persistent study (a JournalStorage file the driver writes) across --resume ---------
+
+    def __init__(self, *args, study_attrs: dict | None = None, **kwargs):
+        self._study_attrs = dict(study_attrs or {})  # before super(): it sets the study up
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode):
+        """The study as optuna-dashboard shows it: objectives by name (not "Objective 0"), and
+        where the search lives in MLflow as study user attrs. Optuna's "A new study created"
+        log line is left out: the search prints its own line with the journal's path."""
+        quiet = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            super()._setup_study(mode)
+        finally:
+            optuna.logging.set_verbosity(quiet)
+        if self._storage is None:
+            return
+        if isinstance(self._metric, list):
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.0
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names(list(self._metric))
+        for k, v in self._study_attrs.items():
+            self._ot_study.set_user_attr(k, v)
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
