@@ -63,3 +63,19 @@ def test_baseline_runs_span_the_search(tmp_path):
     for b in base:
         assert (b.info.start_time, b.info.end_time) == (p.start_time, p.end_time), b.info.run_name
         assert b.info.status == "FINISHED"
+
+
+def test_hold_out_front_counted_against_the_configs_re_run(tmp_path):
+    """Trials 1 and 2 were re-run on hold-out sets (both on the hold-out front: (1, 95), (2, 98)),
+    trial 3 was not: the description counts the front against the 2 configs, beside 3 trials."""
+    from coun_tune.tracking.review import review_pareto
+
+    trials = [
+        {"forget_gap": 1.0, "retain_acc": 95.0, "holdout_forget_gap_mean": 1.0, "holdout_retain_acc_mean": 95.0},
+        {"forget_gap": 2.0, "retain_acc": 98.0, "holdout_forget_gap_mean": 2.0, "holdout_retain_acc_mean": 98.0},
+        {"forget_gap": 3.0, "retain_acc": 90.0},
+    ]
+    uri, client, parent, runs = make_search(tmp_path, trials, name="held", with_models=False)
+    review_pareto(client, parent, out=io.StringIO())
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert "**Pareto front**: 2 of the 2 configs re-run on hold-out forget sets (3 completed trials)" in note

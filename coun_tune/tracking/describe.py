@@ -57,17 +57,17 @@ def point(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {short(float(v) + 0.0)}" for k, v in values.items())
 
 
-def hypervolume_sentence(hv: dict, basis: str = "calibration") -> str:
-    """What the hypervolume number means, in one sentence (CLI, pareto.html, description).
-    hv: review.hypervolume_over_original's info."""
-    box = f"the box from ({point(hv['ideal'])}) to ({point(hv['reference'])})"
+def hypervolume_sentence(hv: dict, basis: str = "calibration", box: bool = True) -> str:
+    """What the hypervolume number means (CLI, pareto.html, description), after the number.
+    hv: review.hypervolume_over_original's info; box: also name the box's corners."""
+    corners = f" in the box from ({point(hv['ideal'])}) to ({point(hv['reference'])})" if box else ""
     if hv.get("original"):
         return (
-            f"hypervolume {hv['normalised']:.4f} over doing nothing: the share of what the untouched original "
-            f"({point(hv['original'])}, {basis}) leaves to gain in {box} that the front gains "
-            f"(0: no better than doing nothing, 1: the ideal point; raw gain {hv['raw']:.4g})"
+            f"over doing nothing: the share of what the untouched original ({point(hv['original'])}, {basis}) "
+            f"leaves to gain{corners} that the front gains (0: no better than doing nothing, 1: the ideal point; "
+            f"raw gain {hv['raw']:.4g})"
         )
-    return f"hypervolume {hv['normalised']:.4f}: the share of {box} the front dominates (raw {hv['raw']:.4g})"
+    return f"the share of the box{corners} the front dominates (raw {hv['raw']:.4g})"
 
 
 # --- links ----------------------------------------------------------------------------------
@@ -275,6 +275,7 @@ def search_description(
     spec: dict | None,
     prov: dict[str, str],
     importances: dict[str, dict[str, float]] | None = None,
+    n_validated: int | None = None,
 ) -> str:
     """The parent run's (and the experiment's) Markdown description.
     hv: {normalised, raw, reference: {metric: value}, ideal: {metric: value}} in metric units.
@@ -289,10 +290,16 @@ def search_description(
         "",
         "**Objectives**: " + ", ".join(f"{k} ({ARROW[m]})" for k, m in objectives.items()),
         "",
-        f"**Hypervolume**: {hv['normalised']:.4f} ({hypervolume_sentence(hv, hv.get('basis', 'calibration'))}). "
+        f"**Hypervolume**: {hv['normalised']:.4f} {hypervolume_sentence(hv, hv.get('basis', 'calibration'))}. "
         "Its history after each completed trial (calibration values) is the metric `hypervolume_history`.",
         "",
-        f"**Pareto front**: {len(front)} of {n_trials} completed trials (each row links to its run):",
+        f"**Pareto front**: {len(front)} of "
+        + (
+            f"the {n_validated} configs re-run on hold-out forget sets ({n_trials} completed trials)"
+            if n_validated is not None
+            else f"{n_trials} completed trials"
+        )
+        + " (each row links to its run):",
         "",
     ]
     rows = [

@@ -371,8 +371,9 @@ def review_pareto(
                 for k, v in (holdout_baselines(base_doc, names) if held else baselines).items()
             },
             param_names=searched,
-            n_trials=len(rows),
+            n_trials=len(all_rows),
             importances=importances,
+            n_validated=len(rows) if held else None,
             spec=spec_shown,
             prov=prov,
         )
@@ -458,7 +459,9 @@ def review_pareto(
             noise=base_doc.get("oracle_noise") or {},
         )
         (Path(d) / "pareto.html").write_text(
-            pareto_page(svg, headers, front_rows, title, describe.hypervolume_sentence(hv_info, basis))
+            pareto_page(
+                svg, headers, front_rows, title, f"hypervolume {hv:.4f} {describe.hypervolume_sentence(hv_info, basis)}"
+            )
         )
         for f in ("trials.json", "trials.parquet", "pareto.png", "pareto.html"):
             client.log_artifact(parent_run_id, str(Path(d) / f))
@@ -466,7 +469,7 @@ def review_pareto(
     print(
         "\nPareto front ("
         + ", ".join(f"{k}: {v}" for k, v in objectives.items())
-        + f") on the {basis} values; {describe.hypervolume_sentence(hv_info, basis)}:",
+        + f") on the {basis} values; hypervolume {hv:.4f} {describe.hypervolume_sentence(hv_info, basis, box=False)}:",
         file=out,
     )
     print(table(headers, front_rows), file=out)
