@@ -41,20 +41,27 @@ def search_dir(root: Path, name: str) -> Path:
     return found
 
 
-def mlflow_trials(db: Path, name: str) -> list:
+def mlflow_trials(db: Path, name: str, parent: str | None = None) -> list:
+    """The trial runs of experiment `name` (of one search's parent run, if given)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id])
-    return [r for r in runs if r.data.tags.get("coun_tune.role") == "trial"]
+    return [
+        r
+        for r in runs
+        if r.data.tags.get("coun_tune.role") == "trial" and parent in (None, r.data.tags.get("mlflow.parentRunId"))
+    ]
 
 
-def assert_journal_equals_mlflow(journal: Path, study_name: str, db: Path, experiment: str) -> list:
+def assert_journal_equals_mlflow(
+    journal: Path, study_name: str, db: Path, experiment: str, parent: str | None = None
+) -> list:
     """The study holds exactly the search's trials: one COMPLETE Optuna trial per finished
     MLflow trial run, tied by the Tune id, with the same config and objective values."""
     study = load_journal(journal, study_name)
-    runs = mlflow_trials(db, experiment)
+    runs = mlflow_trials(db, experiment, parent)
     assert runs and all(r.info.status == "FINISHED" for r in runs)
     trials = study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["COMPLETE"] * len(runs), [t.state.name for t in trials]
@@ -138,6 +145,21 @@ def test_study_journal_lives_where_the_driver_can_write(tmp_path, monkeypatch):
     monkeypatch.setenv("COUN_TUNE_CACHE", str(tmp_path / "cache"))
     server = SearchPlan(spec, "s3://bucket/runs/unit_1", "http://127.0.0.1:5000", "", "d", False)
     assert study_journal(server) == str(tmp_path / "cache" / "optuna" / OPTUNA_JOURNAL)
+
+
+def test_the_dashboard_command_works_pasted_or_says_how_to_install(tmp_path, monkeypatch):
+    """The executable beside the interpreter by absolute path; without it, the pip line first."""
+    from coun_tune.search.runner import dashboard_command
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    assert dashboard_command("/x/optuna.journal") == (
+        f"{bin_dir}/python -m pip install optuna-dashboard && {bin_dir}/optuna-dashboard /x/optuna.journal"
+    )
+    (bin_dir / "optuna-dashboard").write_text("#!/bin/sh\n")
+    (bin_dir / "optuna-dashboard").chmod(0o755)
+    assert dashboard_command("/x/my study.journal") == f"{bin_dir}/optuna-dashboard '/x/my study.journal'"
 
 
 # --- end to end: the real CLI, local Ray, MLflow on SQLite ---------------------------------
@@ -311,3 +333,44 @@ def test_optuna_dashboard_serves_the_study_from_the_journal(searched):
         assert [(s["study_name"], len(s["directions"])) for s in studies] == [(exp.name, 2)]
     finally:
         stop_session(proc.pid, grace=5)
+
+
+@pytest.mark.slow
+def test_two_searches_started_at_once_keep_their_own_studies(tmp_path):
+    """The same spec started twice in the same second: two directories, two studies named
+    after them, each holding its own search's trials and nothing of the other's."""
+    import threading
+
+    write_spec(
+        tmp_path / "t.yaml",
+        "wst",
+        cache_dir=tmp_path / "cache",
+        storage_path=tmp_path / "results",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        num_samples=1,
+        max_concurrent_trials=1,
+    )
+    env = child_env(COUN_TUNE_CACHE=str(tmp_path / "ray"))
+    done = {}
+
+    def go(k):
+        try:
+            done[k] = run_cli(["search", "t.yaml"], cwd=tmp_path, env=env)
+        except BaseException as e:  # pytest.fail in a thread: hand it to the test
+            done[k] = e
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not [r for r in done.values() if isinstance(r, BaseException)], done
+    dirs = sorted((tmp_path / "results").iterdir())
+    assert len(dirs) == 2
+    tune_ids = []
+    for d in dirs:
+        parent = json.loads((d / "coun_tune_search.json").read_text())["parent_run_id"]
+        trials = assert_journal_equals_mlflow(d / OPTUNA_JOURNAL, d.name, tmp_path / "mlflow.db", "wst", parent)
+        assert len(trials) == 1
+        tune_ids.append(trials[0].user_attrs[TUNE_TRIAL_ID])
+    assert tune_ids[0] != tune_ids[1]
