@@ -56,12 +56,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
             if args.resume:
                 raise UsageError("--warm-start starts a new search; --resume continues one with its own trials")
-            warm_start, numbers = front_configs(spec, args.tracking_uri or spec.tracking_uri, args.warm_start)
-            print(
-                f"warm start: {len(warm_start)} Pareto configs of {args.warm_start} (its trials {', '.join(numbers)})"
-                " run first",
-                flush=True,
-            )
+            warm_start, line = front_configs(spec, args.tracking_uri or spec.tracking_uri, args.warm_start)
+            print(line, flush=True)
         outcome = run_search(
             spec,
             address=args.address,

@@ -264,7 +264,11 @@ def test_a_warm_started_search_runs_the_other_fronts_configs_first(searched, tmp
     proc = run_cli(
         ["search", "b.yaml", "--warm-start", "wsa"], cwd=tmp_path, env=child_env(COUN_TUNE_CACHE=str(tmp_path / "ray"))
     )
-    assert f"warm start: {len(front)} Pareto configs of wsa" in proc.stdout
+    numbers = [r.data.tags["coun_tune.trial_number"] for r, on in zip(runs, on_front) if on]
+    line = (
+        f"warm start: {len(front)} Pareto configs of wsa (its trials {', '.join(numbers)}; front on calibration values)"
+    )
+    assert line + " run first" in proc.stdout.splitlines(), proc.stdout[:2000]
     exp = search_dir(tmp_path, "wsb")
     trials = assert_journal_equals_mlflow(exp / OPTUNA_JOURNAL, exp.name, db, "wsb")
     assert [t.params for t in trials[: len(front)]] == front

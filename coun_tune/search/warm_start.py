@@ -36,9 +36,9 @@ def _value(name: str, raw: str, d: Domain, where: str):
     return v
 
 
-def front_configs(spec: SearchSpec, tracking_uri: str, experiment: str) -> tuple[list[dict], list[str]]:
+def front_configs(spec: SearchSpec, tracking_uri: str, experiment: str) -> tuple[list[dict], str]:
     """(configs of `experiment`'s latest search front, each over this spec's searched
-    parameters, in trial-number order and at most num_samples of them; their trial numbers)."""
+    parameters, in trial-number order and at most num_samples of them; the line to print)."""
     from coun_tune.pareto import non_dominated_mask
     from coun_tune.tracking.mlflow_store import check_tracking_uri, client_for, find_parent_run
     from coun_tune.tracking.review import objectives_of, pick_basis, trial_rows
@@ -50,7 +50,7 @@ def front_configs(spec: SearchSpec, tracking_uri: str, experiment: str) -> tuple
         raise UsageError(f"{flag}: no MLflow experiment of that name in {tracking_uri}")
     parent = find_parent_run(client, experiment)
     objectives = objectives_of(parent)
-    rows, _ = pick_basis(trial_rows(client, parent), list(objectives))
+    rows, basis = pick_basis(trial_rows(client, parent), list(objectives))
     if not rows:
         raise UsageError(f"{flag}: its latest search (run {parent.info.run_id}) has no completed trial")
     values = np.array([[r.get(k, np.nan) for k in objectives] for r in rows], dtype=float)
@@ -69,4 +69,9 @@ def front_configs(spec: SearchSpec, tracking_uri: str, experiment: str) -> tuple
         if point not in configs:
             configs.append(point)
             numbers.append(str(r.get("trial_number") or r["trial_id"]))
-    return configs[: spec.num_samples], numbers[: spec.num_samples]
+    n = min(len(configs), spec.num_samples)
+    line = (
+        f"warm start: {n} Pareto configs of {experiment} (its trials {', '.join(numbers[:n])}; front on {basis} values"
+    )
+    line += f", the first {n} of {len(configs)}: num_samples is {n})" if n < len(configs) else ")"
+    return configs[:n], line + " run first"
