@@ -67,6 +67,8 @@ def test_the_knee_run_is_named_so_and_loses_the_mark_when_the_knee_moves(search)
     review_pareto(client, parent, out=io.StringIO())
     review_pareto(client, parent, out=io.StringIO())  # idempotent: one marker, not two
     assert names(client, runs) == ["trial 1", "★ knee · trial 2", "trial 3"]
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert "[trial 2 ★ knee](#/experiments/" in note and "[trial 1](" in note and "[trial 3](" in note
     assert [client.get_run(r).data.metrics["is_knee"] for r in runs] == [0.0, 1.0, 0.0]
     assert client.get_run(runs[1]).info.status == "FINISHED"  # renaming leaves the status alone
 

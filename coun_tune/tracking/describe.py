@@ -304,7 +304,8 @@ def search_description(
     ]
     rows = [
         [
-            f"[trial {trial_label(r)}]({run_fragment(experiment_id, r['run_id'])})",
+            f"[trial {trial_label(r)}{' ★ knee' if r.get('is_knee') == 1.0 else ''}]"
+            f"({run_fragment(experiment_id, r['run_id'])})",
             *[r.get(k) for k in names],
             *[r.get(m) for m in extra],
             *[r.get(f"param.{p}") for p in param_names],
