@@ -79,3 +79,17 @@ def test_hold_out_front_counted_against_the_configs_re_run(tmp_path):
     review_pareto(client, parent, out=io.StringIO())
     note = client.get_run(parent).data.tags["mlflow.note.content"]
     assert "**Pareto front**: 2 of the 2 configs re-run on hold-out forget sets (3 completed trials)" in note
+
+
+def test_trials_table_objectives_first_crowding_distance_last(tmp_path):
+    import json
+
+    from coun_tune.tracking.review import review_pareto
+
+    uri, client, parent, runs = make_search(
+        tmp_path, [{"forget_gap": 1.0, "retain_acc": 95.0}, {"forget_gap": 2.0, "retain_acc": 98.0}], name="cols"
+    )
+    review_pareto(client, parent, out=io.StringIO())
+    cols = json.loads(open(client.download_artifacts(parent, "trials.json", str(tmp_path))).read())["columns"]
+    assert cols[:5] == ["trial", "forget_gap", "retain_acc", "is_knee", "is_pareto"]
+    assert cols[-2:] == ["crowding_distance", "run_id"]

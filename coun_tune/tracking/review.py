@@ -402,13 +402,12 @@ def review_pareto(
         json.dumps(describe.view_state(parent_run_id, objectives, searched)),
     )
 
-    table_cols = [
+    table_cols = [  # what a reviewer reads first: the trial, its objectives, its place on the front
         "trial",
-        "run_id",
+        *names,
+        "is_knee",
         "is_pareto",
         "pareto_rank",
-        "crowding_distance",
-        *names,
         *[
             m
             for m in (
@@ -424,6 +423,8 @@ def review_pareto(
             if m not in names
         ],
         *[p[6:] for p in params],
+        "crowding_distance",  # NSGA-II's tie-breaker within a rank: bookkeeping, last
+        "run_id",
     ]
     trials = pd.DataFrame(
         [
