@@ -147,6 +147,19 @@ def test_study_journal_lives_where_the_driver_can_write(tmp_path, monkeypatch):
     assert study_journal(server) == str(tmp_path / "cache" / "optuna" / OPTUNA_JOURNAL)
 
 
+def test_a_warm_started_search_does_not_replay_the_searches_it_was_started_from(tmp_path):
+    """The queued configs come first, then the sampler's own; with the spec's seed unchanged a
+    search warm-started from an earlier run of the same spec would draw that run's configs
+    again, the queued one among them (the sampler's seed is mixed with the queue)."""
+    spec = _spec(tmp_path)
+    earlier = make_searcher(spec)
+    configs = [earlier.suggest(f"e{k}") for k in range(3)]
+    warm = make_searcher(spec, warm_start=[configs[0]])
+    got = [warm.suggest(f"w{k}") for k in range(3)]
+    assert got[0] == configs[0]
+    assert not any(c in configs for c in got[1:]), (configs, got)
+
+
 def test_the_dashboard_command_works_pasted_or_says_how_to_install(tmp_path, monkeypatch):
     """The executable beside the interpreter by absolute path; without it, the pip line first."""
     from coun_tune.search.runner import dashboard_command
@@ -265,9 +278,8 @@ def test_a_warm_started_search_runs_the_other_fronts_configs_first(searched, tmp
         ["search", "b.yaml", "--warm-start", "wsa"], cwd=tmp_path, env=child_env(COUN_TUNE_CACHE=str(tmp_path / "ray"))
     )
     numbers = [r.data.tags["coun_tune.trial_number"] for r, on in zip(runs, on_front) if on]
-    line = (
-        f"warm start: {len(front)} Pareto configs of wsa (its trials {', '.join(numbers)}; front on calibration values)"
-    )
+    plural, trials = "s" if len(front) != 1 else "", ", ".join(numbers)
+    line = f"warm start: {len(front)} Pareto config{plural} of wsa (its trials {trials}; front on calibration values)"
     assert line + " run first" in proc.stdout.splitlines(), proc.stdout[:2000]
     exp = search_dir(tmp_path, "wsb")
     trials = assert_journal_equals_mlflow(exp / OPTUNA_JOURNAL, exp.name, db, "wsb")

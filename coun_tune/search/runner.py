@@ -13,11 +13,13 @@ Every step takes the plan and returns what the next needs; the result is an `Out
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,8 +98,11 @@ def optuna_space(space: dict[str, Domain]) -> dict:
     return out
 
 
-def make_sampler(spec: SearchSpec):
+def make_sampler(spec: SearchSpec, seed: int | None = None):
+    """`seed`: the sampler's seed if not the spec's (a warm-started search, see make_searcher)."""
     import optuna
+
+    seed = spec.seed if seed is None else seed
 
     # Every model-based sampler starts with random configs for about half the budget.
     half = max(2, spec.num_samples // 2)
@@ -106,15 +111,15 @@ def make_sampler(spec: SearchSpec):
         # small search see at least one generation of selection.
         from coun_tune.search.samplers import NoRepeatNSGAII
 
-        return NoRepeatNSGAII(population_size=min(50, half), seed=spec.seed)
+        return NoRepeatNSGAII(population_size=min(50, half), seed=seed)
     # TPE and GP draw their first n_startup_trials at random (Optuna's default: 10), so a search
     # of 10 trials or fewer never used the model (measured: at 8 trials, tpe and gp proposed
     # exactly random's configs); at most Optuna's 10.
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, n_startup_trials=min(10, half))
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, half))
     if spec.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=spec.seed, n_startup_trials=min(10, half))
-    return optuna.samplers.RandomSampler(seed=spec.seed)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(10, half))
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_searcher(
@@ -134,13 +139,23 @@ def make_searcher(
         space=optuna_space(spec.space),
         metric=list(spec.objectives),
         mode=list(spec.objectives.values()),
-        sampler=make_sampler(spec),
+        sampler=make_sampler(spec, warm_seed(spec.seed, warm_start)),
         seed=spec.seed,
         study_name=study_name,
         storage=open_journal(journal) if journal else None,
         points_to_evaluate=list(warm_start or []) or None,
         study_attrs=study_attrs,
     )
+
+
+def warm_seed(seed: int, warm_start) -> int | None:
+    """A warm-started search's sampler seed: the spec's seed mixed with the queued configs. With
+    the spec's own seed a search warm-started from an earlier run of the same spec replays that
+    run's random draws after the queue, and so re-runs the very configs it was given (seen: the
+    README's main job warm-started from itself ran its knee config twice)."""
+    if not warm_start:
+        return None
+    return (seed * 1_000_003 + zlib.crc32(json.dumps(warm_start, sort_keys=True).encode())) % 2**31
 
 
 OPTUNA_JOURNAL = "optuna.journal"

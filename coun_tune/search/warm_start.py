@@ -70,8 +70,7 @@ def front_configs(spec: SearchSpec, tracking_uri: str, experiment: str) -> tuple
             configs.append(point)
             numbers.append(str(r.get("trial_number") or r["trial_id"]))
     n = min(len(configs), spec.num_samples)
-    line = (
-        f"warm start: {n} Pareto configs of {experiment} (its trials {', '.join(numbers[:n])}; front on {basis} values"
-    )
+    plural, trials = "s" if n != 1 else "", ", ".join(numbers[:n])
+    line = f"warm start: {n} Pareto config{plural} of {experiment} (its trials {trials}; front on {basis} values"
     line += f", the first {n} of {len(configs)}: num_samples is {n})" if n < len(configs) else ")"
     return configs[:n], line + " run first"
