@@ -471,7 +471,11 @@ def _s3_search_checks(s3, base, local, node_env, endpoint, aws, tmp_path, name, 
         for n, dirs in local.items():
             for kind in ("cache", "cwd"):
                 left = [f for f in _local_files(dirs[kind]) if f != "spec.yaml"]
-                assert left == [], f"{n}'s local {kind} dir got files: {left}"
+                # the one driver-local file: the Optuna study's journal (with s3:// storage and an
+                # MLflow server it lives in the head's cache dir, as the search prints); models,
+                # splits and results go through the bucket only
+                expected = ["optuna/optuna.journal"] if (n, kind) == ("driver", "cache") else []
+                assert left == expected, f"{n}'s local {kind} dir got files: {left}"
         print(
             f"S3 search on 2 nodes (interrupted + resumed, incl. mlflow server and cluster start): {search_s:.0f} s; "
             f"trial -> node: {nodes}"
