@@ -12,10 +12,11 @@ hold-out values, and picks the knee of the hold-out means (re-derived here by ha
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
-from _search_helpers import SPACE, child_env, run_cli, write_spec
+from _search_helpers import SPACE, child_env, run_cli, stop_session, write_spec
 
 from coun_tune.search.holdout import TEST_SIGINT_ENV
 from coun_tune.search.progress import TEST_SIGINT_ENV as SIGINT_MID_TRIAL
@@ -76,11 +77,33 @@ def honest(tmp_path_factory):
         "records": json.loads((exp_dir / "holdout_records.json").read_text()),
         "exported": (exp_dir / "exported_knee.yaml").exists(),
     }
-    out["resumed"] = run_cli(["search", "spec.yaml", "--resume"], cwd=root, env=env, timeout=600)
+    # the resume command the search printed, pasted into a fresh shell: another directory, no
+    # venv on PATH (it names the executable, the spec and the search's directory itself)
+    printed = out["first"].stdout.split("continue it with:\n", 1)[1].splitlines()[0].strip()
+    out["printed_resume"] = printed
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    proc = subprocess.Popen(
+        ["bash", "-c", printed],
+        cwd=elsewhere,
+        env={**env, "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        stop_session(proc.pid, grace=10)
+    assert proc.returncode == 0, (printed, stdout[-3000:], stderr[-3000:])
+    out["resumed"] = subprocess.CompletedProcess(printed, 0, stdout, stderr)
     return out
 
 
 def test_ctrl_c_during_the_holdout_check_leaves_a_resumable_search(honest):
+    """...and the resume command it printed works pasted into a fresh shell (the fixture runs it
+    from another directory with no venv on PATH)."""
+    assert honest["printed_resume"].startswith("cd /") and "/coun-tune search /" in honest["printed_resume"]
     seen = honest["interrupted"]
     assert "hold-out run 2/" in honest["first"].stdout and "search interrupted" in honest["first"].stdout
     assert seen["state"]["status"] == "interrupted" and seen["parent_status"] == "KILLED"

@@ -509,7 +509,10 @@ def mark_interrupted(plan: SearchPlan, client, state: SearchState, out) -> None:
     from coun_tune.tracking.mlflow_store import coun_tune_command
 
     print(
-        f"\nsearch interrupted; continue it with:\n  {coun_tune_command('search', plan.spec_path, '--resume')}",
+        # from the directory the search ran in: a spec's relative storage_path / tracking_uri
+        # resolve against it, so the line works pasted into any shell
+        f"\nsearch interrupted; continue it with:\n  cd {shlex.quote(os.getcwd())} && "
+        f"{coun_tune_command('search', plan.spec_path, '--resume')}",
         file=out,
     )
 
