@@ -29,6 +29,8 @@ is validated here, before Ray starts: one line naming the problem, exit code 2, 
                                           # after the trials, and picks use their means
     oracle_seeds: 3                       # oracles per seed on the first calibration split: the
                                           # noise floor of every gap (1 = not measured)
+    max_failures: 3                       # retries of a failed trial (a lost spot node): it resumes
+                                          # from its last checkpoint; -1 = forever, 0 = none
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ KEYS = {
     "calibration",
     "holdout",
     "oracle_seeds",
+    "max_failures",
 }
 SCHEDULERS = {"mo_asha": {"grace_epochs": 1, "reduction_factor": 2}}  # type -> {key: lowest allowed}
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")
@@ -111,6 +114,7 @@ class SearchSpec:
     calibration_seeds: tuple[int, ...] = (0,)  # split seeds every trial is scored on (first: the scenario's)
     holdout_seeds: tuple[int, ...] = ()  # split seeds the front is validated on after the trials
     oracle_seeds: int = 1  # oracles (seeds) on the first calibration split; >= 2 measures the noise floor
+    max_failures: int = 3  # retries of a trial whose node died or that raised (Tune's FailureConfig; -1: forever)
     source: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -306,7 +310,13 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     ints = {}
-    int_keys = (("num_samples", 8, 1), ("max_concurrent_trials", 2, 1), ("seed", 0, 0), ("mia_every", 0, 0))
+    int_keys = (
+        ("num_samples", 8, 1),
+        ("max_concurrent_trials", 2, 1),
+        ("seed", 0, 0),
+        ("mia_every", 0, 0),
+        ("max_failures", 3, -1),  # -1: retry for ever (Tune's convention)
+    )
     for k, default, low in int_keys:
         v = doc.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < low:

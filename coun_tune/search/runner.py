@@ -463,7 +463,8 @@ def build_tuner(plan: SearchPlan, state: SearchState, data_ref, warm_start=None)
             storage_path=path.rsplit("/", 1)[0],
             storage_filesystem=fs,
             callbacks=[logger, progress],
-            failure_config=tune.FailureConfig(max_failures=1),
+            # a trial whose node was lost (a spot preemption) resumes from its last checkpoint
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0,  # our TrialProgress prints one line per trial event instead
             # resume and the MLflow model artifact need only the latest
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
