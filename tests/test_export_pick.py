@@ -62,7 +62,7 @@ def exported_trial(text: str, run_ids: list[str]) -> int:
 )
 def test_export_writes_and_registers_the_picked_trial(store, pick, trial, alias):
     from coun_tune.tracking.models import load_model_uri
-    from coun_tune.tracking.review import export_config, exported_model_uri
+    from coun_tune.tracking.export import export_config, exported_model_uri
 
     root, uri, client, parent, run_ids = store
     out = export_config(client, parent, pick, root / f"{alias}.yaml")
@@ -85,7 +85,7 @@ def test_export_writes_and_registers_the_picked_trial(store, pick, trial, alias)
 
 def test_exported_yaml_runs_through_the_unlearn_config_loader(store):
     from coun_tune.config.unlearn_config import build_unlearn_config, read_yaml
-    from coun_tune.tracking.review import export_config
+    from coun_tune.tracking.export import export_config
 
     root, uri, client, parent, run_ids = store
     out = export_config(client, parent, "knee", root / "knee_only.yaml", register=False)
@@ -95,7 +95,7 @@ def test_exported_yaml_runs_through_the_unlearn_config_loader(store):
 
 
 def test_exporting_twice_reuses_the_model_version(store):
-    from coun_tune.tracking.review import export_config, exported_model_uri
+    from coun_tune.tracking.export import export_config, exported_model_uri
 
     root, uri, client, parent, run_ids = store
     first = exported_model_uri(export_config(client, parent, "knee", root / "a.yaml"))
@@ -105,7 +105,7 @@ def test_exporting_twice_reuses_the_model_version(store):
 
 def test_a_constraint_no_front_point_meets_is_a_usage_error(store):
     from coun_tune.errors import UsageError
-    from coun_tune.tracking.review import export_config
+    from coun_tune.tracking.export import export_config
 
     root, uri, client, parent, run_ids = store
     with pytest.raises(UsageError, match="no Pareto trial satisfies"):
@@ -118,7 +118,7 @@ def test_model_uris_resolve_through_the_given_store_only(store, tmp_path, monkey
     creates ./mlflow.db); ours must use the store it is given, and say what is wrong in one line."""
     from coun_tune.errors import UsageError
     from coun_tune.tracking.models import MODEL_NAME, load_model_uri
-    from coun_tune.tracking.review import export_config
+    from coun_tune.tracking.export import export_config
 
     root, uri, client, parent, run_ids = store
     monkeypatch.chdir(tmp_path)
@@ -145,7 +145,7 @@ def test_export_prints_the_trial_its_objective_values_and_the_registered_model(s
     registry resolves; without registering, it says so."""
     import io
 
-    from coun_tune.tracking.review import export_config, exported_model_uri
+    from coun_tune.tracking.export import export_config, exported_model_uri
 
     root, uri, client, parent, run_ids = store
     said = io.StringIO()
