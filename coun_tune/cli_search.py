@@ -70,7 +70,8 @@ def dispatch(args: argparse.Namespace) -> int:
     from coun_tune.errors import UsageError
     from coun_tune.pareto import parse_pick
     from coun_tune.tracking.mlflow_store import check_tracking_uri, client_for, find_parent_run
-    from coun_tune.tracking.review import export_config, review_pareto
+    from coun_tune.tracking.export import export_config
+    from coun_tune.tracking.review import review_pareto
 
     check_tracking_uri_form(args.tracking_uri, "--tracking-uri")
     check_tracking_uri(args.tracking_uri, must_exist=True)

@@ -563,7 +563,8 @@ def conclude(
     plan: SearchPlan, client, state: SearchState, status: str, rows: dict, wall: float, out, data_ref=None, base=None
 ) -> Outcome:
     from coun_tune.search.progress import summary
-    from coun_tune.tracking.review import export_config, review_pareto
+    from coun_tune.tracking.export import export_config
+    from coun_tune.tracking.review import review_pareto
 
     spec, parent_id = plan.spec, state.parent_run_id
     print("\n" + summary(rows, list(spec.objectives), list(spec.space), spec.num_samples, wall), file=out)
