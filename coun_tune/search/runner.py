@@ -296,6 +296,10 @@ def run_search(
         with RaySession(address, log=lambda s: print(s, file=out, flush=True)) as session:
             import ray
 
+            from coun_tune.search.resources import check_cluster
+
+            # a request no node can hold would hang for ever: one line and exit 2 instead
+            check_cluster(plan.spec.resources_per_trial, plan.spec.max_concurrent_trials, out)
             data_ref = ray.put(plan.data)
             base = train_base_models(plan, data_ref, out)
             session.refresh_record()  # the workers and agents exist now
@@ -559,6 +563,17 @@ def run_holdout(plan: SearchPlan, client, state: SearchState, data_ref, base: di
     )
 
 
+def annotate_optuna_study(plan: SearchPlan, review: dict) -> None:
+    """The review's trial numbers, knee and hold-out means on the Optuna study (search.study_notes);
+    optuna-dashboard is a view, so a failure here is a warning, never the search's failure."""
+    from coun_tune.search.study_notes import annotate_study
+
+    try:
+        annotate_study(open_journal(study_journal(plan)), plan.name, review["all_rows"], list(plan.spec.objectives))
+    except Exception as e:  # noqa: BLE001
+        print(f"coun-tune: warning: the Optuna study was not annotated ({type(e).__name__}: {e})", file=sys.stderr)
+
+
 def conclude(
     plan: SearchPlan, client, state: SearchState, status: str, rows: dict, wall: float, out, data_ref=None, base=None
 ) -> Outcome:
@@ -603,6 +618,7 @@ def conclude(
     client.set_tag(parent_id, "status", "completed")
     client.log_metric(parent_id, "search_wall_seconds", wall)
     outcome.review = review_pareto(client, parent_id, spec.objectives, out=out)
+    annotate_optuna_study(plan, outcome.review)
     export_uri = storage.join(plan.exp_uri, EXPORT_NAME)
     with tempfile.TemporaryDirectory() as d:
         export_config(client, parent_id, "knee", Path(d) / EXPORT_NAME, stream=out)
