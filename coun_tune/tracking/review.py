@@ -552,6 +552,7 @@ def review_pareto(
     print_review_link(client.tracking_uri, f.parent.info.experiment_id, parent_run_id, out)
     return {
         "rows": f.rows,
+        "all_rows": f.all_rows,
         "basis": f.basis,
         "knee": f.knee,
         "mask": f.mask.tolist(),
