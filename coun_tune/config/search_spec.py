@@ -31,6 +31,9 @@ is validated here, before Ray starts: one line naming the problem, exit code 2, 
                                           # noise floor of every gap (1 = not measured)
     max_failures: 3                       # retries of a failed trial (a lost spot node): it resumes
                                           # from its last checkpoint; -1 = forever, 0 = none
+    checkpoint_every: 1                   # a trial's checkpoint every N epochs (and always at its
+                                          # last epoch and at mo_asha's rungs); a resumed or
+                                          # retried trial re-runs at most N-1 epochs
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ KEYS = {
     "holdout",
     "oracle_seeds",
     "max_failures",
+    "checkpoint_every",
 }
 SCHEDULERS = {"mo_asha": {"grace_epochs": 1, "reduction_factor": 2}}  # type -> {key: lowest allowed}
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")
@@ -115,6 +119,7 @@ class SearchSpec:
     holdout_seeds: tuple[int, ...] = ()  # split seeds the front is validated on after the trials
     oracle_seeds: int = 1  # oracles (seeds) on the first calibration split; >= 2 measures the noise floor
     max_failures: int = 3  # retries of a trial whose node died or that raised (Tune's FailureConfig; -1: forever)
+    checkpoint_every: int = 1  # epochs between a trial's checkpoints (also at its last epoch and the rungs)
     source: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -316,6 +321,7 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
         ("seed", 0, 0),
         ("mia_every", 0, 0),
         ("max_failures", 3, -1),  # -1: retry for ever (Tune's convention)
+        ("checkpoint_every", 1, 1),
     )
     for k, default, low in int_keys:
         v = doc.get(k, default)
