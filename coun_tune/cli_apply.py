@@ -224,18 +224,12 @@ def _model_uri_arg(model: str) -> bool:
     return model.startswith(("models:/", "runs:/"))
 
 
-def build_plan(args: argparse.Namespace) -> Plan:
-    import numpy as np
-    import torch
-
+def check_request_flags(args: argparse.Namespace) -> tuple[Any, dict, dict, Path, str | None, str | None]:
+    """The checks that need no data or model: (config, data declaration of the config,
+    provenance, output dir, tracking URI, registered model name)."""
     from coun_tune.cli_checks import check_device, check_output_dir
     from coun_tune.config.unlearn_config import build_unlearn_config
-    from coun_tune.core.batching import Augmenter
     from coun_tune.core.engine import resolve_hparams
-    from coun_tune.core.pipeline import pick_device
-    from coun_tune.core.splits import ForgetSpec, compute_forget_indices
-    from coun_tune.core.user_data import DataDeclaration, load_user_data
-    from coun_tune.core.user_model import build_user_model, check_model, load_state_dict_file, load_weights
 
     check_alias(args.alias)
     doc, data_cfg, prov = _split_config(args.config)
@@ -261,6 +255,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise UsageError("--register needs --tracking-uri (the registry lives in an MLflow store)")
     if args.register is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", args.register):
         raise UsageError(f"--register {args.register!r}: use letters, digits, '_', '-', '.' (no '/', '@', ':')")
+    return cfg, data_cfg, prov, out, tracking_uri, register
+
+
+def data_declaration(args: argparse.Namespace, data_cfg: dict):
+    """How the user's data is read (core.user_data.DataDeclaration): each flag over the
+    exported config's `data:` entry, checked."""
+    from coun_tune.core.user_data import DataDeclaration
 
     decl = DataDeclaration(
         crop_padding=args.crop_padding if args.crop_padding is not None else data_cfg.get("crop_padding"),
@@ -278,12 +279,20 @@ def build_plan(args: argparse.Namespace) -> Plan:
     k = decl.num_classes
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
         raise UsageError(f"the number of classes must be an integer >= 2, got {k!r}")
-    data = load_user_data(args.data, decl, cfg.scenario.dataset)
-    arrays = data.arrays
-    forget_idx, _ = compute_forget_indices(arrays, ForgetSpec("ids", path=args.forget[4:]), seed=0)
+    return decl
 
-    # the model: its weights, then the architecture (flag, else what the model records, else the config)
+
+def load_request_model(args: argparse.Namespace, cfg, arrays, tracking_uri: str | None, prov: dict):
+    """(model with its weights, on CPU; arch; the registered model it came from or None). The
+    architecture: the flag, else what the model records, else the config. Records the input
+    model's registry identity in `prov`."""
+    import torch
+
+    from coun_tune.core.batching import Augmenter
+    from coun_tune.core.user_model import build_user_model, check_model, load_state_dict_file, load_weights
+
     model_cfg: dict = {}
+    source_name = None
     if _model_uri_arg(args.model):
         from coun_tune.tracking.mlflow_store import client_for
         from coun_tune.tracking.models import load_model_uri, model_uri_details
@@ -299,15 +308,47 @@ def build_plan(args: argparse.Namespace) -> Plan:
                     "input_model_run_id": src["run_id"],
                 }
             )
-            register = register or src["name"]  # a new version of the model it came from
+            source_name = src["name"]
     else:
         state_dict = load_state_dict_file(args.model)
     arch = args.arch or model_cfg.get("arch") or (model_cfg.get("scenario") or {}).get("arch") or cfg.scenario.arch_name
-    device = pick_device(args.device)
     model = build_user_model(arch, arrays.image_shape[0], arrays.num_classes)
     load_weights(model, state_dict, arch)
     one = Augmenter(arrays.augment, "cpu").normalize(torch.from_numpy(arrays.train_x[:1]))
     check_model(model, one, arrays.num_classes, arch)
+    return model, arch, source_name
+
+
+def attach_search_records(plan: Plan) -> None:
+    """What the search measured for this config (calibration) and on unseen forget sets
+    (transfer / hold-out), from the tracking store or else from the exported header."""
+    prov = plan.provenance
+    if plan.tracking_uri is not None:
+        from coun_tune.tracking.apply_run import search_records
+
+        plan.calibration, plan.transfer = search_records(plan.tracking_uri, prov)
+    if not plan.calibration and isinstance(prov.get("trial_metrics"), dict):  # the trial's run is in another store
+        plan.calibration = dict(prov["trial_metrics"])
+    for k, v in (prov.get("transfer") or {}).items() if isinstance(prov.get("transfer"), dict) else ():
+        plan.transfer.setdefault(k, v)
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    """Check everything `apply` needs, in the order a user fixes it (flags, data, request,
+    model, batch), before anything is written."""
+    import numpy as np
+
+    from coun_tune.core.pipeline import pick_device
+    from coun_tune.core.splits import ForgetSpec, compute_forget_indices
+    from coun_tune.core.user_data import load_user_data
+
+    cfg, data_cfg, prov, out, tracking_uri, register = check_request_flags(args)
+    data = load_user_data(args.data, data_declaration(args, data_cfg), cfg.scenario.dataset)
+    arrays = data.arrays
+    forget_idx, _ = compute_forget_indices(arrays, ForgetSpec("ids", path=args.forget[4:]), seed=0)
+    model, arch, source_name = load_request_model(args, cfg, arrays, tracking_uri, prov)
+    register = register or source_name  # a new version of the model it came from
+    device = pick_device(args.device)
 
     batch_size = args.batch_size or cfg.batch_size or cfg.scenario.defaults.batch_size
     if batch_size < 2:
@@ -335,14 +376,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         register=register,
         alias=args.alias,
     )
-    if tracking_uri is not None:
-        from coun_tune.tracking.apply_run import search_records
-
-        plan.calibration, plan.transfer = search_records(tracking_uri, prov)
-    if not plan.calibration and isinstance(prov.get("trial_metrics"), dict):  # the trial's run is in another store
-        plan.calibration = dict(prov["trial_metrics"])
-    for k, v in (prov.get("transfer") or {}).items() if isinstance(prov.get("transfer"), dict) else ():
-        plan.transfer.setdefault(k, v)
+    attach_search_records(plan)
     return plan
 
 
@@ -356,20 +390,16 @@ def _floats_cfg(v, where: str) -> tuple[float, ...] | None:
     raise UsageError(f"config {where} must be a number or a list of numbers, got {v!r}")
 
 
-def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    """Unlearn, measure, write the outputs, log and register. Returns the result document."""
+def request_split(plan: Plan):
+    """The request as a core Split: forget = the request's ids, retain = every other training
+    sample, test = the whole test set."""
     import numpy as np
-    import torch
-    import yaml
 
-    from coun_tune.core.engine import ScenarioData, evaluate_scenario, run_unlearning
     from coun_tune.core.splits import Split
-    from coun_tune.core.user_model import user_module
-    from coun_tune.report import table
 
     arrays = plan.data.arrays
     retain_idx = np.setdiff1d(np.arange(len(arrays.train_y), dtype=np.int64), plan.forget_idx)
-    split = Split(
+    return Split(
         "user",
         f"ids:{plan.request_path}",
         0,
@@ -378,18 +408,12 @@ def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
         np.arange(len(arrays.test_y), dtype=np.int64),
         plan.request_sha256,
     )
-    scen = ScenarioData.build(arrays, split, plan.device)
-    before = evaluate_scenario(plan.model, scen)
-    original = copy.deepcopy(plan.model)
-    model = plan.model.train().requires_grad_(True)
-    log(
-        f"unlearning {len(plan.forget_idx)} of {len(arrays.train_y)} training samples with {plan.cfg.method} "
-        f"{json.dumps(plan.cfg.hparams)}"
-    )
-    after = run_unlearning(
-        model, original, scen, plan.cfg.method, plan.cfg.hparams, plan.batch_size, plan.seed, oracle_metrics=None
-    )
-    policy = arrays.augment
+
+
+def applied_config(plan: Plan) -> dict:
+    """The config as applied (config.yaml beside the model): the unlearn config with the data
+    declaration and the architecture actually used."""
+    policy = plan.data.arrays.augment
     applied = {
         **plan.cfg.to_dict(),
         "data": {
@@ -397,16 +421,23 @@ def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
             "flip": policy.flip,
             "mean": list(policy.mean),
             "std": list(policy.std),
-            "num_classes": arrays.num_classes,
+            "num_classes": plan.data.arrays.num_classes,
         },
     }
     applied["scenario"] = {**applied["scenario"], "arch": plan.arch}
-    result = {
+    return applied
+
+
+def result_document(plan: Plan, split, applied: dict, before: dict, after: dict) -> dict:
+    """metrics.json: the request, the data, the model, the config and the metrics before and
+    after, beside what the search measured for this config."""
+    arrays = plan.data.arrays
+    return {
         "request": {
             "path": plan.request_path,
             "sha256": plan.request_sha256,
             "num_forget": int(len(plan.forget_idx)),
-            "num_retain": int(len(retain_idx)),
+            "num_retain": int(len(split.retain_idx)),
             "num_test": int(len(arrays.test_y)),
         },
         "data": {
@@ -423,6 +454,16 @@ def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
         "calibration": plan.calibration,
         "transfer": plan.transfer,
     }
+
+
+def write_outputs(plan: Plan, model, applied: dict, result: dict) -> None:
+    """model.pt (the user's own class and keys), config.yaml and metrics.json; then the MLflow
+    run and registration, whose identity is added to metrics.json."""
+    import torch
+    import yaml
+
+    from coun_tune.core.user_model import user_module
+
     plan.out.mkdir(parents=True, exist_ok=True)
     exported = user_module(model)  # the user's own class and keys (a split-off Linear put back)
     torch.save({k: v.detach().cpu() for k, v in exported.state_dict().items()}, plan.out / "model.pt")
@@ -434,7 +475,13 @@ def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
         result["mlflow"] = log_apply_run(plan, exported, result)
         (plan.out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
 
-    cols = {"before": before, "after": after}
+
+def print_apply_report(plan: Plan, result: dict) -> None:
+    """The metrics before and after (and the search trial's), what the search measured against
+    an oracle, and where the outputs went."""
+    from coun_tune.report import table
+
+    cols = {"before": result["before"], "after": result["after"]}
     if plan.calibration:
         cols["search trial"] = plan.calibration
     rows = [[m, *[c.get(m) for c in cols.values()]] for m in REPORTED]
@@ -456,6 +503,28 @@ def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
             f"MLflow run {result['mlflow']['run_id']}"
             + (f", registered {result['mlflow']['registered_uri']}" if result["mlflow"].get("registered_uri") else "")
         )
+
+
+def execute(plan: Plan, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Unlearn, measure, write the outputs, log and register. Returns the result document."""
+    from coun_tune.core.engine import ScenarioData, evaluate_scenario, run_unlearning
+
+    split = request_split(plan)
+    scen = ScenarioData.build(plan.data.arrays, split, plan.device)
+    before = evaluate_scenario(plan.model, scen)
+    original = copy.deepcopy(plan.model)
+    model = plan.model.train().requires_grad_(True)
+    log(
+        f"unlearning {len(plan.forget_idx)} of {len(plan.data.arrays.train_y)} training samples with "
+        f"{plan.cfg.method} {json.dumps(plan.cfg.hparams)}"
+    )
+    after = run_unlearning(
+        model, original, scen, plan.cfg.method, plan.cfg.hparams, plan.batch_size, plan.seed, oracle_metrics=None
+    )
+    applied = applied_config(plan)
+    result = result_document(plan, split, applied, before, after)
+    write_outputs(plan, model, applied, result)
+    print_apply_report(plan, result)
     return result
 
 

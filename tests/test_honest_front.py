@@ -223,3 +223,16 @@ def test_front_trials_hold_their_holdout_means_and_the_export_picks_on_them(hone
     assert "hold-out" in honest["resumed"].stdout.split("Pareto front")[1].splitlines()[0]
     tables = json.loads(client.get_run(parent.info.run_id).data.tags["mlflow.loggedArtifacts"])
     assert {"path": "holdout.json", "type": "table"} in tables
+    # optuna-dashboard shows the same validation: the study's note of each validated trial
+    # carries the hold-out mean MLflow holds (matched by run id), and names the same knee
+    import optuna
+
+    from coun_tune.search.runner import OPTUNA_JOURNAL, open_journal
+
+    study = optuna.load_study(
+        study_name=honest["exp_dir"].name, storage=open_journal(str(honest["exp_dir"] / OPTUNA_JOURNAL))
+    )
+    notes = {v["run_id"]: v for v in study.user_attrs["coun_tune_trials"].values()}
+    for t, gap, _ in validated:
+        assert notes[t.info.run_id]["holdout_forget_gap_mean"] == pytest.approx(gap, abs=1e-9)
+    assert [r for r, v in notes.items() if v["is_knee"]] == [knee.info.run_id]

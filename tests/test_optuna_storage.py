@@ -30,6 +30,40 @@ from tests._search_helpers import (
 )
 
 
+def test_trial_notes_map_optuna_numbers_to_coun_tune_trials_and_hold_out_means():
+    """Optuna's ask order and coun-tune's start order differ here (Tune ids b, a): the note of
+    Optuna trial 0 must name trial 2 (run r2), by the Tune id, with its hold-out mean."""
+    from coun_tune.search.study_notes import trial_notes
+
+    rows = [
+        {"trial_id": "a", "trial_number": "1", "run_id": "r1", "is_knee": 0.0, "is_pareto": 1.0},
+        {
+            "trial_id": "b",
+            "trial_number": "2",
+            "run_id": "r2",
+            "is_knee": 1.0,
+            "is_pareto": 1.0,
+            "holdout_forget_gap_mean": 0.5,
+            "holdout_forget_gap_std": 0.25,
+            "holdout_retain_acc_mean": 99.0,
+        },
+        {"trial_id": "c", "trial_number": "3", "run_id": "r3"},  # never asked of Optuna: left out
+    ]
+    notes = trial_notes({"b": 0, "a": 1}, rows, ["forget_gap", "retain_acc"])
+    assert notes == {
+        "0": {
+            "trial": "2",
+            "run_id": "r2",
+            "is_knee": True,
+            "is_pareto": True,
+            "holdout_forget_gap_mean": 0.5,
+            "holdout_forget_gap_std": 0.25,
+            "holdout_retain_acc_mean": 99.0,
+        },
+        "1": {"trial": "1", "run_id": "r1", "is_knee": False, "is_pareto": True},
+    }
+
+
 def load_journal(path: Path, name: str):
     import optuna
 
@@ -213,6 +247,21 @@ def test_the_journal_holds_exactly_the_searchs_trials(searched):
     line = next(x for x in stdout.splitlines() if x.startswith("optuna study "))
     dashboard = Path(sys.executable).absolute().with_name("optuna-dashboard")
     assert line == f"optuna study {exp.name}: {journal}; view it: {dashboard} {journal}", line
+    # one trial identity: the study names each Optuna trial's coun-tune number and MLflow run,
+    # derived here independently through the Tune id both sides record
+    by_tune_id = {r.data.tags["coun_tune.trial_id"]: r for r in mlflow_trials(root / "mlflow.db", "wsa")}
+    expected = {
+        str(t.number): (
+            by_tune_id[t.user_attrs[TUNE_TRIAL_ID]].data.tags["coun_tune.trial_number"],
+            by_tune_id[t.user_attrs[TUNE_TRIAL_ID]].info.run_id,
+            by_tune_id[t.user_attrs[TUNE_TRIAL_ID]].data.metrics["is_knee"] == 1.0,
+        )
+        for t in study.trials
+        if t.state.name == "COMPLETE"
+    }
+    notes = study.user_attrs["coun_tune_trials"]
+    assert {k: (v["trial"], v["run_id"], v["is_knee"]) for k, v in notes.items()} == expected
+    assert sum(v["is_knee"] for v in notes.values()) == 1
 
 
 @pytest.mark.slow
