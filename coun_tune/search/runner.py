@@ -44,6 +44,8 @@ class RunInfo:
     mia_every: int
     cpus: float
     mia_epochs: list[int]  # early-stopping rungs where an objective needs the MIA (else [])
+    rung_epochs: list[int]  # the scheduler's rungs (else []): a trial checkpoints there
+    checkpoint_every: int  # and every this many epochs, and at its last (trainable.checkpoint_epoch)
     calibration_seeds: list[int]  # split seeds every trial is scored on (the first: the scenario's)
     objectives: list[str]  # reported per split and with their std over the splits
 
@@ -60,6 +62,8 @@ class RunInfo:
             mia_every=s.mia_every,
             cpus=s.resources_per_trial["cpu"],
             mia_epochs=mia_rung_epochs(s),
+            rung_epochs=scheduler_rung_epochs(s),
+            checkpoint_every=s.checkpoint_every,
             calibration_seeds=list(s.calibration_seeds),
             objectives=list(s.objectives),
         )
@@ -222,10 +226,15 @@ MIA_OBJECTIVES = ("mia_efficacy", "mia_loss_attack_acc", "mia_gap", "avg_gap")
 
 
 def mia_rung_epochs(spec: SearchSpec) -> list[int]:
-    """The rung epochs (up to the largest epochs the space allows) when the scheduler is on and
-    an objective needs the SVC MIA, which is otherwise computed at the last epoch only."""
+    """The rung epochs when an objective needs the SVC MIA, which is otherwise computed at the
+    last epoch only."""
+    return scheduler_rung_epochs(spec) if any(m in MIA_OBJECTIVES for m in spec.objectives) else []
+
+
+def scheduler_rung_epochs(spec: SearchSpec) -> list[int]:
+    """The scheduler's rung epochs, up to the largest epochs the space allows ([] without one)."""
     cfg = getattr(spec, "scheduler", None)
-    if not cfg or not any(m in MIA_OBJECTIVES for m in spec.objectives):
+    if not cfg:
         return []
     from coun_tune.core.engine import resolve_hparams
     from coun_tune.search.scheduler import rung_epochs
@@ -288,6 +297,12 @@ def run_search(
     # num_to_keep=1 forces a (cheap, small) experiment snapshot per checkpoint; Tune warns about
     # every one of them on short trials, which buries the progress view.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's default loggers stage every trial's files on the driver, and every snapshot then
+    # re-uploads all of them (S3 traffic per epoch growing with the trials): TrialFiles writes
+    # result.json / params.json of the one trial that reported instead.
+    from coun_tune.search.trial_files import DISABLE_TUNE_LOGGERS
+
+    os.environ[DISABLE_TUNE_LOGGERS] = "1"
     # Tune's classic output engine at verbose=0 prints nothing; the new one still prints a
     # config box and paths into the (removed) Ray temp dir. TrialProgress is the view.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -421,7 +436,12 @@ def _tune_storage(exp_uri: str):
     """(storage_filesystem or None, the experiment's path inside it). Local paths go to Tune
     as plain paths (as they always did); s3:// through pyarrow's S3 filesystem."""
     fs, path = storage.filesystem(exp_uri)
-    return (fs if storage.is_remote(exp_uri) else None), path
+    if not storage.is_remote(exp_uri):
+        return None, path
+    # Tune's files are small (results, experiment state, most checkpoint files): with delayed
+    # open pyarrow sends one PUT for a file under its part size, not a 3-request multipart upload
+    rebuild, (options,) = fs.__reduce__()
+    return rebuild({**options, "allow_delayed_open": True}), path
 
 
 def build_tuner(plan: SearchPlan, state: SearchState, data_ref, warm_start=None):
@@ -430,6 +450,7 @@ def build_tuner(plan: SearchPlan, state: SearchState, data_ref, warm_start=None)
     from coun_tune.core.engine import resolve_hparams
     from coun_tune.search.progress import TrialProgress
     from coun_tune.search.trainable import unlearn_trial
+    from coun_tune.search.trial_files import TrialFiles
     from coun_tune.tracking.trial_logger import MLflowTrialLogger
 
     spec, res = plan.spec, plan.spec.resources_per_trial
@@ -466,7 +487,7 @@ def build_tuner(plan: SearchPlan, state: SearchState, data_ref, warm_start=None)
             name=plan.name,
             storage_path=path.rsplit("/", 1)[0],
             storage_filesystem=fs,
-            callbacks=[logger, progress],
+            callbacks=[logger, progress, TrialFiles()],
             # a trial whose node was lost (a spot preemption) resumes from its last checkpoint
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0,  # our TrialProgress prints one line per trial event instead

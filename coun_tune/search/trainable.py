@@ -2,8 +2,16 @@
 
 The dataset arrives once through the object store (`tune.with_parameters`); the original and
 the oracle come from the base-model cache (the driver made sure they exist before the tuner
-started). Every epoch the trial reports its metrics with a checkpoint (model, optimiser,
-scheduler, method and RNG state); a retried or restored trial resumes from it exactly.
+started). Every epoch the trial reports its metrics; at its checkpoint epochs (every
+`checkpoint_every` epochs, the last epoch and mo_asha's rungs: checkpoint_epoch) the report
+carries a checkpoint (model, optimiser, scheduler, method and RNG state), from which a retried
+or restored trial resumes exactly: the epochs after it re-run, and re-run the same (the RNG
+state is in the checkpoint).
+
+A checkpoint directory: model.pt (the first calibration split's model, a plain state dict: the
+trial's model, what the MLflow logger logs), state.pt (every split's resume state; the first
+split's without its model, which is model.pt: one copy of each network), config.yaml,
+metrics.json.
 """
 
 from __future__ import annotations
@@ -29,6 +37,18 @@ from coun_tune.errors import UsageError
 from coun_tune.tracking.trial_logger import EPOCHS_PLANNED
 
 STATE_FILE = "state.pt"
+MODEL_FILE = "model.pt"
+
+
+def checkpoint_epoch(epoch: int, planned: int, run_info: dict) -> bool:
+    """Whether the report of `epoch` (1-based) of a trial of `planned` epochs carries a
+    checkpoint: every `checkpoint_every` epochs, at the last epoch (the trial's model) and at
+    the scheduler's rung epochs (a trial stopped there keeps its config and model). run_info of
+    a search started before checkpoint_every existed: every epoch, as then."""
+    every = run_info.get("checkpoint_every")
+    if every is None:
+        return True
+    return epoch == planned or epoch % int(every) == 0 or epoch in set(run_info.get("rung_epochs", ()))
 
 
 def trial_config(run_info: dict, hparams: dict[str, Any]) -> dict:
@@ -50,18 +70,36 @@ def split_states(saved: dict, seeds: list[int]) -> dict[int, dict]:
     return {s: saved["splits"][str(s)] for s in seeds if str(s) in saved.get("splits", {})}
 
 
+def save_checkpoint(d: Path, states: dict[int, dict], first: int) -> None:
+    """state.pt and model.pt of one checkpoint: the first split's model goes to model.pt only."""
+    model = states[first]["model"]
+    torch.save({k: v.detach().cpu() for k, v in model.items()}, d / MODEL_FILE)
+    splits = {str(s): ({k: v for k, v in st.items() if k != "model"} if s == first else st) for s, st in states.items()}
+    torch.save({"splits": splits}, d / STATE_FILE)
+
+
+def load_checkpoint(d: Path, seeds: list[int], device) -> dict[int, dict]:
+    """save_checkpoint's inverse: every split's resume state, the first split's model read back
+    from model.pt (a checkpoint written before that, with the model in state.pt too, loads as is)."""
+    states = split_states(torch.load(d / STATE_FILE, map_location=device, weights_only=True), seeds)
+    first = states.get(seeds[0])
+    if first is not None and "model" not in first:
+        first["model"] = torch.load(d / MODEL_FILE, map_location=device, weights_only=True)
+    return states
+
+
 def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
     """config: the sampled hyperparameters. run_info: scenario, method, fixed hyperparameters,
     batch size, unlearning seed, cache dir, MIA cadence (mia_every, and mia_epochs: the early-
     stopping rungs when an objective needs the MIA), this trial's CPU share, the calibration
-    split seeds and the objectives.
+    split seeds, the objectives, and checkpoint_every / rung_epochs (see checkpoint_epoch).
 
     The config runs on every calibration split (one original; each split its own oracle), one
     epoch on each in turn, and each epoch's report is calibration.summarise_splits of the
     splits' metrics: every metric's mean under its own name (what the sampler and mo_asha read)
-    plus <objective>_std and <objective>_split<seed>. The checkpoint holds every split's state,
-    so a retried trial repeats no finished epoch on any split. The trial's model (model.pt) is
-    the first split's. Every report carries `epochs_planned`, so a result short of it marks an
+    plus <objective>_std and <objective>_split<seed>. A checkpoint holds every split's state,
+    so a retried trial goes on from it on every split. The trial's model (model.pt) is the
+    first split's. Every report carries `epochs_planned`, so a result short of it marks an
     early stop."""
     from coun_tune.calibration import summarise_splits
     from coun_tune.core.pipeline import unlearn_epochs
@@ -79,7 +117,7 @@ def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             device = preps[seeds[0]].scen_data.retain.x.device
-            states = split_states(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True), seeds)
+            states = load_checkpoint(Path(d), seeds, device)
     exported = trial_config(run_info, {k: (v.item() if hasattr(v, "item") else v) for k, v in hparams.items()})
     planned = int(resolve_hparams(run_info["method"], hparams)["epochs"])
     detail = list(dict.fromkeys([*run_info.get("objectives", []), "forget_gap", "retain_acc"]))
@@ -99,11 +137,11 @@ def unlearn_trial(config: dict, data: DatasetArrays, run_info: dict) -> None:
         if any(r.make_checkpoint is None for r in reports):  # resumed after the last epoch
             continue
         metrics = summarise_splits({s: r.metrics for s, r in zip(seeds, reports)}, detail)
+        if not checkpoint_epoch(reports[0].epoch, planned, run_info):
+            tune.report({**metrics, EPOCHS_PLANNED: planned})
+            continue
         with tempfile.TemporaryDirectory() as d:
-            state = {"splits": {str(s): r.make_checkpoint() for s, r in zip(seeds, reports)}}
-            torch.save(state, Path(d) / STATE_FILE)
-            first = state["splits"][str(seeds[0])]["model"]
-            torch.save({k: v.detach().cpu() for k, v in first.items()}, Path(d) / "model.pt")
+            save_checkpoint(Path(d), {s: r.make_checkpoint() for s, r in zip(seeds, reports)}, seeds[0])
             (Path(d) / "config.yaml").write_text(yaml.safe_dump(exported, sort_keys=False))
             (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             tune.report({**metrics, EPOCHS_PLANNED: planned}, checkpoint=tune.Checkpoint.from_directory(d))
@@ -185,6 +223,19 @@ def _base_models_stream(scenario: dict, cache_dir: str, data: DatasetArrays, cpu
     yield box["result"]
 
 
+# Times a base-model task is re-run after losing its worker or node (a spot preemption); each
+# run resumes the training from its last checkpoint in cache_dir (base_models.CHECKPOINT_NAME).
+# The driver retries, not Ray (max_retries=0): Ray's retry of a streaming task drops the new
+# run's first lines (as many as the lost run had sent), "resuming from epoch k" among them.
+BASE_TASK_RETRIES = 5
+
+
+def _node_lost_errors() -> tuple[type, ...]:
+    from ray import exceptions as x
+
+    return (x.WorkerCrashedError, x.NodeDiedError, x.LocalRayletDiedError, x.ObjectLostError, x.OutOfMemoryError)
+
+
 def ensure_base_models_streaming(
     scenario: dict, cache_dir: str, data_ref, resources: dict, out=sys.stdout, oracle_seeds: int = 1, prefix: str = ""
 ) -> dict:
@@ -193,22 +244,35 @@ def ensure_base_models_streaming(
     driver's init_ray sets log_to_driver=False, so a task's stdout would never reach it.
     resources: {"cpu": ..., "gpu": ...}; `prefix` starts every printed line (which split it is
     when several train at once). Returns ensure_base_models_task's dict; a UsageError
-    raised on the worker (a corrupted cache file, say) is raised here as itself."""
+    raised on the worker (a corrupted cache file, say) is raised here as itself. A task whose
+    worker or node is lost is started again (BASE_TASK_RETRIES times) and resumes training."""
     import ray
 
-    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], num_returns="streaming")(
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], num_returns="streaming", max_retries=0)(
         _base_models_stream
     )
-    try:
-        for ref in task.remote(scenario, cache_dir, data_ref, int(max(1, resources["cpu"])), oracle_seeds):
-            item = ray.get(ref)
-            if isinstance(item, dict):
-                return item
-            print(prefix + item, file=out, flush=True)
-    except ray.exceptions.RayTaskError as e:  # bad input found on the worker: its one line, not a traceback
-        if isinstance(e.cause, UsageError):
-            raise e.cause from None
-        raise
+    for attempt in range(BASE_TASK_RETRIES + 1):
+        try:
+            for ref in task.remote(scenario, cache_dir, data_ref, int(max(1, resources["cpu"])), oracle_seeds):
+                item = ray.get(ref)
+                if isinstance(item, dict):
+                    return item
+                print(prefix + item, file=out, flush=True)
+        except ray.exceptions.RayTaskError as e:  # bad input found on the worker: its one line, not a traceback
+            if isinstance(e.cause, UsageError):
+                raise e.cause from None
+            raise
+        except _node_lost_errors() as e:
+            if attempt == BASE_TASK_RETRIES:
+                raise
+            print(
+                f"{prefix}base-model task lost its worker ({type(e).__name__}); starting it again "
+                f"({attempt + 1} of {BASE_TASK_RETRIES}), it resumes from its last checkpoint",
+                file=out,
+                flush=True,
+            )
+            continue
+        break
     raise RuntimeError("the base-model task ended without a result")
 
 
