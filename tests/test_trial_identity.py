@@ -65,7 +65,9 @@ def test_progress_lines_and_summary_use_the_mlflow_trial_number(store, capsys):
     b.run_metadata.last_result = result  # what Tune holds when it calls on_trial_complete
     progress.on_trial_complete(0, trials, b)
 
-    # a driver restart: both callbacks come back from Tune's saved state
+    # a driver restart: both callbacks come back from Tune's saved state (taken once the
+    # logger's writer thread had written what it was handed)
+    assert logger.flush() == 0
     logger2 = MLflowTrialLogger(uri, exp, parent, base_params={})
     logger2.set_state(logger.get_state())
     progress2 = TrialProgress("identity", ["forget_gap", "retain_acc"], ["lr"], num_samples=4, fixed_epochs=None)
@@ -73,6 +75,7 @@ def test_progress_lines_and_summary_use_the_mlflow_trial_number(store, capsys):
     for cb in (logger2, progress2):
         cb.on_trial_start(0, trials, c)
     progress2.on_experiment_end(trials)
+    assert logger2.flush() == 0
 
     in_mlflow = _numbers_in_mlflow(client, exp, parent)
     assert in_mlflow == {"zz_00001": "1", "zz_00000": "2", "zz_00002": "3"}  # by hand: order of start

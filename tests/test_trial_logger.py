@@ -3,7 +3,10 @@ objects against a real SQLite MLflow store: no Ray run, every event in a fixed o
 
 A driver crash is simulated as Tune sees it: a new logger built from the state Tune saved with
 its experiment (get_state at some earlier moment), with MLflow holding whatever was logged
-after that moment."""
+after that moment.
+
+The logger writes from a thread of its own (tracking.writer): `flush()` waits for what was
+handed to it, where a test reads MLflow (or a snapshot is meant to follow the writes)."""
 
 from __future__ import annotations
 
@@ -80,20 +83,24 @@ def test_epochs_repeated_after_a_restore_are_logged_once(search):
     t = fake_trial("t1", planned=4)
     first.on_trial_start(0, [t], t)
     feed(first, t, [1])
+    assert first.flush() == 0
     saved = first.get_state()  # Tune's experiment snapshot after epoch 1 ...
     feed(first, t, [2, 3])  # ... then two more epochs reach MLflow before the driver dies
+    assert first.flush() == 0
     run_id = saved["runs"]["t1"]
 
     second = MLflowTrialLogger(uri, exp, parent, {"method": "coun"})
     second.set_state(saved)
     t = fake_trial("t1", planned=4)
     second.on_trial_start(0, [t], t)
+    assert second.flush() == 0
     assert client.get_run(run_id).info.status == "RUNNING"
     # restored from the epoch-1 checkpoint: epochs 2 and 3 come again (other values: a GPU
     # need not reproduce them bit for bit), then epoch 4 is new
     feed(second, t, [2, 3], planned=4, acc=50.0)
     feed(second, t, [4], planned=4)
     second.on_trial_complete(0, [t], t)
+    assert second.flush() == 0
 
     assert history(client, run_id) == [(1, 91.0), (2, 92.0), (3, 93.0), (4, 94.0)]
     assert [s for s, _ in history(client, run_id, "forget_gap")] == [1, 2, 3, 4]
@@ -108,6 +115,7 @@ def test_an_orphaned_run_of_a_dead_driver_is_adopted_not_duplicated(search):
     t = fake_trial("t2")
     first.on_trial_start(0, [t], t)
     feed(first, t, [1])
+    assert first.flush() == 0
     orphan = first.runs["t2"]
     assert client.get_run(orphan).info.status == "RUNNING"  # the driver dies here
 
@@ -119,9 +127,11 @@ def test_an_orphaned_run_of_a_dead_driver_is_adopted_not_duplicated(search):
     second.set_state(saved)
     t = fake_trial("t2")
     second.on_trial_start(0, [t], t)
+    assert second.flush() == 0
     assert second.runs["t2"] == orphan
     feed(second, t, [1, 2, 3])  # epoch 1 again (no checkpoint survived), then the rest
     second.on_trial_complete(0, [t], t)
+    assert second.flush() == 0
 
     runs = trial_runs(client, exp, parent, "t2")
     assert [r.info.run_id for r in runs] == [orphan]
@@ -146,6 +156,7 @@ def test_a_pruned_trial_ends_killed_with_its_epoch(search, tmp_path):
         logger.on_trial_start(0, [t], t)
         feed(logger, t, epochs, planned)
         logger.on_trial_complete(0, [t], t)  # the scheduler stopped "p" at its epoch-3 rung
+    assert logger.flush() == 0
 
     p = client.get_run(logger.runs["p"])
     assert p.info.status == "KILLED"
@@ -171,6 +182,7 @@ def test_a_failed_trial_ends_failed_with_its_reason(search, tmp_path):
     (tmp_path / "error.txt").write_text("Traceback ...\n\nDivergedError: loss is nan at epoch 2, step 3\n")
     t.error_file = str(tmp_path / "error.txt")
     logger.on_trial_error(0, [t], t)
+    assert logger.flush() == 0
     run = client.get_run(logger.runs["e"])
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == "DivergedError: loss is nan at epoch 2, step 3"
@@ -198,6 +210,7 @@ def test_a_completed_trials_model_is_named_by_its_trial_with_its_final_metrics(s
         logger.on_trial_start(0, [t], t)
     feed(logger, second, [1, 2], planned=2)
     logger.on_trial_complete(0, [second], second)
+    assert logger.flush() == 0
 
     run_id = logger.runs["b"]
     model = logged_model_of(client, run_id)

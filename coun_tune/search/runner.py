@@ -605,6 +605,22 @@ def conclude(
     spec, parent_id = plan.spec, state.parent_run_id
     print("\n" + summary(rows, list(spec.objectives), list(spec.space), spec.num_samples, wall), file=out)
     outcome = Outcome(status, parent_id, state.experiment_id)
+    from coun_tune.tracking.trial_logger import MLflowTrialLogger
+
+    if MLflowTrialLogger.unwritten_by_parent.get(parent_id):
+        # MLflow still down when the trials ended (the logger said so): call it no more; the
+        # unwritten records are saved with Tune's experiment and --resume writes them, then ends
+        # the search as it would have ended now
+        from coun_tune.tracking.mlflow_store import coun_tune_command
+
+        outcome.status = state.status = INTERRUPTED
+        state.save(plan.exp_uri)
+        print(
+            f"\nsearch left resumable; once MLflow answers, continue it with:\n  cd {shlex.quote(os.getcwd())} && "
+            f"{coun_tune_command('search', plan.spec_path, '--resume')}",
+            file=out,
+        )
+        return outcome
     if status == INTERRUPTED:
         mark_interrupted(plan, client, state, out)
         return outcome
