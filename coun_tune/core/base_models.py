@@ -21,6 +21,7 @@ import io
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,57 @@ def default_cache_dir() -> Path | str:
     return Path(env or Path.home() / ".cache" / "coun-tune")
 
 
+# --- resumable training ------------------------------------------------------------------------
+# Base models train for hours on spot workers: the training state is saved to the cache entry
+# (beside where model.pt will go, so a local path or s3:// alike) at the end of an epoch once
+# CHECKPOINT_EVERY_ENV seconds (default 60) have passed since the last save, and a retried task
+# on any node resumes from it. The state is everything the next epoch depends on (weights and
+# BN statistics, SGD momentum, the LR schedule, the batch/augmentation generator and torch's
+# global RNG), so a resumed run ends with the same weights as an uninterrupted one on the
+# same device type and thread count. Removed once the finished model is cached.
+CHECKPOINT_NAME = "training_checkpoint.pt"
+CHECKPOINT_EVERY_ENV = "COUN_TUNE_BASE_CHECKPOINT_S"
+DEFAULT_CHECKPOINT_EVERY_S = 60.0
+# Test hook: seconds slept after each epoch, so a test can preempt training mid-way.
+TEST_EPOCH_DELAY_ENV = "COUN_TUNE_TEST_EPOCH_DELAY_S"
+
+
+def checkpoint_every_s() -> float:
+    """Seconds between training checkpoints ($COUN_TUNE_BASE_CHECKPOINT_S; 0 = every epoch)."""
+    raw = os.environ.get(CHECKPOINT_EVERY_ENV, "")
+    try:
+        return max(0.0, float(raw)) if raw.strip() else DEFAULT_CHECKPOINT_EVERY_S
+    except ValueError:
+        raise UsageError(f"{CHECKPOINT_EVERY_ENV}={raw!r}: seconds between checkpoints, a number >= 0") from None
+
+
+def _save_training_state(uri: str, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(uri, buf.getvalue())  # atomic: a preemption mid-write leaves the previous one
+
+
+def _load_training_state(uri: str, device: torch.device, epochs: int, log: Callable[[str], None]) -> dict | None:
+    """The saved training state if there is a usable one, else None (with a line saying why
+    when one exists but cannot be used)."""
+    try:
+        blob = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return None
+    try:
+        state = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+        ok = isinstance(state, dict) and 0 < int(state["epoch"]) < epochs and int(state["epochs"]) == epochs
+    except Exception as e:  # a torn or foreign file: train from scratch rather than fail
+        log(f"ignoring the training checkpoint {uri} ({type(e).__name__}); training from epoch 0")
+        return None
+    if not ok:
+        return None
+    if state.get("device") != device.type:  # a CUDA generator state does not load into a CPU one
+        log(f"ignoring the training checkpoint {uri}: saved on {state.get('device')}, training on {device.type}")
+        return None
+    return state
+
+
 def train_from_scratch(
     model: FeatureClassifier,
     x: torch.Tensor,
@@ -61,20 +113,38 @@ def train_from_scratch(
     seed: int,
     role: str,
     log: Callable[[str], None] = lambda s: None,
+    checkpoint: str | None = None,
 ) -> float:
     """Train `model` in place on x (N, C, H, W) uint8 / y (N,) with cross-entropy, CHN
-    augmentation, SGD and step decay. Returns the wall seconds. The original gets the whole
-    training split in its stored order (so it is the same model whatever is forgotten later);
-    the oracle gets D_r. `log` gets one line per epoch: role, epoch k/N, mean loss, train
-    accuracy (on the augmented batches, as trained), seconds per epoch and the time left."""
+    augmentation, SGD and step decay. Returns the wall seconds (over every attempt, when
+    resumed). The original gets the whole training split in its stored order (so it is the
+    same model whatever is forgotten later); the oracle gets D_r. `log` gets one line per
+    epoch: role, epoch k/N, mean loss, train accuracy (on the augmented batches, as trained),
+    seconds per epoch and the time left. `checkpoint`: a file URI (local or s3://) where the
+    training state is saved between epochs and resumed from (see CHECKPOINT_NAME)."""
     device = x.device
     generator = torch.Generator(device=device).manual_seed(seed + (0 if role == "original" else 1))
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     milestones = [int(round(f * recipe.epochs)) for f in recipe.milestones]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=recipe.gamma)
-    t0 = time.perf_counter()
+    start, before = 0, 0.0
+    saved = _load_training_state(checkpoint, device, recipe.epochs, log) if checkpoint else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict({**saved["scheduler"], "milestones": Counter(saved["scheduler"]["milestones"])})
+        generator.set_state(saved["generator"].cpu())
+        torch.set_rng_state(saved["torch_rng"].cpu())
+        if device.type == "cuda" and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+        start, before = int(saved["epoch"]), float(saved["elapsed"])
+        log(f"{role}: resuming from the checkpoint of epoch {start}/{recipe.epochs} ({checkpoint})")
+        del saved
+    every, delay = checkpoint_every_s(), float(os.environ.get(TEST_EPOCH_DELAY_ENV) or 0)
+    t0 = time.perf_counter() - before
+    last_save = time.perf_counter()
     model.train()
-    for epoch in range(recipe.epochs):
+    for epoch in range(start, recipe.epochs):
         # summed on the device, read once per epoch: a .item() per batch would sync a GPU
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
@@ -87,16 +157,30 @@ def train_from_scratch(
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == y[idx]).sum()
         sched.step()
-        log(
-            epoch_line(
-                role,
-                epoch + 1,
-                recipe.epochs,
-                loss_sum.item() / len(y),
-                100.0 * correct.item() / len(y),
-                time.perf_counter() - t0,
-            )
-        )
+        loss_mean, acc = loss_sum.item() / len(y), 100.0 * correct.item() / len(y)
+        if delay:
+            time.sleep(delay)
+        done = epoch + 1
+        # saved before the epoch's line is logged: a line "epoch k" means epoch k is safe
+        if checkpoint and done < recipe.epochs and time.perf_counter() - last_save >= every:
+            sched_state = sched.state_dict()
+            state = {
+                "epoch": done,
+                "epochs": recipe.epochs,
+                "elapsed": time.perf_counter() - t0,
+                "device": device.type,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                # MultiStepLR keeps its milestones in a Counter, which weights_only loading refuses
+                "scheduler": {**sched_state, "milestones": dict(sched_state["milestones"])},
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            _save_training_state(checkpoint, state)
+            last_save = time.perf_counter()
+        log(epoch_line(role, done, recipe.epochs, loss_mean, acc, time.perf_counter() - t0))
     return time.perf_counter() - t0
 
 
@@ -107,7 +191,8 @@ def _duration(seconds: float) -> str:
 
 def epoch_line(role: str, epoch: int, epochs: int, loss: float, train_acc: float, elapsed: float) -> str:
     """One progress line: `original: epoch 3/30  loss 0.4123  train_acc 87.21%  12.3 s/epoch  ETA 5m32s`.
-    elapsed: wall seconds since training started; the ETA assumes the mean epoch so far."""
+    elapsed: wall seconds of training so far (of every attempt, when resumed); the ETA assumes
+    the mean epoch so far."""
     per_epoch = elapsed / epoch
     return (
         f"{role}: epoch {epoch}/{epochs}  loss {loss:.4f}  train_acc {train_acc:.2f}%  "
@@ -230,9 +315,10 @@ def ensure_base_models(
             else:
                 x, y = scen_data.retain.x, scen_data.retain.y
             torch.manual_seed(scenario.seed)  # the same init for theta_o and theta_r
+            ckpt = storage.join(entry, CHECKPOINT_NAME)  # resumed from after a preemption
             model = build_model(scenario.arch_name, in_ch, data.num_classes).to(device)
             seconds = train_from_scratch(
-                model, x, y, scen_data.augmenter, scenario.train_recipe, scenario.seed, role, log
+                model, x, y, scen_data.augmenter, scenario.train_recipe, scenario.seed, role, log, ckpt
             )
             del x, y
             buf = io.BytesIO()
@@ -255,6 +341,8 @@ def ensure_base_models(
             m["wall_seconds"] = meta.get("wall_seconds", 0.0)
             by_split[mkey] = m
             _write_json(entry, meta)
+        if not from_cache[role]:  # the entry is complete: its training checkpoint is superseded
+            storage.remove_tree(storage.join(entry, CHECKPOINT_NAME))
         metrics[role] = by_split[mkey]
         models[role] = model.eval()
     if "original" in metrics and "oracle" in metrics:

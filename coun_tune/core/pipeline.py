@@ -17,14 +17,61 @@ from coun_tune.core.datasets import DatasetArrays, load_dataset
 from coun_tune.core.engine import EpochReport, ScenarioData, run_unlearning, unlearning_epochs
 from coun_tune.core.recipes import Scenario
 from coun_tune.core.splits import Split, materialize_split, sequential_splits
+from coun_tune.errors import UsageError
+
+# A Ray worker that was given a GPU but whose torch sees none would train on the CPU, hours
+# instead of minutes, without a word: it fails instead, unless this is set to 1 (the loopback
+# tests declare fake GPUs with `ray start --num-gpus`, on machines that have none).
+ALLOW_FAKE_GPU_ENV = "COUN_TUNE_ALLOW_FAKE_GPU"
+
+
+def ray_assigned_gpus() -> float:
+    """The GPUs Ray assigned to this process when it is a Ray task or actor (a trial, a
+    base-model task); 0 elsewhere. Ray is only looked at if it is already imported: the engine
+    runs on a box with torch alone."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return 0.0
+    try:
+        from ray._private.worker import WORKER_MODE, global_worker
+
+        if not ray.is_initialized() or global_worker.mode != WORKER_MODE:
+            return 0.0
+        return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    except Exception:  # a Ray without these internals: no check rather than a failed run
+        return 0.0
+
+
+def cuda_missing_message(gpus: float) -> str:
+    import os
+    import socket
+
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (
+        f"this Ray worker on {socket.gethostname()} was given {gpus:g} GPU (resources_per_trial.gpu) but torch "
+        f"{torch.__version__} ({build}) sees no CUDA device (CUDA_VISIBLE_DEVICES={visible!r}); refusing to train "
+        f"on the CPU: check the node's NVIDIA driver and torch build, or set {ALLOW_FAKE_GPU_ENV}=1 on the nodes "
+        "to train on the CPU anyway"
+    )
 
 
 def pick_device(requested: str | None = None) -> torch.device:
     """The training device: `requested` if given, else CUDA when present, else CPU. Inside a
-    Ray trial this is decided by torch.cuda.is_available(), never by Ray's GPU ids."""
+    Ray trial this is decided by torch.cuda.is_available(), never by Ray's GPU ids; a Ray
+    worker that was given a GPU and sees no CUDA raises UsageError (ALLOW_FAKE_GPU_ENV)."""
+    import os
+
     if requested:
         return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    gpus = ray_assigned_gpus()
+    if gpus > 0 and os.environ.get(ALLOW_FAKE_GPU_ENV, "") != "1":
+        raise UsageError(cuda_missing_message(gpus))
+    return torch.device("cpu")
 
 
 @dataclass
