@@ -8,10 +8,17 @@
     seed: 0                 # optional: augmentation/batch-order seed, default the scenario's
 
 Flags given on the command line override the file. Every problem is a UsageError.
+
+Renamed hyperparameters (RENAMED_HPARAMS): a config written before a rename still runs what it
+ran then, converted with a one-line deprecation warning on stderr, or is refused in one line
+naming the new key where no value of the new one means the same; never silently with defaults.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +27,7 @@ import yaml
 
 from coun_tune.core.datasets import IMAGE_SIZES, check_dataset_name
 from coun_tune.core.engine import resolve_hparams
-from coun_tune.core.methods import METHODS
+from coun_tune.core.methods import METHODS, method_hparams
 from coun_tune.core.models import ARCH_INPUT_SIZE, ARCHITECTURES
 from coun_tune.core.recipes import RECIPES, Scenario
 from coun_tune.core.splits import parse_forget_spec
@@ -144,7 +151,65 @@ def validate_scenario(d: dict, where: str = "scenario") -> Scenario:
     )
 
 
-def build_unlearn_config(doc: dict, overrides: dict[str, Any]) -> UnlearnConfig:
+# Issue 15 made two epoch-counted hyperparameters shares of the run's epochs, so a setting means
+# the same at 5 and at 50 epochs: old name -> new name. An old value n at a run of E epochs is
+# the share n / E of it (base.budget_epochs(n / E, E) == n for 0 <= n <= E).
+RENAMED_HPARAMS = {"l1_epochs": "l1_fraction", "scrub_max_steps": "scrub_max_fraction"}
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x == int(x)
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def upgrade_renamed_hparams(
+    method: str, hp: dict[str, Any], where: str = "hparams", warn: Callable[[str], None] = _warn
+) -> dict[str, Any]:
+    """`hp` with every old name in RENAMED_HPARAMS replaced by its new one, for the run's epochs
+    (hp's `epochs`, else the method's default), so the run does what the old config did:
+    - l1_epochs n (l1 decaying to 0 over the first n epochs) -> l1_fraction n / epochs, when
+      n <= epochs; beyond, the old decay (over n epochs, cut at `epochs`) has no equal: refused;
+    - scrub_max_steps n (a max pass in the first n epochs) -> scrub_max_fraction min(n, epochs) /
+      epochs (n >= epochs: every epoch, 1.0).
+    One line to `warn` per converted name; a UsageError naming the new key when both names are
+    given, or the old value is not a whole number >= 0. Names the method does not have are left
+    for resolve_hparams to refuse."""
+    hp = dict(hp)
+    declared = method_hparams(method)
+    for old, new in RENAMED_HPARAMS.items():
+        if old not in hp or new not in declared:
+            continue
+        if new in hp:
+            raise UsageError(f"{where}: {old!r} is the old name of {new!r} and both are given; keep {new!r} only")
+        n = hp.pop(old)
+        if not _whole(n) or n < 0:
+            raise UsageError(
+                f"{where}.{old} (renamed {new}, a share of the run's epochs) must be a whole number >= 0, got {n!r}"
+            )
+        n = int(n)
+        epochs = hp.get("epochs", declared["epochs"].default)
+        if not _whole(epochs) or epochs < 1:
+            raise UsageError(
+                f"{where}.{old}: renamed {new}; epochs must be an integer >= 1 to convert it, got {epochs!r}"
+            )
+        epochs = int(epochs)
+        if old == "l1_epochs" and n > epochs:
+            raise UsageError(
+                f"{where}.{old} {n} is more than epochs {epochs} and has no equal under its new name {new!r} "
+                f"(the share of the run's epochs over which the l1 weight decays to 0, at most 1.0): set {new}"
+            )
+        hp[new] = min(n, epochs) / epochs
+        warn(
+            f"coun-tune: warning: {where}.{old} is deprecated, renamed {new} (a share of the run's epochs): "
+            f"{old} {n} of epochs {epochs} -> {new} {hp[new]:.4g}"
+        )
+    return hp
+
+
+def build_unlearn_config(doc: dict, overrides: dict[str, Any], warn: Callable[[str], None] = _warn) -> UnlearnConfig:
     """Merge a config document (possibly empty) with flag overrides and validate the result.
     `overrides` keys: dataset, forget, seed, arch, recipe, data_root, method, batch_size,
     unlearn_seed, and any hyperparameter name; None means "not given"."""
@@ -161,7 +226,7 @@ def build_unlearn_config(doc: dict, overrides: dict[str, Any]) -> UnlearnConfig:
     for k, v in (overrides.get("hparams") or {}).items():
         if v is not None:
             hp[k] = v
-    hparams = resolve_hparams(method, hp)
+    hparams = resolve_hparams(method, upgrade_renamed_hparams(method, hp, warn=warn))
     batch_size = overrides.get("batch_size") or doc.get("batch_size")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 2):
         raise UsageError(f"batch_size must be an integer >= 2, got {batch_size!r}")
