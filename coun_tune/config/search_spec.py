@@ -257,7 +257,90 @@ def _check_grace(scheduler: dict | None, method: str, space: dict, fixed: dict) 
         )
 
 
+def _objectives(value: Any) -> dict[str, str]:
+    objectives = value or {"forget_gap": "min", "retain_acc": "max"}
+    if not isinstance(objectives, dict) or not 2 <= len(objectives) <= 3:
+        raise UsageError("objectives must map two or three metrics to min or max")
+    for m, mode in objectives.items():
+        if m not in LOGGED_METRICS:
+            raise UsageError(
+                f"objective {m!r} is not a metric the engine logs; choose from {', '.join(LOGGED_METRICS)}"
+            )
+        if mode not in ("min", "max"):
+            raise UsageError(f"objective {m}: mode must be min or max, got {mode!r}")
+    return dict(objectives)
+
+
+def _space(value: Any, method: str) -> tuple[dict[str, Domain], dict[str, Any]]:
+    """(searched domains, fixed values) of the spec's `space`, every corner of it a config the
+    engine accepts: the fixed values and each domain's ends (or choices) are checked now, not in
+    trials after Ray and MLflow have started."""
+    from coun_tune.core.engine import resolve_hparams
+
+    declared = method_hparams(method)
+    space_doc = value or {}
+    if not isinstance(space_doc, dict):
+        raise UsageError("space must be a mapping of hyperparameter -> domain or value")
+    space, fixed = {}, {}
+    for hp, v in space_doc.items():
+        if hp not in declared:
+            raise UsageError(
+                f"space.{hp}: method {method!r} has no hyperparameter {hp!r}; it has {', '.join(sorted(declared))}"
+            )
+        d = _domain(hp, v, declared[hp].kind)
+        (space if isinstance(d, Domain) else fixed)[hp] = d
+    if not space:
+        raise UsageError("space has no searchable hyperparameter")
+    for hp, v in fixed.items():  # a bad fixed value is named by its own key
+        try:
+            resolve_hparams(method, {hp: v})
+        except UsageError as e:
+            raise UsageError(f"space.{hp}: {e}") from None
+    for hp, d in space.items():
+        for v in d.choices if d.kind == "choice" else (d.low, d.high):
+            try:
+                resolve_hparams(method, {**fixed, hp: v})
+            except UsageError as e:
+                raise UsageError(f"space.{hp}: {e}") from None
+    return space, fixed
+
+
+INT_KEYS = (  # (key, default, lowest allowed)
+    ("num_samples", 8, 1),
+    ("max_concurrent_trials", 2, 1),
+    ("seed", 0, 0),
+    ("mia_every", 0, 0),
+    ("max_failures", 3, -1),  # -1: retry for ever (Tune's convention)
+    ("checkpoint_every", 1, 1),
+)
+
+
+def _ints(doc: dict) -> dict[str, int]:
+    ints = {}
+    for k, default, low in INT_KEYS:
+        v = doc.get(k, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise UsageError(f"{k} must be an integer >= {low}, got {v!r}")
+        ints[k] = v
+    return ints
+
+
+def _resources(value: Any) -> dict[str, float]:
+    res = value or {"cpu": 1, "gpu": 0}
+    if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
+        raise UsageError(f"resources_per_trial takes cpu and gpu, got {res!r}")
+    cpu = _number(res.get("cpu", 1), "resources_per_trial.cpu")
+    gpu = _number(res.get("gpu", 0), "resources_per_trial.gpu")
+    if cpu <= 0 or gpu < 0 or (gpu > 1 and gpu != int(gpu)):
+        raise UsageError(
+            f"resources_per_trial: cpu must be > 0 and gpu a fraction in [0, 1] or a whole number, got {res!r}"
+        )
+    return {"cpu": cpu, "gpu": gpu}
+
+
 def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
+    """The spec document checked key by key, in the order a user reads it; the first problem is
+    one UsageError line."""
     extra = sorted(set(doc) - KEYS)
     if extra:
         raise UsageError(f"unknown key {extra[0]!r} in {where}; allowed: {', '.join(sorted(KEYS))}")
@@ -272,71 +355,13 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
     method = str(doc.get("method", "coun"))
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    objectives = doc.get("objectives") or {"forget_gap": "min", "retain_acc": "max"}
-    if not isinstance(objectives, dict) or not 2 <= len(objectives) <= 3:
-        raise UsageError("objectives must map two or three metrics to min or max")
-    for m, mode in objectives.items():
-        if m not in LOGGED_METRICS:
-            raise UsageError(
-                f"objective {m!r} is not a metric the engine logs; choose from {', '.join(LOGGED_METRICS)}"
-            )
-        if mode not in ("min", "max"):
-            raise UsageError(f"objective {m}: mode must be min or max, got {mode!r}")
-    declared = method_hparams(method)
-    space_doc = doc.get("space") or {}
-    if not isinstance(space_doc, dict):
-        raise UsageError("space must be a mapping of hyperparameter -> domain or value")
-    space, fixed = {}, {}
-    for hp, value in space_doc.items():
-        if hp not in declared:
-            raise UsageError(
-                f"space.{hp}: method {method!r} has no hyperparameter {hp!r}; it has {', '.join(sorted(declared))}"
-            )
-        d = _domain(hp, value, declared[hp].kind)
-        (space if isinstance(d, Domain) else fixed)[hp] = d
-    if not space:
-        raise UsageError("space has no searchable hyperparameter")
-    # Every corner of the space must be a config the engine accepts: check the fixed values and
-    # each domain's ends (or choices) now, not in trials after Ray and MLflow have started.
-    from coun_tune.core.engine import resolve_hparams
-
-    for hp, v in fixed.items():  # a bad fixed value is named by its own key
-        try:
-            resolve_hparams(method, {hp: v})
-        except UsageError as e:
-            raise UsageError(f"space.{hp}: {e}") from None
-    for hp, d in space.items():
-        for v in d.choices if d.kind == "choice" else (d.low, d.high):
-            try:
-                resolve_hparams(method, {**fixed, hp: v})
-            except UsageError as e:
-                raise UsageError(f"space.{hp}: {e}") from None
+    objectives = _objectives(doc.get("objectives"))
+    space, fixed = _space(doc.get("space"), method)
     sampler = doc.get("sampler", "nsga2")
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    ints = {}
-    int_keys = (
-        ("num_samples", 8, 1),
-        ("max_concurrent_trials", 2, 1),
-        ("seed", 0, 0),
-        ("mia_every", 0, 0),
-        ("max_failures", 3, -1),  # -1: retry for ever (Tune's convention)
-        ("checkpoint_every", 1, 1),
-    )
-    for k, default, low in int_keys:
-        v = doc.get(k, default)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise UsageError(f"{k} must be an integer >= {low}, got {v!r}")
-        ints[k] = v
-    res = doc.get("resources_per_trial") or {"cpu": 1, "gpu": 0}
-    if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
-        raise UsageError(f"resources_per_trial takes cpu and gpu, got {res!r}")
-    cpu = _number(res.get("cpu", 1), "resources_per_trial.cpu")
-    gpu = _number(res.get("gpu", 0), "resources_per_trial.gpu")
-    if cpu <= 0 or gpu < 0 or (gpu > 1 and gpu != int(gpu)):
-        raise UsageError(
-            f"resources_per_trial: cpu must be > 0 and gpu a fraction in [0, 1] or a whole number, got {res!r}"
-        )
+    ints = _ints(doc)
+    resources = _resources(doc.get("resources_per_trial"))
     batch_size = doc.get("batch_size")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 2):
         raise UsageError(f"batch_size must be an integer >= 2, got {batch_size!r}")
@@ -350,11 +375,11 @@ def validate_search_spec(doc: dict, where: str = "spec") -> SearchSpec:
         name=name.strip(),
         scenario=scenario,
         method=method,
-        objectives=dict(objectives),
+        objectives=objectives,
         space=space,
         fixed=fixed,
         sampler=sampler,
-        resources_per_trial={"cpu": cpu, "gpu": gpu},
+        resources_per_trial=resources,
         storage_path=storage_path,
         tracking_uri=tracking_uri,
         cache_dir=cache_dir,
