@@ -53,7 +53,7 @@ class TrialFiles(Callback):
         self._warned = False
 
     def __getstate__(self) -> dict:  # pickled with the Tuner: none of what this process wrote
-        return {}
+        return {"version": 1}  # (not empty: pickle skips __setstate__ for a falsy state)
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
