@@ -32,8 +32,12 @@ these settings do at this budget; it is not the tuned comparison (benchmarks/rep
 
 Budget (an estimate, not measured: no GPU was lent to the session that wrote this): the
 original and 3 oracles are 4 x 60 ResNet-18 epochs of <= 60k 28x28 images, the unlearning
-12 runs x 10 epochs of 54k (CoUn's second view: 4/3 of the forward-equivalents); each model's
-metrics include the SVC MIA (on the CPU). The base models dominate and are cached: a rerun
+12 runs x 10 epochs of 54k (CoUn's second view: 4/3 of the forward-equivalents). Every model's
+metrics include the SVC MIA, CPU work: 5 RBF-SVC fits on 20,000 one-feature points (members
+vs the 10,000 test images), measured at 13 s of CPU per fit on a loaded 2-core box, so up to
+about a minute per model. The 6 base-model evaluations (the original on each split, each
+oracle) run in the main process; the 12 unlearning runs run --workers (4) at a time in worker
+processes that share the GPU, each MIA on its own core. The base models are cached: a rerun
 (other configs, --epochs) trains only the unlearning runs. Progress lines (epoch k/N, s/epoch,
 ETA) go to stderr.
 
@@ -134,6 +138,36 @@ def paired(a: list[float], b: list[float], level: float = 0.95) -> dict:
     return {"mean": mean, "std": s, "n": n, "lo": mean - half, "hi": mean + half, "level": level, "values": d.tolist()}
 
 
+_WORKER: dict = {}  # per process: the dataset and the prepared splits, loaded once
+
+
+def unlearn_task(task: dict) -> dict[str, float]:
+    """One unlearning run, in this process or a worker: the split's base models read from the
+    cache (the main process trained them; nothing is trained or written here), the variant
+    run from theta_o, its final metrics against that split's oracle."""
+    from coun_tune.core.datasets import load_dataset
+    from coun_tune.core.pipeline import prepare, unlearn
+
+    scen = task["scenario"]
+    key = (scen.dataset, scen.data_root)
+    if _WORKER.get("key") != key:
+        _WORKER.clear()
+        _WORKER.update(key=key, data=task.get("data") or load_dataset(*key), preps={})
+    preps = _WORKER["preps"]
+    s = task["split_seed"]
+    if s not in preps:
+        preps[s] = prepare(
+            scen.with_split(s),
+            task["cache_dir"],
+            task["device"],
+            log=lambda _: None,
+            data=_WORKER["data"],
+            train_missing=False,
+        )
+    _, m = unlearn(preps[s], task["method"], task["hparams"], batch_size=task["batch_size"], seed=task["seed"])
+    return {k: float(m[k]) for k in KEEP if k in m}
+
+
 @torch.no_grad()
 def train_accuracy(prep, augment: bool) -> float:
     """The original's accuracy on D = D_r + D_u in eval mode: one crop+flip draw per sample
@@ -190,7 +224,8 @@ def render(doc: dict) -> str:
         *[f"- {label} (`{c['method']}`): `{json.dumps(c['hparams'])}`" for label, c in doc["configs"].items()],
         "",
         f"Mean ± sample std (ddof = 1) over {len(doc['split_seeds'])} forget sets; percent except wall s "
-        "(seconds of unlearning; for the oracle and the original, of their training, as cached). "
+        f"(seconds of unlearning, {doc['workers']} run(s) at a time on the device; for the oracle and the "
+        "original, of their training, as cached). "
         "UA = 100 - forget accuracy; Avg. Gap = mean of the |RA|, |UA|, |TA|, |MIA| gaps to each split's oracle.",
         "",
         "| model | " + " | ".join(h for h, _ in COLUMNS) + " |",
@@ -237,6 +272,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", help="cuda, cpu, ... (default: cuda when present)")
     ap.add_argument("--split-seeds", default=",".join(map(str, SPLIT_SEEDS)), help="held-out forget sets")
     ap.add_argument("--epochs", type=int, help="unlearning epochs for every variant (default 10; --quick 2)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        help="unlearning runs at once, in worker processes (default 4 on a GPU, else 1): the SVC MIA "
+        "of each run's metrics is CPU work, run beside the others",
+    )
     ap.add_argument("--min-train-acc", type=float, default=MIN_TRAIN_ACC, help="the memorization gate (%%)")
     return ap.parse_args(argv)
 
@@ -246,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     from coun_tune.core.datasets import load_dataset
     from coun_tune.core.engine import resolve_hparams
     from coun_tune.core.metrics import gaps
-    from coun_tune.core.pipeline import pick_device, prepare, unlearn
+    from coun_tune.core.pipeline import pick_device, prepare
     from coun_tune.core.recipes import Scenario
 
     t_start = time.perf_counter()
@@ -267,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     batch_size = quick.get("batch_size") or scenario.defaults.batch_size
     device = pick_device(args.device)
+    workers = args.workers or (4 if device.type == "cuda" else 1)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "split_seeds": seeds,
         "unlearn_seed": 0,
         "batch_size": batch_size,
+        "workers": workers,
         "configs": configs,
     }
     log(f"gpu_study: {args.dataset} on {device_name}; splits {seeds}; variants {', '.join(configs)}")
@@ -325,15 +368,37 @@ def main(argv: list[str] | None = None) -> int:
         row.update(retain_gap=0.0, forget_gap=0.0, test_gap=0.0, mia_gap=0.0, avg_gap=0.0)
 
     t_unlearn = time.perf_counter()
+    tasks = [
+        {
+            "scenario": scenario,
+            "split_seed": s,
+            "label": label,
+            "method": c["method"],
+            "hparams": c["hparams"],
+            "batch_size": batch_size,
+            "seed": doc["unlearn_seed"],
+            "cache_dir": args.cache_dir,
+            "device": str(device),
+        }
+        for s in seeds
+        for label, c in configs.items()
+    ]
+    if workers > 1:  # the runs share the GPU; each one's SVC MIA runs on its own CPU core
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(unlearn_task, tasks))
+    else:
+        _WORKER.update(key=(scenario.dataset, scenario.data_root), data=data, preps=dict(zip(seeds, preps)))
+        results = [unlearn_task(t) for t in tasks]
     per_split: dict[str, list[dict]] = {label: [] for label in configs}
-    for s, prep in zip(seeds, preps):
-        for label, c in configs.items():
-            _, m = unlearn(prep, c["method"], c["hparams"], batch_size=batch_size, seed=doc["unlearn_seed"])
-            per_split[label].append({"split_seed": s, **{k: float(m[k]) for k in KEEP if k in m}})
-            log(
-                f"gpu_study: split {s} {label}: avg_gap {m['avg_gap']:.2f} forget_gap {m['forget_gap']:.2f} "
-                f"RA {m['retain_acc']:.2f} ({m['wall_seconds']:.1f} s)"
-            )
+    for t, m in zip(tasks, results):
+        per_split[t["label"]].append({"split_seed": t["split_seed"], **m})
+        log(
+            f"gpu_study: split {t['split_seed']} {t['label']}: avg_gap {m['avg_gap']:.2f} "
+            f"forget_gap {m['forget_gap']:.2f} RA {m['retain_acc']:.2f} ({m['wall_seconds']:.1f} s)"
+        )
     unlearn_s = time.perf_counter() - t_unlearn
 
     def rows_of(records: dict[str, list[dict]]) -> dict:

@@ -42,7 +42,7 @@ def run_study(tmp: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_study")
-    proc = run_study(tmp, "--dataset", "digits")
+    proc = run_study(tmp, "--dataset", "digits", "--workers", "2")  # the worker processes a GPU run uses
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp / "out" / "gpu_study.json").read_text())
     md = (tmp / "out" / "gpu_study.md").read_text()
@@ -75,7 +75,7 @@ def test_the_memorization_check_ran_first_and_passed(study):
 
 def test_the_variants_configs_and_splits(study):
     doc, _, _ = study
-    assert doc["quick"] is True and doc["split_seeds"] == [1, 2, 3]
+    assert doc["quick"] is True and doc["split_seeds"] == [1, 2, 3] and doc["workers"] == 2
     assert doc["scenario"]["arch"] == "small_cnn" and doc["scenario"]["recipe"] == "tiny"
     assert list(doc["rows"]) == VARIANTS and list(doc["reference"]) == ["Oracle", "Original"]
     cfg = doc["configs"]
