@@ -17,6 +17,7 @@ The runs dir is local to the machine (PIDs are): $COUN_TUNE_CACHE/runs, else
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -261,9 +262,29 @@ def sigterm_as_sigint(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
+# Ray's own INFO lines at start ("Started a local Ray instance", ...) and its notice that token
+# auth is on (it is: nothing here turns it off) would come before coun-tune's lines, a one-line
+# error included; Ray's warnings and errors still show.
+RAY_LOGGING_LEVEL = logging.WARNING
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Token authentication is enabled")
+
+
+def _quiet_token_notice() -> None:
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in log.filters):
+        log.addFilter(_DropTokenAuthNotice())
+
+
 def env_vars_for_workers() -> dict[str, str]:
-    """What trials on every node must see as the driver does (an S3-compatible endpoint)."""
-    return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if os.environ.get(k)}
+    """What trials on every node must see as the driver does (an S3-compatible endpoint; that
+    no bucket may be created, see coun_tune.core.storage)."""
+    from coun_tune.core.storage import CREATE_BUCKETS_ENV
+
+    return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", CREATE_BUCKETS_ENV) if os.environ.get(k)}
 
 
 class RaySession:
@@ -287,13 +308,17 @@ class RaySession:
         runtime_env = {"env_vars": env_vars_for_workers()} if env_vars_for_workers() else None
         if self.address:
             probe_connect(self.address, float(os.environ.get(CONNECT_TIMEOUT_ENV, 45)))
-            ray.init(address=self.address, log_to_driver=False, runtime_env=runtime_env)
+            _quiet_token_notice()
+            ray.init(
+                address=self.address, log_to_driver=False, runtime_env=runtime_env, logging_level=RAY_LOGGING_LEVEL
+            )
             self.started = True
             self._catch_sigterm(sigterm_before)
             return self
         # short: Ray's socket paths must fit 107 bytes
         self.temp_dir = tempfile.mkdtemp(prefix="ctune-ray-")
         self.started = True
+        _quiet_token_notice()
         try:
             # No dashboard (its headless process listens on 127.0.0.1 only). GCS, raylet, object
             # manager and worker gRPC ports listen on all interfaces in Ray 2.60 whatever the node
@@ -305,6 +330,7 @@ class RaySession:
                 log_to_driver=False,
                 _temp_dir=self.temp_dir,
                 runtime_env=runtime_env,
+                logging_level=RAY_LOGGING_LEVEL,
             )
         finally:
             self.record = write_record(self.temp_dir)
