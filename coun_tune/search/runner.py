@@ -291,6 +291,8 @@ def run_search(
             file=out,
         )
         return Outcome(ALREADY_FINISHED, plan.state.parent_run_id, plan.state.experiment_id)
+    if plan.resume:
+        check_resumable(plan)
     # The SVC MIA (and so mia_*, avg_gap) may be computed only at the last epoch; Optuna reads
     # only the last report, so Tune must not insist every report holds every objective.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -307,6 +309,7 @@ def run_search(
     # config box and paths into the (removed) Ray temp dir. TrialProgress is the view.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     state_written = resume
+    parent = None  # (client, state) once the MLflow parent run is open: never left RUNNING
     try:
         with RaySession(address, log=lambda s: print(s, file=out, flush=True)) as session:
             import ray
@@ -318,7 +321,7 @@ def run_search(
             data_ref = ray.put(plan.data)
             base = train_base_models(plan, data_ref, out)
             session.refresh_record()  # the workers and agents exist now
-            client, state = open_parent_run(plan, base)
+            client, state = parent = open_parent_run(plan, base)
             state_written = True
             tuner = build_tuner(plan, state, data_ref, warm_start)
             journal = study_journal(plan)
@@ -331,9 +334,59 @@ def run_search(
                 )
             status, rows, wall = fit_trials(plan, tuner)
             return conclude(plan, client, state, status, rows, wall, out, data_ref, base)
+    except BaseException as error:
+        if parent is not None:
+            end_parent_after_error(plan, *parent, error, out)
+        raise
     finally:
         if not state_written:  # nothing was started for this search: leave no empty directory
             storage.remove_tree(plan.exp_uri)
+
+
+TUNER_STATE = "tuner.pkl"  # Tune's saved experiment, written when the Tuner is created
+
+
+def check_resumable(plan: SearchPlan) -> None:
+    """--resume needs Tune's saved experiment beside the search state; without it (its storage
+    lost or emptied since) Tuner.restore would end in a traceback after Ray started."""
+    from coun_tune.errors import UsageError
+
+    uri = storage.join(plan.exp_uri, TUNER_STATE)
+    if not storage.exists(uri):
+        raise UsageError(
+            f"--resume: search {plan.name} cannot be continued: its Tune state {uri} is gone "
+            "(deleted or lost with its storage); run the spec without --resume to start a new search"
+        )
+
+
+def end_parent_after_error(plan: SearchPlan, client, state: SearchState, error: BaseException, out) -> None:
+    """The search ended by an exception after its MLflow parent run was opened (a lost bucket,
+    an MLflow or Ray failure, a Ctrl-C outside Tune's loop): leave no run RUNNING. An interrupt
+    ends them interrupted and resumable (mark_interrupted); anything else FAILED, the parent
+    with the reason as its `error` tag. Best effort: the failure may be the store itself."""
+    from coun_tune.tracking.mlflow_store import child_runs
+
+    parent_id = state.parent_run_id
+    try:
+        if client.get_run(parent_id).info.status != "RUNNING":
+            return  # conclude ended it before the error
+        if isinstance(error, KeyboardInterrupt):
+            mark_interrupted(plan, client, state, out)
+            return
+        for run in child_runs(client, client.get_run(parent_id)):
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, "status", "failed")
+                client.set_terminated(run.info.run_id, status="FAILED")
+        client.set_tag(parent_id, "status", "failed")
+        client.set_tag(parent_id, "error", (" ".join(str(error).split()) or type(error).__name__)[:500])
+        client.set_terminated(parent_id, status="FAILED")
+    except Exception:  # the original error is what the user must see
+        return
+    try:
+        state.status = FAILED
+        state.save(plan.exp_uri)
+    except Exception:  # the storage may be what failed
+        pass
 
 
 def train_base_models(plan: SearchPlan, data_ref, out) -> dict:
