@@ -405,12 +405,71 @@ def _tune_results(results_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+def _start_search(cwd: Path, *args: str):
+    """`coun-tune search spec.yaml ARGS` in its own session; its stdout lines are collected
+    with the time each arrived. Returns (process, lines, reader thread)."""
+    proc = subprocess.Popen(
+        [*cli_command(), "search", "spec.yaml", *args],
+        cwd=cwd,
+        env=child_env(COUN_TUNE_CACHE=str(cwd / "cc")),
+        stdout=subprocess.PIPE,
+        stderr=open(cwd / "stderr.txt", "a"),  # noqa: SIM115  (closed with the process)
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[tuple[float, str]] = []  # (monotonic time, stdout line)
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), s.rstrip("\n")) for s in proc.stdout))
+    reader.start()
+    return proc, lines, reader
+
+
+def _wait_for_first_result(client, name: str, proc) -> None:
+    deadline = time.monotonic() + 600
+    while True:
+        exp = client.get_experiment_by_name(name)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if any("retain_acc" in r.data.metrics for r in runs):
+            return
+        assert proc.poll() is None, "the search ended before the server was stopped"
+        assert time.monotonic() < deadline, "no trial result reached MLflow"
+        time.sleep(0.5)
+
+
+def _assert_mlflow_holds_tunes_results(client, name: str, results_dir: Path, num_trials: int) -> None:
+    """Every trial's metric history in MLflow equals Tune's reports (its result.json files),
+    one point per (metric, epoch); every trial run FINISHED."""
+    from coun_tune.calibration import is_split_metric
+    from coun_tune.tracking.trial_logger import METRIC_KEYS
+
+    tune = _tune_results(results_dir)
+    assert len(tune) == num_trials, sorted(tune)
+    exp = client.get_experiment_by_name(name)
+    children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("coun_tune.role") == "trial"]
+    assert sorted(c.data.tags["coun_tune.trial_id"] for c in children) == sorted(tune)
+    for c in children:
+        reports = tune[c.data.tags["coun_tune.trial_id"]]
+        epochs = [int(r["epoch"]) for r in reports]
+        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) == int(reports[-1]["epochs_planned"])
+        assert c.info.status == "FINISHED"
+        keys = {
+            k
+            for r in reports
+            for k, v in r.items()
+            if (k in METRIC_KEYS or is_split_metric(k)) and isinstance(v, (int, float))
+        }
+        assert "retain_acc" in keys and "forget_gap" in keys
+        for key in keys:
+            history = client.get_metric_history(c.info.run_id, key)
+            steps = [m.step for m in history]
+            assert len(steps) == len(set(steps)), (c.info.run_id, key, sorted(steps))
+            logged = {m.step: m.value for m in history}
+            expected = {int(r["epoch"]): float(r[key]) for r in reports if isinstance(r.get(key), (int, float))}
+            assert logged == pytest.approx(expected, abs=1e-9), (key, logged, expected)
+
+
 @pytest.mark.slow
 def test_search_goes_on_while_the_mlflow_server_is_down(server, tmp_path, prepared, session_cache_dir):
     from mlflow.tracking import MlflowClient
-
-    from coun_tune.calibration import is_split_metric
-    from coun_tune.tracking.trial_logger import METRIC_KEYS
 
     name = "outage"
     write_spec(
@@ -424,31 +483,10 @@ def test_search_goes_on_while_the_mlflow_server_is_down(server, tmp_path, prepar
         sampler="random",
         space={**SPACE, "epochs": EPOCHS},
     )
-    env = child_env(COUN_TUNE_CACHE=str(tmp_path / "cc"))
-    proc = subprocess.Popen(
-        [*cli_command(), "search", "spec.yaml"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=open(tmp_path / "stderr.txt", "w"),  # noqa: SIM115  (closed with the process)
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[tuple[float, str]] = []  # (monotonic time, stdout line)
-    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), s.rstrip("\n")) for s in proc.stdout))
-    reader.start()
+    proc, lines, reader = _start_search(tmp_path)
     client = MlflowClient(tracking_uri=server.url)
     try:
-        # wait for the first trial result in MLflow, then stop the server
-        deadline = time.monotonic() + 600
-        while True:
-            exp = client.get_experiment_by_name(name)
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            if any("retain_acc" in r.data.metrics for r in runs):
-                break
-            assert proc.poll() is None, "the search ended before the server was stopped"
-            assert time.monotonic() < deadline, "no trial result reached MLflow"
-            time.sleep(0.5)
+        _wait_for_first_result(client, name, proc)
         t_stopping = time.monotonic()
         server.stop()
         t_down = time.monotonic()
@@ -481,26 +519,64 @@ def test_search_goes_on_while_the_mlflow_server_is_down(server, tmp_path, prepar
     assert "on_trial_result took" not in err, err[-3000:]
 
     # every trial's metrics in MLflow are Tune's results, one point per (metric, epoch)
-    tune = _tune_results(tmp_path / "results")
-    assert len(tune) == 3, sorted(tune)
+    _assert_mlflow_holds_tunes_results(client, name, tmp_path / "results", 3)
+
+
+@pytest.mark.slow
+def test_a_search_ending_while_mlflow_is_down_is_resumed_with_nothing_lost(
+    server, tmp_path, prepared, session_cache_dir
+):
+    """The server stops after the first result and stays down past the end of the trials: the
+    search waits a bounded time (writer.FLUSH_TIMEOUT_S), says so, exits 130 resumable without
+    calling MLflow again; once the server is back, --resume writes the buffered records (kept in
+    Tune's saved experiment) and ends the search as it would have ended."""
+    from mlflow.tracking import MlflowClient
+
+    name = "outage_at_end"
+    write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        cache_dir=session_cache_dir,
+        storage_path=tmp_path / "results",
+        tracking_uri=server.url,
+        num_samples=2,
+        max_concurrent_trials=2,
+        sampler="random",
+        space={**SPACE, "epochs": 2},
+    )
+    proc, lines, reader = _start_search(tmp_path)
+    client = MlflowClient(tracking_uri=server.url)
+    try:
+        _wait_for_first_result(client, name, proc)
+        server.stop()
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            stop_session(proc.pid)
+        reader.join(30)
+        stop_session(proc.pid, grace=10)
+        if server.proc is None:
+            server.start()
+    out = "\n".join(s for _, s in lines)
+    err = (tmp_path / "stderr.txt").read_text(errors="replace")
+    assert proc.returncode == 130, f"search exited {proc.returncode}\n{out[-4000:]}\n--- stderr\n{err[-4000:]}"
+    assert len(lines_with(out, UNREACHABLE)) == 1 and not lines_with(out, REACHABLE), out
+    assert len([s for s in out.splitlines() if "still unreachable:" in s and "records not written" in s]) == 1, out
+    assert "search left resumable" in out and "--resume" in out and "Pareto front" not in out, out
+    (search_dir,) = [p for p in (tmp_path / "results").iterdir() if p.is_dir()]
+    assert json.loads((search_dir / "coun_tune_search.json").read_text())["status"] == "interrupted"
+
+    proc, lines, reader = _start_search(tmp_path, "--resume")
+    try:
+        proc.wait(timeout=900)
+    finally:
+        reader.join(30)
+        stop_session(proc.pid, grace=10)
+    out = "\n".join(s for _, s in lines)
+    err = (tmp_path / "stderr.txt").read_text(errors="replace")
+    assert proc.returncode == 0, f"--resume exited {proc.returncode}\n{out[-4000:]}\n--- stderr\n{err[-4000:]}"
+    assert "Pareto front" in out and not lines_with(out, UNREACHABLE), out
+    _assert_mlflow_holds_tunes_results(client, name, tmp_path / "results", 2)
     exp = client.get_experiment_by_name(name)
-    children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("coun_tune.role") == "trial"]
-    assert sorted(c.data.tags["coun_tune.trial_id"] for c in children) == sorted(tune)
-    for c in children:
-        reports = tune[c.data.tags["coun_tune.trial_id"]]
-        assert [int(r["epoch"]) for r in reports] == list(range(1, EPOCHS + 1))
-        assert c.info.status == "FINISHED"
-        keys = {
-            k
-            for r in reports
-            for k, v in r.items()
-            if (k in METRIC_KEYS or is_split_metric(k)) and isinstance(v, (int, float))
-        }
-        assert "retain_acc" in keys and "forget_gap" in keys
-        for key in keys:
-            history = client.get_metric_history(c.info.run_id, key)
-            steps = [m.step for m in history]
-            assert len(steps) == len(set(steps)), (c.info.run_id, key, sorted(steps))
-            logged = {m.step: m.value for m in history}
-            expected = {int(r["epoch"]): float(r[key]) for r in reports if isinstance(r.get(key), (int, float))}
-            assert logged == pytest.approx(expected, abs=1e-9), (key, logged, expected)
+    parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("coun_tune.role") == "search"]
+    assert [p.info.status for p in parents] == ["FINISHED"]
