@@ -85,6 +85,12 @@ def _raylet_running(temp_dir: Path) -> bool:
     return any(cmdline(p).split(" ")[0].endswith("/raylet") for p in pids_with_arg(str(temp_dir)))
 
 
+# The nodes declare a GPU they lack (--num-gpus 1 on a CPU box): let their workers train on the
+# CPU instead of failing with pick_device's "sees no CUDA" line (tests/test_i17_resources.py
+# checks that line with the opt-out off).
+FAKE_GPU_OK = {"COUN_TUNE_ALLOW_FAKE_GPU": "1"}
+
+
 @contextmanager
 def ray_cluster(base: Path, node_envs: dict[str, dict], node_cwds: dict[str, Path] | None = None):
     """A head node and a worker node (`ray start`, one CPU and one fake GPU each), each started
@@ -123,7 +129,7 @@ def ray_cluster(base: Path, node_envs: dict[str, dict], node_cwds: dict[str, Pat
                 str(head_tmp),
                 *common,
             ],
-            node_envs["head"],
+            {**node_envs["head"], **FAKE_GPU_OK},
             sessions,
             cwd=cwds.get("head"),
         )
@@ -139,7 +145,7 @@ def ray_cluster(base: Path, node_envs: dict[str, dict], node_cwds: dict[str, Pat
                 str(worker_tmp),
                 *common,
             ],
-            node_envs["worker"],
+            {**node_envs["worker"], **FAKE_GPU_OK},
             sessions,
             cwd=cwds.get("worker"),
         )
