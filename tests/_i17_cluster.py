@@ -80,7 +80,17 @@ class LoopbackCluster:
             str(temp_dir),
         ]
         if self.address is None:
-            args = ["--head", "--port", str(gcs), "--include-dashboard=false", *args]
+            # not Ray Client's default port 10001: other tests' clusters may run at the same time
+            (client,) = free_ports(1)
+            args = [
+                "--head",
+                "--port",
+                str(gcs),
+                "--ray-client-server-port",
+                str(client),
+                "--include-dashboard=false",
+                *args,
+            ]
         else:
             args = ["--address", self.address, *args]
         # on a loaded machine a node's registration can take longer than Ray's 30 s default

@@ -50,12 +50,14 @@ def token_head(tmp_path_factory):
         gen = _ray("get-auth-token", "--generate", env=env, sessions=sessions)
         token_file = home / ".ray" / "auth_token"
         assert token_file.is_file(), gen.stdout
-        gcs, agent, metrics = free_ports(3)
+        gcs, agent, metrics, client = free_ports(4)
         started = _ray(
             "start",
             "--head",
             "--port",
             str(gcs),
+            "--ray-client-server-port",  # not the default 10001: other tests' clusters may run at once
+            str(client),
             "--node-ip-address",
             "127.0.0.1",
             "--num-cpus",

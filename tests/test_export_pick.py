@@ -61,8 +61,8 @@ def exported_trial(text: str, run_ids: list[str]) -> int:
     ],
 )
 def test_export_writes_and_registers_the_picked_trial(store, pick, trial, alias):
-    from coun_tune.tracking.models import load_model_uri
     from coun_tune.tracking.export import export_config, exported_model_uri
+    from coun_tune.tracking.models import load_model_uri
 
     root, uri, client, parent, run_ids = store
     out = export_config(client, parent, pick, root / f"{alias}.yaml")
@@ -117,8 +117,8 @@ def test_model_uris_resolve_through_the_given_store_only(store, tmp_path, monkey
     """MLflow's own models:/ and runs:/ resolution reads the process-global tracking URI (and
     creates ./mlflow.db); ours must use the store it is given, and say what is wrong in one line."""
     from coun_tune.errors import UsageError
-    from coun_tune.tracking.models import MODEL_NAME, load_model_uri
     from coun_tune.tracking.export import export_config
+    from coun_tune.tracking.models import MODEL_NAME, load_model_uri
 
     root, uri, client, parent, run_ids = store
     monkeypatch.chdir(tmp_path)

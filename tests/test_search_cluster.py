@@ -98,7 +98,7 @@ def ray_cluster(base: Path, node_envs: dict[str, dict], node_cwds: dict[str, Pat
     dir}. node_envs must name "head" and "worker". Everything started is stopped by PID."""
     # Short temp dirs: Ray puts Unix sockets under them (108-byte path limit).
     head_tmp, worker_tmp = base / "h", base / "w"
-    gcs, agent_h, agent_w, metrics_h, metrics_w = free_ports(5)
+    gcs, agent_h, agent_w, metrics_h, metrics_w, client = free_ports(6)
     common = [
         "--node-ip-address",
         "127.0.0.1",
@@ -120,6 +120,8 @@ def ray_cluster(base: Path, node_envs: dict[str, dict], node_cwds: dict[str, Pat
                 "--head",
                 "--port",
                 str(gcs),
+                "--ray-client-server-port",  # not the default 10001: other tests' clusters may run at once
+                str(client),
                 "--include-dashboard=false",
                 "--dashboard-agent-listen-port",
                 str(agent_h),
