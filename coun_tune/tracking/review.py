@@ -278,9 +278,12 @@ def mark_trials(client, f: Front, ts: int) -> None:
         )
         client.set_tag(r["run_id"], "pareto", "true" if rank == 0 else "false")
         client.set_tag(r["run_id"], describe.RUN_COLOR, describe.COLORS["pareto" if rank == 0 else "dominated"])
-    picked = {r["run_id"] for r in f.rows}
+    picked = {r["run_id"]: r for r in f.rows}
+    for r in f.all_rows:  # every trial's own row carries its marks too (pick_basis copied them)
+        r.update({k: picked[r["run_id"]][k] for k in ("is_pareto", "is_knee")} if r["run_id"] in picked else {})
     for r in f.all_rows:  # off the validated set: on no front a pick is made from
         if r["run_id"] not in picked:
+            r.update(is_pareto=0.0, is_knee=0.0)
             client.log_batch(r["run_id"], metrics=[Metric(k, 0.0, ts, 0) for k in ("is_pareto", "is_knee")])
             client.set_tag(r["run_id"], "pareto", "false")
             client.set_tag(r["run_id"], describe.RUN_COLOR, describe.COLORS["dominated"])
