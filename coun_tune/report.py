@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+
+
+class _CurrentStdout:
+    """A default `out=` that writes to whatever sys.stdout is when it writes, not the stream
+    that was sys.stdout when the function was defined (a default of sys.stdout is bound at
+    import, and under a test's captured output that stream is closed afterwards)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+STDOUT = _CurrentStdout()
 
 MAIN_ROWS = (
     "retain_acc",

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from collections.abc import Callable
 
 import torch
 
 from coun_tune.core.datasets import DatasetArrays
+from coun_tune.report import STDOUT
 
 # Tests only: the driver sends itself SIGINT (a Ctrl-C) once this many hold-out runs finished.
 TEST_SIGINT_ENV = "COUN_TUNE_TEST_SIGINT_AFTER_HOLDOUT_RUNS"
@@ -103,7 +103,7 @@ def transfer_check(
     cache_dir: str | None = None,
     device: str | None = None,
     log: Callable[[str], None] = print,
-    out=sys.stdout,
+    out=STDOUT,
 ) -> dict[str, dict[str, float]]:
     """`coun-tune transfer`: the hold-out check of a finished search, later (a search whose
     spec had no `holdout`, or more splits). The same path as the search's own check: the

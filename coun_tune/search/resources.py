@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coun_tune.errors import UsageError
+from coun_tune.report import STDOUT
 
 CLUSTER_CONFIG_ENV = "COUN_TUNE_CLUSTER_CONFIG"
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -162,7 +163,7 @@ def autoscaler_types() -> tuple[list[NodeType] | None, str]:
 # --- the check ----------------------------------------------------------------------------------
 
 
-def check_cluster(resources_per_trial: dict, max_concurrent_trials: int, out=sys.stdout) -> Capacity:
+def check_cluster(resources_per_trial: dict, max_concurrent_trials: int, out=STDOUT) -> Capacity:
     """Fail (UsageError) when no node or node type can hold one trial; print a warning when
     fewer than max_concurrent_trials fit at once. Call it connected to Ray, before any task."""
     ask = trial_request(resources_per_trial)

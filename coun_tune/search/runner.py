@@ -25,6 +25,7 @@ from pathlib import Path
 
 from coun_tune.config.search_spec import Domain, SearchSpec
 from coun_tune.core import storage
+from coun_tune.report import STDOUT
 from coun_tune.search.plan import SearchPlan, SearchState, make_plan
 
 FINISHED, INTERRUPTED, FAILED, ALREADY_FINISHED = "finished", "interrupted", "failed", "already_finished"
@@ -273,7 +274,7 @@ def run_search(
     address: str | None = None,
     tracking_uri: str | None = None,
     resume: bool = False,
-    out=sys.stdout,
+    out=STDOUT,
     spec_path: str | None = None,
     warm_start: list[dict] | None = None,
 ) -> Outcome:

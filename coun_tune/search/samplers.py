@@ -23,6 +23,21 @@ class NoRepeatNSGAII(optuna.samplers.NSGAIISampler):
     on a known answer. A repeat is replaced by NSGA-II's own fallback for parameters it does
     not sample jointly: a random draw."""
 
+    # Tune pickles the searcher with the Tuner (tuner.pkl, --resume). Optuna 5.1's NSGA-II holds
+    # a threading lock (`_thread_lock`), which cannot be pickled: drop it and make a fresh one.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if "_thread_lock" in state:
+            state["_thread_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "_thread_lock" in state:
+            import threading
+
+            self._thread_lock = threading.Lock()
+
     def sample_relative(self, study, trial, search_space):
         params = super().sample_relative(study, trial, search_space)
         # compare on the jointly sampled keys only: the rest (an int domain, say) is drawn

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import queue
-import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from coun_tune.core.engine import resolve_hparams
 from coun_tune.core.pipeline import prepare
 from coun_tune.core.recipes import Scenario
 from coun_tune.errors import UsageError
+from coun_tune.report import STDOUT
 from coun_tune.tracking.trial_logger import EPOCHS_PLANNED
 
 STATE_FILE = "state.pt"
@@ -237,7 +237,7 @@ def _node_lost_errors() -> tuple[type, ...]:
 
 
 def ensure_base_models_streaming(
-    scenario: dict, cache_dir: str, data_ref, resources: dict, out=sys.stdout, oracle_seeds: int = 1, prefix: str = ""
+    scenario: dict, cache_dir: str, data_ref, resources: dict, out=STDOUT, oracle_seeds: int = 1, prefix: str = ""
 ) -> dict:
     """Make sure theta_o and theta_r are in the cache (training them in a Ray task on whichever
     node has the resources) and print the task's progress lines to `out` as they arrive: the
@@ -282,7 +282,7 @@ def ensure_splits(
     cache_dir: str,
     data_ref,
     resources: dict,
-    out=sys.stdout,
+    out=STDOUT,
     oracle_seeds: int = 1,
 ) -> dict[int, dict]:
     """ensure_base_models_streaming for the forget sets drawn by each split seed: the first

@@ -14,7 +14,7 @@ import yaml
 
 from coun_tune import pareto
 from coun_tune.errors import UsageError
-from coun_tune.report import fmt
+from coun_tune.report import STDOUT, fmt
 from coun_tune.report import plus_minus as _pm
 from coun_tune.tracking import describe
 from coun_tune.tracking.review import HOLDOUT, basis_note, objectives_of, pick_basis, trial_rows
@@ -39,7 +39,7 @@ def export_config(
     include_pruned: bool = False,
     model_name: str | None = None,
     register: bool = True,
-    stream=sys.stdout,
+    stream=STDOUT,
 ) -> Path:
     """Write the picked trial's unlearn config (its `model/config.yaml`: every hyperparameter,
     defaults included) to `output` with a header naming the search, the trial, its metrics and

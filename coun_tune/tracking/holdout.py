@@ -16,7 +16,6 @@ rows: the do-nothing reference), `holdout.json` (a table the MLflow UI shows), t
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ import yaml
 from coun_tune import pareto
 from coun_tune.calibration import NOISE_OF, holdout_flag, sample_std
 from coun_tune.errors import UsageError
+from coun_tune.report import STDOUT
 from coun_tune.tracking.review import LOGGED_ARTIFACTS, objectives_of, trial_rows
 
 SHOWN = ("forget_gap", "retain_acc", "test_acc", "avg_gap")  # logged beside the objectives
@@ -103,7 +103,7 @@ def log_holdout(
     split_seeds: list[int],
     reference: dict[int, dict],
     noise: dict[str, float],
-    out=sys.stdout,
+    out=STDOUT,
 ) -> dict[str, dict[str, float]]:
     """Write the check's results to MLflow (see the module docstring) and print the table of
     calibration beside hold-out. `reference`: {split seed: the original's metrics with gaps to
@@ -192,7 +192,7 @@ def validate_front(
     noise: dict[str, float],
     records: list[dict] | None = None,
     save: Callable[[list[dict]], None] | None = None,
-    out=sys.stdout,
+    out=STDOUT,
 ) -> dict[str, dict[str, float]]:
     """The hold-out check of a search: its calibration front re-run on `split_seeds` by
     `run(configs, done, on_record, labels)` (search.holdout.run_configs bound to a Ray cluster;

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ import yaml
 
 from coun_tune import pareto
 from coun_tune.errors import UsageError
+from coun_tune.report import STDOUT, table
 from coun_tune.report import plus_minus as _pm
-from coun_tune.report import table
 from coun_tune.tracking import describe
 from coun_tune.tracking.hypervolume import hypervolume_history, hypervolume_over_original
 from coun_tune.tracking.marks import (
@@ -535,7 +534,7 @@ def print_front(f: Front, hv: float, hv_info: dict, headers: list[str], body: li
 
 
 def review_pareto(
-    client, parent_run_id: str, objectives: dict[str, str] | None = None, out=sys.stdout, include_pruned: bool = False
+    client, parent_run_id: str, objectives: dict[str, str] | None = None, out=STDOUT, include_pruned: bool = False
 ) -> dict:
     """Compute the front of a search from MLflow and write it back (see the module docstring)."""
     f = load_front(client, parent_run_id, objectives, include_pruned)
@@ -626,7 +625,7 @@ def holdout_baselines(base_doc: dict, names: list[str]) -> dict[str, dict]:
     return out
 
 
-def print_review_link(tracking_uri: str, experiment_id: str, parent_run_id: str, out=sys.stdout) -> None:
+def print_review_link(tracking_uri: str, experiment_id: str, parent_run_id: str, out=STDOUT) -> None:
     cmd = describe.ui_command(tracking_uri)
     print("\nreview in MLflow" + (f" (serve it first: {cmd})" if cmd else "") + ":", file=out)
     print(f"  {describe.runs_link(tracking_uri, experiment_id, parent_run_id)}", file=out)
