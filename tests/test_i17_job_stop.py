@@ -44,6 +44,7 @@ from _search_helpers import (
 NODE_MEMORY = 2 * 1024**3  # each `ray start` would otherwise claim the machine's memory
 NODE_OBJECT_STORE = 100 * 1024**2
 NAME = "jobstop"
+EPOCHS = 30  # per trial: the stop must land while a trial is still running
 
 
 def _ray(*args: str, env: dict, timeout: float = 180, sessions: list[int] | None = None) -> str:
@@ -182,7 +183,9 @@ def test_ray_job_stop_ends_the_search_like_ctrl_c_and_resume_completes_it(
         num_samples=2,
         max_concurrent_trials=1,  # one trial after the other: `ray job stop` lands mid-search
         sampler="random",
-        space={**SPACE, "epochs": 4},
+        # long enough that the stop lands mid-trial on a quiet box too (at 4 epochs the search
+        # could finish between the first report and the driver's SIGTERM, and exit 0)
+        space={**SPACE, "epochs": EPOCHS},
     )
     out, err, rc = tmp_path / "job.out", tmp_path / "job.err", tmp_path / "job.rc"
     search = shlex.join([*cli_command(), "search", "spec.yaml", "--address", "auto"])
@@ -214,7 +217,9 @@ def test_ray_job_stop_ends_the_search_like_ctrl_c_and_resume_completes_it(
     deadline = time.monotonic() + 400
     while not (
         out.exists()
-        and any(line.split()[1:3] == ["running", "1/4"] for line in out.read_text().splitlines() if line.strip())
+        and any(
+            line.split()[1:3] == ["running", f"1/{EPOCHS}"] for line in out.read_text().splitlines() if line.strip()
+        )
     ):
         status = _ray("job", "status", "--address", dashboard, job_id, env=env, timeout=60)
         if "RUNNING" not in status and "PENDING" not in status:
@@ -257,5 +262,5 @@ def test_ray_job_stop_ends_the_search_like_ctrl_c_and_resume_completes_it(
     for c in children:
         assert c.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "retain_acc")]
-        assert sorted(steps) == [1, 2, 3, 4]  # the interrupted trial went on from its checkpoint
+        assert sorted(steps) == list(range(1, EPOCHS + 1))  # the interrupted trial went on from its checkpoint
     print(f"job submitted, stopped at epoch 1 and the driver out: {stopped_s:.0f} s")
