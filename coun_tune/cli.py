@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
             type=int if h.kind == "int" else float,
             help=f"{h.help} (default {h.default})",
         )
+    from coun_tune.config.unlearn_config import RENAMED_HPARAMS
+
+    for old in RENAMED_HPARAMS:  # old flags still run what they did (converted with one warning line)
+        u.add_argument("--" + old.replace("_", "-"), dest="hp_" + old, type=int, help=argparse.SUPPRESS)
     u.add_argument("--output", default="out", help="output directory (default: out)")
     u.add_argument("--overwrite", action="store_true", help="write into --output even if it holds files")
     u.add_argument("--cache-dir", help="base-model cache (default: $COUN_TUNE_CACHE or ~/.cache/coun-tune)")

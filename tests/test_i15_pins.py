@@ -346,3 +346,53 @@ def test_the_cli_refuses_an_old_config_with_exit_2_naming_the_new_key(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("coun-tune: error: ") and "l1_fraction" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.yaml"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "old,new,method", [("l1_epochs", "l1_fraction", "l1_sparse"), ("scrub_max_steps", "scrub_max_fraction", "scrub")]
+)
+@pytest.mark.parametrize("domain", [{"int": [1, 3]}, 2])
+def test_a_search_spec_with_an_old_name_is_refused_naming_the_new_key(old, new, method, domain):
+    """A searched (or fixed) old name in `space` has no single share of the epochs (each trial
+    draws its own): refused, naming the new key, not the generic 'no hyperparameter'."""
+    from coun_tune.errors import UsageError
+
+    doc = {
+        "name": "old",
+        "scenario": {"dataset": "digits", "forget": "random:0.1", "seed": 0},
+        "method": method,
+        "objectives": {"forget_gap": "min", "retain_acc": "max"},
+        "space": {old: domain, "lr": {"log": [0.01, 0.1]}, "epochs": {"int": [2, 5]}},
+    }
+    with pytest.raises(UsageError, match=rf"space\.{old}: renamed {new}.*search {new} in \[0, 1\]") as e:
+        validate_search_spec(doc)
+    assert "\n" not in str(e.value)
+
+
+def test_the_old_flag_is_refused_with_exit_2_when_it_cannot_convert(tmp_path, capsys, monkeypatch):
+    from coun_tune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COUN_TUNE_CACHE", str(tmp_path / "cache"))
+    args = ["unlearn", "--method", "l1_sparse", "--l1-epochs", "9", "--epochs", "4", "--output", str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "l1_fraction" in err[0] and "9" in err[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_old_flag_runs_what_it_ran_with_one_warning(tmp_path, capsys, monkeypatch):
+    """--scrub-max-steps 1 at --epochs 2: one max pass of two epochs, i.e. scrub_max_fraction 0.5
+    in the written config, and one deprecation line."""
+    from coun_tune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COUN_TUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "o"
+    args = ["unlearn", "--method", "scrub", "--scrub-max-steps", "1", "--epochs", "2", "--recipe", "tiny"]
+    assert main([*args, "--device", "cpu", "--output", str(out)]) == 0
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["hparams"]["scrub_max_fraction"] == pytest.approx(0.5)
+    assert "scrub_max_steps" not in written["hparams"]
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "deprecated" in ln]
+    assert len(warned) == 1 and "scrub_max_steps" in warned[0] and "scrub_max_fraction 0.5" in warned[0]

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coun_tune.config.unlearn_config import read_yaml, validate_scenario
+from coun_tune.config.unlearn_config import RENAMED_HPARAMS, read_yaml, validate_scenario
 from coun_tune.core.methods import METHODS, method_hparams
 from coun_tune.core.metrics import METRICS
 from coun_tune.core.recipes import Scenario
@@ -283,6 +283,14 @@ def _space(value: Any, method: str) -> tuple[dict[str, Domain], dict[str, Any]]:
         raise UsageError("space must be a mapping of hyperparameter -> domain or value")
     space, fixed = {}, {}
     for hp, v in space_doc.items():
+        if hp in RENAMED_HPARAMS and RENAMED_HPARAMS[hp] in declared:
+            # a searched epoch count has no single share of the epochs (the epochs vary per trial):
+            # name the new key instead of converting
+            new = RENAMED_HPARAMS[hp]
+            raise UsageError(
+                f"space.{hp}: renamed {new}, a share of the trial's epochs (n of E epochs is {new} n/E); "
+                f"search {new} in [0, 1] instead"
+            )
         if hp not in declared:
             raise UsageError(
                 f"space.{hp}: method {method!r} has no hyperparameter {hp!r}; it has {', '.join(sorted(declared))}"
