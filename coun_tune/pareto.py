@@ -176,11 +176,17 @@ def normalised_hypervolume_gain(points: np.ndarray, baseline: np.ndarray, ref: n
 
 def knee_index(values: np.ndarray, modes: Sequence[str]) -> int:
     """Index (into `values`, which should be the front) of the point closest to the ideal
-    point after min-max scaling each objective over the front: a balanced compromise."""
+    point after min-max scaling each objective over the front: a balanced compromise.
+    Equally close points (a two-point front is always a tie: both at distance 1) are told apart
+    by the objectives in their order (the first objective's better value wins), never by row
+    order, which follows the trials' start order and so differs between runs of one search."""
     v = to_minimisation(values, modes)
     lo, hi = v.min(axis=0), v.max(axis=0)
     scaled = (v - lo) / np.where(hi > lo, hi - lo, 1.0)
-    return int(np.argmin(np.linalg.norm(scaled, axis=1)))
+    dist = np.linalg.norm(scaled, axis=1)
+    tied = np.flatnonzero(dist <= dist.min() + 1e-12)
+    best = np.lexsort(v[tied].T[::-1])[0]  # lexsort's primary key is its last: the first objective
+    return int(tied[best])
 
 
 _CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*(-?[0-9.eE+-]+)\s*$")

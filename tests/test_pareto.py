@@ -151,3 +151,15 @@ def test_hypervolume_gain_over_a_baseline_by_hand():
     assert hypervolume(pts, base) == 0.0  # the degenerate reference point
     assert hypervolume_gain(pts[2:], base, ref) == 0.0  # dominated by doing nothing: no gain
     assert normalised_hypervolume_gain(np.array([[0.0, -100.0]]), base, ref, ideal) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("order", [[0, 1], [1, 0]])
+def test_a_tied_knee_does_not_depend_on_row_order(order):
+    """A two-point front: both points scale to (0, 1) and (1, 0), distance 1 from the ideal.
+    The tie goes to the better first objective (forget_gap 0.69, min) in either row order."""
+    front = np.array([[0.69, 95.98], [1.39, 98.30]])[order]
+    chosen = front[pareto.knee_index(front, ["min", "max"])]
+    assert chosen.tolist() == [0.69, 95.98]
+    # the first objective decides, whichever it is: with retain_acc first, 98.30 (max) wins
+    swapped = front[:, ::-1]
+    assert swapped[pareto.knee_index(swapped, ["max", "min"])].tolist() == [98.30, 1.39]
