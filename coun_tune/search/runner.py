@@ -406,6 +406,7 @@ def train_base_models(plan: SearchPlan, data_ref, out) -> dict:
         spec.resources_per_trial,
         out,
         oracle_seeds=spec.oracle_seeds,
+        max_failures=spec.max_failures,
     )
     base = results[spec.calibration_seeds[0]]
     for role in ("original", "oracle"):

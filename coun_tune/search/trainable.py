@@ -223,11 +223,13 @@ def _base_models_stream(scenario: dict, cache_dir: str, data: DatasetArrays, cpu
     yield box["result"]
 
 
-# Times a base-model task is re-run after losing its worker or node (a spot preemption); each
-# run resumes the training from its last checkpoint in cache_dir (base_models.CHECKPOINT_NAME).
-# The driver retries, not Ray (max_retries=0): Ray's retry of a streaming task drops the new
-# run's first lines (as many as the lost run had sent), "resuming from epoch k" among them.
-BASE_TASK_RETRIES = 5
+# How many times a base-model task is started again after losing its worker or node (a spot
+# preemption): the spec's `max_failures`, with Tune's FailureConfig meaning (-1: for ever, 0:
+# never), so the base models survive as many preemptions as a trial does. Each run resumes the
+# training from its last checkpoint in cache_dir (base_models.CHECKPOINT_NAME). The driver
+# retries, not Ray (max_retries=0): Ray's retry of a streaming task drops the new run's first
+# lines (as many as the lost run had sent), "resuming from epoch k" among them.
+DEFAULT_MAX_FAILURES = 3  # the spec's default (config.search_spec), for callers without a spec
 
 
 def _node_lost_errors() -> tuple[type, ...]:
@@ -236,8 +238,19 @@ def _node_lost_errors() -> tuple[type, ...]:
     return (x.WorkerCrashedError, x.NodeDiedError, x.LocalRayletDiedError, x.ObjectLostError, x.OutOfMemoryError)
 
 
+def _retry_label(retry: int, max_failures: int) -> str:
+    return f"retry {retry} of {max_failures}" if max_failures >= 0 else f"retry {retry}, max_failures -1: no limit"
+
+
 def ensure_base_models_streaming(
-    scenario: dict, cache_dir: str, data_ref, resources: dict, out=STDOUT, oracle_seeds: int = 1, prefix: str = ""
+    scenario: dict,
+    cache_dir: str,
+    data_ref,
+    resources: dict,
+    out=STDOUT,
+    oracle_seeds: int = 1,
+    prefix: str = "",
+    max_failures: int = DEFAULT_MAX_FAILURES,
 ) -> dict:
     """Make sure theta_o and theta_r are in the cache (training them in a Ray task on whichever
     node has the resources) and print the task's progress lines to `out` as they arrive: the
@@ -245,13 +258,17 @@ def ensure_base_models_streaming(
     resources: {"cpu": ..., "gpu": ...}; `prefix` starts every printed line (which split it is
     when several train at once). Returns ensure_base_models_task's dict; a UsageError
     raised on the worker (a corrupted cache file, say) is raised here as itself. A task whose
-    worker or node is lost is started again (BASE_TASK_RETRIES times) and resumes training."""
+    worker or node is lost is started again, up to `max_failures` times (the spec's key; -1:
+    for ever), and resumes training from its checkpoint; the next loss raises the Ray error."""
     import ray
 
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < -1:
+        raise ValueError(f"max_failures must be an integer >= -1, got {max_failures!r}")
     task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], num_returns="streaming", max_retries=0)(
         _base_models_stream
     )
-    for attempt in range(BASE_TASK_RETRIES + 1):
+    retries = 0
+    while True:
         try:
             for ref in task.remote(scenario, cache_dir, data_ref, int(max(1, resources["cpu"])), oracle_seeds):
                 item = ray.get(ref)
@@ -263,17 +280,17 @@ def ensure_base_models_streaming(
                 raise e.cause from None
             raise
         except _node_lost_errors() as e:
-            if attempt == BASE_TASK_RETRIES:
+            if 0 <= max_failures <= retries:
                 raise
+            retries += 1
             print(
                 f"{prefix}base-model task lost its worker ({type(e).__name__}); starting it again "
-                f"({attempt + 1} of {BASE_TASK_RETRIES}), it resumes from its last checkpoint",
+                f"({_retry_label(retries, max_failures)}), it resumes from its last checkpoint",
                 file=out,
                 flush=True,
             )
             continue
-        break
-    raise RuntimeError("the base-model task ended without a result")
+        raise RuntimeError("the base-model task ended without a result")
 
 
 def ensure_splits(
@@ -284,12 +301,14 @@ def ensure_splits(
     resources: dict,
     out=STDOUT,
     oracle_seeds: int = 1,
+    max_failures: int = DEFAULT_MAX_FAILURES,
 ) -> dict[int, dict]:
     """ensure_base_models_streaming for the forget sets drawn by each split seed: the first
     goes alone (it trains the original every split shares, and the extra oracles of the noise
     floor when oracle_seeds >= 2), then the others' oracles train in parallel Ray tasks (as
-    many at once as the cluster has room for), each printed line prefixed by its split.
-    Returns {seed: the task's result}."""
+    many at once as the cluster has room for), each printed line prefixed by its split. A task
+    that loses its node is started again up to `max_failures` times (-1: for ever), each on its
+    own. Returns {seed: the task's result}."""
     from concurrent.futures import ThreadPoolExecutor
 
     several = len(seeds) > 1
@@ -303,6 +322,7 @@ def ensure_splits(
             out,
             oracle_seeds=n_oracles,
             prefix=f"[split {seed}] " if several else "",
+            max_failures=max_failures,
         )
 
     results = {seeds[0]: one(seeds[0], oracle_seeds)}
