@@ -29,8 +29,9 @@ is validated here, before Ray starts: one line naming the problem, exit code 2, 
                                           # after the trials, and picks use their means
     oracle_seeds: 3                       # oracles per seed on the first calibration split: the
                                           # noise floor of every gap (1 = not measured)
-    max_failures: 3                       # retries of a failed trial (a lost spot node): it resumes
-                                          # from its last checkpoint; -1 = forever, 0 = none
+    max_failures: 3                       # retries of a failed trial or a lost base-model task (a
+                                          # lost spot node): it resumes from its last checkpoint;
+                                          # -1 = forever, 0 = none
     checkpoint_every: 1                   # a trial's checkpoint every N epochs (and always at its
                                           # last epoch and at mo_asha's rungs); a resumed or
                                           # retried trial re-runs at most N-1 epochs
@@ -118,7 +119,9 @@ class SearchSpec:
     calibration_seeds: tuple[int, ...] = (0,)  # split seeds every trial is scored on (first: the scenario's)
     holdout_seeds: tuple[int, ...] = ()  # split seeds the front is validated on after the trials
     oracle_seeds: int = 1  # oracles (seeds) on the first calibration split; >= 2 measures the noise floor
-    max_failures: int = 3  # retries of a trial whose node died or that raised (Tune's FailureConfig; -1: forever)
+    max_failures: int = (
+        3  # retries of a trial (node died or raised; Tune's FailureConfig) and of a lost base-model task; -1: forever
+    )
     checkpoint_every: int = 1  # epochs between a trial's checkpoints (also at its last epoch and the rungs)
     source: dict = field(default_factory=dict)
 

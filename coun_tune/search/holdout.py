@@ -132,7 +132,15 @@ def transfer_check(
     noise = (_parent_json(client, parent_run_id, "base_models.json") or {}).get("oracle_noise") or {}
     with RaySession(None, log=log):
         data_ref = ray.put(data)
-        bases = ensure_splits(cfg.scenario, list(split_seeds), cache, data_ref, resources, out=_LogWriter(log))
+        bases = ensure_splits(
+            cfg.scenario,
+            list(split_seeds),
+            cache,
+            data_ref,
+            resources,
+            out=_LogWriter(log),
+            max_failures=int(spec.get("max_failures", 3)),  # the search's own retry budget
+        )
         reference = {s: bases[s]["original"] for s in split_seeds}
         return validate_front(
             client,
