@@ -20,8 +20,17 @@ searcher and callback state), coun-tune's own files (search_state.json, ...) and
 requests. trial-epochs = trials x epochs (what the trials reported: every trial runs all its
 epochs here).
 
-Output: one block per trial count, then a table; the last line is the requests per trial-epoch
-at each trial count.
+Output: one block per trial count, a table of totals, then per group the requests and KB per
+trial-epoch at each trial count, a trial's share of the snapshot (the largest experiment_state
+upload divided by the trials), KB per trial-epoch, and last the requests per trial-epoch.
+
+What grows with trials is Tune's experiment snapshot (experiment_state-*.json): it holds every
+trial and is uploaded whole at every snapshot, and Tune snapshots at every trial checkpoint
+(CheckpointConfig(num_to_keep=1) forces it, so that the saved state never names a checkpoint that
+was deleted) and at least every ~10 s. With N trials, E epochs, a checkpoint every k epochs and
+a per-trial entry of s bytes, the snapshots alone are about (E/k) N snapshots of up to N s bytes:
+per trial-epoch about s N / (2 k) bytes, linear in N. coun-tune cuts s (a finished trial's entry
+drops Tune's metric_n_steps: coun_tune/search/trial_files.py); the slope remains.
 """
 
 from __future__ import annotations
@@ -236,7 +245,9 @@ def checkpoints_per_trial(reqs: list) -> list[int]:
 
 
 def snapshot_counts(reqs: list) -> dict:
-    """snapshots: uploads of Tune's experiment state (one per snapshot); result_uploads_per_trial:
+    """snapshots: uploads of Tune's experiment state (one per snapshot); snapshot_max_bytes: the
+    largest of them (the last, with every trial: divided by the trials, a trial's share of every
+    snapshot, what makes snapshot bytes grow with trials); result_uploads_per_trial:
     uploads of each trial's result.json, sorted; trial_dir_markers: directory markers (PUT of
     an empty .../unlearn_trial_*/ key) made for trial directories."""
     put = [p for m, p, _, _ in reqs if m == "PUT"]
@@ -245,8 +256,10 @@ def snapshot_counts(reqs: list) -> dict:
         m = re.search(r"/(unlearn_trial_[^/]+)/result\.json$", p)
         if m:
             results[m.group(1)] += 1
+    state = [u for m, p, u, _ in reqs if m == "PUT" and re.search(r"/experiment_state-[^/]+\.json$", p)]
     return {
-        "snapshots": sum(1 for p in put if re.search(r"/experiment_state-[^/]+\.json$", p)),
+        "snapshots": len(state),
+        "snapshot_max_bytes": max(state, default=0),
         "result_uploads_per_trial": sorted(results.values()),
         "trial_dir_markers": sum(1 for p in put if re.search(r"/unlearn_trial_[^/]+/$", p)),
     }
@@ -313,6 +326,32 @@ def run_search(
     return time.time() - t0, out
 
 
+def make_row(n: int, epochs: int, wall: float, reqs: list, moto_requests: int | None) -> dict:
+    te = n * epochs
+    groups: dict[str, Counter] = {}
+    for method, path, up, down in reqs:
+        g = groups.setdefault(kind(path, f"results/{n}t"), Counter())
+        g["requests"] += 1
+        g[method] += 1
+        g["up"] += up
+        g["down"] += down
+    up, down = sum(r[2] for r in reqs), sum(r[3] for r in reqs)
+    return {
+        "trials": n,
+        "trial_epochs": te,
+        "wall_s": round(wall, 1),
+        "requests": len(reqs),
+        "moto_log_requests": moto_requests,
+        "bytes_up": up,
+        "bytes_down": down,
+        "requests_per_trial_epoch": round(len(reqs) / te, 2),
+        "bytes_per_trial_epoch": round((up + down) / te),
+        "groups": {k: dict(v) for k, v in sorted(groups.items())},
+        "checkpoints_per_trial": checkpoints_per_trial(reqs),
+        **snapshot_counts(reqs),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, nargs="+", default=[4, 16, 64], help="trial counts (default 4 16 64)")
@@ -322,8 +361,17 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--cache", help="base-model cache to use (default: a new one in the work directory)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument(
+        "--snapshot-period",
+        type=float,
+        help="seconds between Tune's periodic snapshots (TUNE_GLOBAL_CHECKPOINT_S; default Tune's: "
+        "about 10). A large value leaves the snapshots a checkpoint forces, whose count does not "
+        "depend on how fast the machine is",
+    )
     args = ap.parse_args()
     extra = json.loads(args.spec)
+    if args.snapshot_period is not None:
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(args.snapshot_period)  # the searches inherit it
 
     work = Path(tempfile.mkdtemp(prefix="storage-traffic-"))
     moto_log = work / "moto.log"
@@ -342,29 +390,7 @@ def main() -> None:
             wall, out = run_search(work, cache, endpoint, n, args.epochs, extra, args.timeout)
             time.sleep(0.5)  # let moto flush its log line for the last request
             reqs = counts.take()
-            te = n * args.epochs
-            groups: dict[str, Counter] = {}
-            for method, path, up, down in reqs:
-                g = groups.setdefault(kind(path, f"results/{n}t"), Counter())
-                g["requests"] += 1
-                g[method] += 1
-                g["up"] += up
-                g["down"] += down
-            up, down = sum(r[2] for r in reqs), sum(r[3] for r in reqs)
-            row = {
-                "trials": n,
-                "trial_epochs": te,
-                "wall_s": round(wall, 1),
-                "requests": len(reqs),
-                "moto_log_requests": moto_log_requests(moto_log, log_start),
-                "bytes_up": up,
-                "bytes_down": down,
-                "requests_per_trial_epoch": round(len(reqs) / te, 2),
-                "bytes_per_trial_epoch": round((up + down) / te),
-                "groups": {k: dict(v) for k, v in sorted(groups.items())},
-                "checkpoints_per_trial": checkpoints_per_trial(reqs),
-                **snapshot_counts(reqs),
-            }
+            row = make_row(n, args.epochs, wall, reqs, moto_log_requests(moto_log, log_start))
             rows.append(row)
             print(f"--- {n} trials x {args.epochs} epochs ({wall:.0f} s)", flush=True)
             print(json.dumps(row, indent=1), flush=True)
@@ -387,9 +413,38 @@ def main() -> None:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    print()
+    print(per_group_table(rows))
+    print(
+        "snapshot KB per trial (largest experiment_state upload / trials): "
+        + ", ".join(f"{r['trials']} trials {r['snapshot_max_bytes'] / r['trials'] / 1000:.1f}" for r in rows)
+    )
+    print(
+        "KB per trial-epoch: "
+        + ", ".join(f"{r['trials']} trials {r['bytes_per_trial_epoch'] / 1000:.0f}" for r in rows)
+    )
     print(
         "requests per trial-epoch: " + ", ".join(f"{r['trials']} trials {r['requests_per_trial_epoch']}" for r in rows)
     )
+
+
+def per_group_table(rows: list[dict]) -> str:
+    """Requests and KB (up + down) per trial-epoch of each group, one column pair per trial count."""
+    groups = sorted({g for r in rows for g in r["groups"]})
+    head = f"{'per trial-epoch':<18}" + "".join(f" {str(r['trials']) + ' trials req':>15} {'KB':>8}" for r in rows)
+    lines = [head]
+    for g in [*groups, "all"]:
+        cells = []
+        for r in rows:
+            te = r["trial_epochs"]
+            if g == "all":
+                req, nbytes = r["requests"], r["bytes_up"] + r["bytes_down"]
+            else:
+                c = r["groups"].get(g, {})
+                req, nbytes = c.get("requests", 0), c.get("up", 0) + c.get("down", 0)
+            cells.append(f" {req / te:>15.1f} {nbytes / te / 1000:>8.1f}")
+        lines.append(f"{g:<18}" + "".join(cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

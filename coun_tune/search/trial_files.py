@@ -13,6 +13,17 @@ Tune also keeps an (empty, now) staging directory per trial, and the snapshot's 
 directory marker (one PUT) for each of them every time. A finished trial's empty one is removed
 (a running trial's stays: Tune writes a failure's error.txt there without creating it).
 
+The snapshot itself (experiment_state-*.json) still holds every trial, and Tune uploads it whole at
+every snapshot (at every checkpoint, as num_to_keep asks, and every ~10 s): its bytes grow with
+trials x snapshots. About half of a trial's entry (~15 of ~31 KB with coun-tune's ~30 numeric
+metrics) is run_metadata.metric_n_steps: two deques per metric (the last 5 and 10 values, for
+Tune's last-5-avg/last-10-avg), each cloudpickled and hex-encoded. They serve only the next
+result's update of metric_analysis, and a TERMINATED trial gets no more results (a resumed search
+skips finished trials), so a finished trial's are dropped before the next snapshot;
+metric_analysis (max/min/avg/last and the last-n averages, what ExperimentAnalysis ranks by) is
+kept whole. A finished trial's entry is then ~16 KB, and the snapshot's growth per trial about
+halves: it still grows (see benchmarks/storage_traffic.py).
+
 The files keep Tune's format (result.json: one JSON object per report, what Tune's
 JsonLoggerCallback writes; ResultGrid and ExperimentAnalysis read it back; params.json: the
 trial's config). progress.csv and TensorBoard event files are no longer written (coun-tune's
@@ -39,6 +50,15 @@ def _encoder():
     from ray.tune.utils.util import SafeFallbackEncoder  # what Tune's JSON logger uses (numpy, NaN)
 
     return SafeFallbackEncoder
+
+
+def compact_finished(trial) -> None:
+    """A TERMINATED trial's snapshot entry without metric_n_steps (see the module docstring).
+    Only for TERMINATED trials: a trial that may still report (running, paused, errored and
+    resumable) needs them, update_metric indexing them for every metric it already has."""
+    meta = getattr(trial, "run_metadata", None)
+    if trial.status == "TERMINATED" and getattr(meta, "metric_n_steps", None):
+        meta.metric_n_steps = {}  # an attribute set: Tune's cached JSON of the entry is redone
 
 
 class TrialFiles(Callback):
@@ -86,10 +106,12 @@ class TrialFiles(Callback):
         return [line for line in text.splitlines() if line.strip()]
 
     def on_step_begin(self, iteration, trials, **info) -> None:
-        """Before the step's snapshot: remove the empty staging directories of finished trials."""
+        """Before the step's snapshot, for each newly finished trial: drop its metric_n_steps
+        from the snapshot and remove its empty staging directory."""
         for t in trials:
             if t.status == "TERMINATED" and t.trial_id not in self._swept:
                 self._swept.add(t.trial_id)
+                compact_finished(t)
                 try:
                     os.rmdir(t.local_path)
                 except (OSError, TypeError):  # holds a file (an error of an earlier try), or gone
