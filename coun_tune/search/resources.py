@@ -6,19 +6,26 @@ if the nodes hold fewer trials at once than `max_concurrent_trials`, the search 
 than the spec says. `check_cluster` looks at what can exist:
 
 - the live nodes (`ray.nodes()`: each node's total resources), and
-- the autoscaler's node types, when the driver can see them: the cluster config the autoscaler
-  reports to the GCS (`ray._private.state.state.get_cluster_config()`, filled by autoscaler v2
-  and KubeRay), else the config `ray up` leaves on the head (`~/ray_bootstrap_config.yaml`,
-  resources filled in by `ray up`; $COUN_TUNE_CLUSTER_CONFIG names another file). Ray 2.60's
-  classic (v1) autoscaler reports no node types to the GCS, so a driver that is not on the
-  head sees the live nodes only, and a type without `resources` in the config (left to be
-  detected from the instance type at launch) is skipped.
+- the autoscaler's node types, when the driver can see them, first found of: the cluster config
+  the autoscaler reports to the GCS (`ray._private.state.state.get_cluster_config()`); the file
+  $COUN_TUNE_CLUSTER_CONFIG names; the `--autoscaling-config` file of this cluster's autoscaler
+  when it runs on this machine (the driver is on the head: `ray job submit`, `ray start
+  --autoscaling-config=...`); `~/ray_bootstrap_config.yaml` (what `ray up` leaves on the head,
+  resources filled in). Ray 2.60 never writes the GCS cluster config: neither the classic (v1)
+  nor the v2 autoscaler calls `report_cluster_config` (checked against Ray's fake multi-node
+  autoscaler, tests/test_i17_autoscaler.py; ray-project/ray#63012), so that source is for later
+  Rays. A driver off the head, or on KubeRay (whose autoscaler reads the RayCluster resource, not
+  a file), sees the live nodes only: the failure then says to name the node types with
+  $COUN_TUNE_CLUSTER_CONFIG. A type without `resources` in the config (left to be detected from
+  the instance type at launch) is skipped.
 
 No node and no node type can hold one trial: UsageError (one line, exit 2, before anything is
 written). Fewer trials fit at once than max_concurrent_trials: one warning line.
 
 Counting is per node: a node of resources R holds floor(min over the asked resources of
-R[r] / ask[r]) trials (identical bundles on one node: the bin packing is exact).
+R[r] / ask[r]) trials (identical bundles on one node: the bin packing is exact). The reachable
+count takes each worker type up to its max_workers, and all worker types together up to the
+cluster's max_workers (Ray's cluster-wide cap), the types holding the most trials first.
 """
 
 from __future__ import annotations
@@ -38,11 +45,14 @@ EPS = 1e-9  # Ray keeps resources in units of 1e-4: 0.25 GPU x 4 must fill a GPU
 
 @dataclass
 class NodeType:
-    """An autoscaler node type: its resources and how many of it may exist (-1: no limit)."""
+    """An autoscaler node type: its resources and how many of it may exist (-1: no limit).
+    cluster_max: the cluster-wide max_workers that all worker types share (None: none known);
+    the head type has none (it is one node, outside that cap)."""
 
     name: str
     resources: dict[str, float]
     max_count: int
+    cluster_max: int | None = None
 
 
 def trial_request(resources_per_trial: dict) -> dict[str, float]:
@@ -60,6 +70,13 @@ def trials_per_node(node: dict[str, float], ask: dict[str, float]) -> int:
 
 def _short(res: dict[str, float]) -> str:
     return f"{{CPU: {res.get('CPU', 0):g}, GPU: {res.get('GPU', 0):g}}}"
+
+
+def _describe_types(types: list[NodeType]) -> str:
+    def most(n: int) -> str:
+        return "no limit" if n < 0 else f"at most {n}"
+
+    return ", ".join(f"{t.name} {_short(t.resources)} ({most(t.max_count)})" for t in types)
 
 
 def _describe(shapes: list[dict[str, float]]) -> str:
@@ -82,18 +99,28 @@ class Capacity:
 
 def capacity(ask: dict[str, float], live: list[dict[str, float]], types: list[NodeType] | None) -> Capacity:
     """What `ask` gets from the live nodes and, if known, the autoscaler's node types. With node
-    types, the reachable count is each type at its max_count (live nodes are instances of them;
-    a live node of no listed type, such as a manually joined one, adds its own)."""
+    types, the reachable count is each type at its max_count, the worker types together within
+    the cluster's max_workers, filled with the types holding the most trials first (live nodes
+    are instances of the types; a live node of no listed type, such as a manually joined one,
+    adds its own)."""
     per_node = [trials_per_node(r, ask) for r in live]
     per_type = {t.name: trials_per_node(t.resources, ask) for t in types or []}
     if not types:
         return Capacity(per_node, per_type, sum(per_node))
+    caps = [t.cluster_max for t in types if t.cluster_max is not None]
+    left = min(caps) if caps else None  # worker nodes the cluster may still have
     reachable = 0
-    for t in types:
+    for t in sorted(types, key=lambda t: per_type[t.name], reverse=True):
         n = per_type[t.name]
-        if n and t.max_count < 0:
+        if not n:
+            continue
+        count = t.max_count
+        if t.cluster_max is not None and left is not None:
+            count = left if count < 0 else min(count, left)
+            left -= count
+        if count < 0:
             return Capacity(per_node, per_type, sys.maxsize)
-        reachable += n * t.max_count
+        reachable += n * count
     # live nodes beyond what the types account for (a head of no listed type, say)
     return Capacity(per_node, per_type, max(reachable, sum(per_node)))
 
@@ -143,8 +170,43 @@ def _types_from_file(path: Path) -> list[NodeType] | None:
         count = 1 if name == head else int(t.get("max_workers", cap if isinstance(cap, int) else 0) or 0)
         if isinstance(cap, int) and name != head:
             count = min(count, cap)
-        out.append(NodeType(str(name), res, count))
+        shared = cap if isinstance(cap, int) and name != head else None
+        out.append(NodeType(str(name), res, count, shared))
     return out or None
+
+
+def _monitor_config() -> Path | None:
+    """The `--autoscaling-config` file of the autoscaler of the cluster this driver is connected
+    to, when that autoscaler (Ray's monitor.py, v1 or v2) runs on this machine; matched by the
+    GCS port (Ray may rewrite the address's IP). None when not connected or not found."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        port = str(ray.get_runtime_context().gcs_address).rsplit(":", 1)[-1]
+        entries = os.listdir("/proc")
+    except Exception:  # private detail, or no /proc: this source is only a convenience
+        return None
+    for pid in filter(str.isdigit, entries):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("/monitor.py") and "/autoscaler/" in a for a in args[:3]):
+            continue
+        opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+        config = opts.get("autoscaling-config")
+        if not config or opts.get("gcs-address", "").rsplit(":", 1)[-1] != port:
+            continue
+        path = Path(os.path.expanduser(config))
+        if not path.is_absolute():
+            try:
+                path = Path(os.readlink(f"/proc/{pid}/cwd")) / path
+            except OSError:
+                continue
+        return path
+    return None
 
 
 def autoscaler_types() -> tuple[list[NodeType] | None, str]:
@@ -152,11 +214,17 @@ def autoscaler_types() -> tuple[list[NodeType] | None, str]:
     found = _types_from_gcs()
     if found:
         return found, "the autoscaler's cluster config (GCS)"
-    path = Path(os.path.expanduser(os.environ.get(CLUSTER_CONFIG_ENV) or BOOTSTRAP_CONFIG))
-    if path.is_file():
-        found = _types_from_file(path)
-        if found:
-            return found, str(path)
+    named = os.environ.get(CLUSTER_CONFIG_ENV)
+    candidates = [
+        (Path(os.path.expanduser(named)) if named else None, "{path}"),
+        (_monitor_config(), "{path}, the running autoscaler's --autoscaling-config"),
+        (Path(os.path.expanduser(BOOTSTRAP_CONFIG)), "{path}"),
+    ]
+    for path, where in candidates:
+        if path is not None and path.is_file():
+            found = _types_from_file(path)
+            if found:
+                return found, where.format(path=path)
     return None, "no autoscaler config visible from this driver"
 
 
@@ -172,10 +240,18 @@ def check_cluster(resources_per_trial: dict, max_concurrent_trials: int, out=STD
     cap = capacity(ask, live, types)
     asked = "{" + ", ".join(f"{k.lower()}: {v:g}" for k, v in ask.items()) + "}"
     if not cap.fits_somewhere:
-        kinds = f"; autoscaler node types: {_describe([t.resources for t in types])}" if types else ""
+        if types:
+            kinds = f"; autoscaler node types from {source}: {_describe_types(types)}"
+            fix = "lower resources_per_trial or add a node type that holds it"
+        else:
+            kinds = f"; {source}"
+            fix = (
+                "lower resources_per_trial, or if an autoscaler can add a node that holds it, "
+                f"name its cluster config in ${CLUSTER_CONFIG_ENV}"
+            )
         raise UsageError(
             f"resources_per_trial {asked} fits on no node of this Ray cluster (nodes: {_describe(live)}{kinds}), "
-            "so no trial could ever start: lower resources_per_trial or add a node type that holds it"
+            f"so no trial could ever start: {fix}"
         )
     if cap.reachable < max_concurrent_trials:
         where = f"the nodes and node types ({source})" if types else "the live nodes"
