@@ -193,32 +193,21 @@ def test_resume_refuses_a_changed_spec(late_ctrl_c, cli):
     assert sorted(p.name for p in search_dirs(root)) == before
 
 
-# --- SIGTERM (`ray job stop`, `docker stop`, `kill`) ends like Ctrl-C ------------------------------
+# --- SIGTERM, then a SIGKILLed driver, then the next search -----------------------------------
+#
+# One scenario for two tests (each search costs a Ray start and a Tune setup): search A gets
+# SIGTERM mid-trial; search B, on the same machine (one runs dir, $COUN_TUNE_CACHE/runs) and the
+# same MLflow store, is SIGKILLed once Ray is up; then A's --resume is the next search: it must
+# remove what B left, and complete A. Each step's observations are kept for the tests to judge.
 
 
-def test_sigterm_ends_the_search_like_ctrl_c_and_resume_completes_it(tmp_path, prepared, session_cache_dir):
-    """The driver gets SIGTERM (what `ray job stop` sends) once the first trial has reported
-    epoch 1 of 3. Ray's own SIGTERM handler would sys.exit wherever the driver is: a traceback,
-    MLflow runs left RUNNING. It must end as a Ctrl-C does: exit 130, the search interrupted and
-    resumable, no run left RUNNING; --resume then finishes it without logging any epoch twice."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    write_spec(
-        tmp_path / "spec.yaml",
-        "termed",
-        cache_dir=session_cache_dir,
-        storage_path=tmp_path / "results",
-        tracking_uri=uri,
-        num_samples=2,
-        max_concurrent_trials=1,
-        sampler="random",
-        space={**SPACE, "epochs": 3},
-    )
-    env = child_env(COUN_TUNE_CACHE=str(tmp_path / "cc"))
-    log = tmp_path / "first.out"
-    with open(log, "w") as out, open(tmp_path / "first.err", "w") as err:
+def _sigterm_a_search(root: Path, env: dict) -> dict:
+    """The driver gets SIGTERM once the first trial has reported epoch 1 of 3."""
+    log = root / "first.out"
+    with open(log, "w") as out, open(root / "first.err", "w") as err:
         proc = subprocess.Popen(
             cli_command() + ["search", "spec.yaml"],
-            cwd=tmp_path,
+            cwd=root,
             env=env,
             stdout=out,
             stderr=err,
@@ -234,29 +223,167 @@ def test_sigterm_ends_the_search_like_ctrl_c_and_resume_completes_it(tmp_path, p
         rc = proc.wait(timeout=180)
     finally:
         stop_session(proc.pid)
-    stdout, stderr = log.read_text(), (tmp_path / "first.err").read_text()
+    return {"pid": proc.pid, "rc": rc, "stdout": log.read_text(), "stderr": (root / "first.err").read_text()}
+
+
+def _sigkill_a_search(root: Path, env: dict, runs_dir: Path, seen: dict) -> None:
+    """Start a search; SIGKILL its driver once Ray is up, the base-model task done and the
+    parent run created. Fills `seen` (the killed driver's PID and temp dir as soon as known:
+    the fixture stops what is left of them in any case)."""
+    proc = subprocess.Popen(
+        cli_command() + ["search", "spec.yaml"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    seen["pid"] = proc.pid
+    record = runs_dir / f"{proc.pid}.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # Ray up, base-model task done, parent run created
+        if record.exists() and list((root / "results").glob("*/coun_tune_search.json")):
+            break
+        assert proc.poll() is None, "the search ended before it could be killed"
+        time.sleep(0.5)
+    seen["records"] = sorted(runs_dir.glob("*.json"))
+    rec = json.loads(record.read_text())
+    seen["temp_dir"] = rec["temp_dir"]
+    seen["rec_before"] = rec
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(2)
+    seen["record"] = record
+    rec = json.loads(record.read_text())  # as last refreshed by the driver
+    seen["recorded"] = recorded = [(p, t) for p, t in rec["processes"]]
+    seen["alive"] = alive = [p for p, t in recorded if start_time(p) == t]
+    seen["temp_dir_was_there"] = Path(seen["temp_dir"]).is_dir()
+    seen["alive_cmdlines"] = [cmdline(p) for p in alive]
+
+
+@pytest.fixture(scope="module")
+def term_then_kill(tmp_path_factory, prepared, session_cache_dir):
+    root = tmp_path_factory.mktemp("term_then_kill")
+    a, b = root / "a", root / "b"
+    a.mkdir()
+    b.mkdir()
+    uri = f"sqlite:///{root}/mlflow.db"
+    write_spec(
+        a / "spec.yaml",
+        "termed",
+        cache_dir=session_cache_dir,
+        storage_path=a / "results",
+        tracking_uri=uri,
+        num_samples=2,
+        max_concurrent_trials=1,
+        sampler="random",
+        space={**SPACE, "epochs": 3},
+    )
+    write_spec(
+        b / "spec.yaml",
+        "killed",
+        cache_dir=session_cache_dir,
+        storage_path=b / "results",
+        tracking_uri=uri,
+        num_samples=1,
+        max_concurrent_trials=1,
+        sampler="random",
+    )
+    env = child_env(COUN_TUNE_CACHE=str(root / "cc"))
+    runs_dir = root / "cc" / "runs"
+    out = {"uri": uri, "a": a, "b": b, "runs_dir": runs_dir}
+    killed: dict = {}
+    try:
+        out["first"] = first = _sigterm_a_search(a, env)
+        out["first_session_left"] = session_pids(first["pid"])
+        out["first_dirs"] = search_dirs(a)
+        out["first_state"] = [json.loads((d / "coun_tune_search.json").read_text()) for d in out["first_dirs"]]
+        out["first_runs"] = runs(uri, "termed")[1:]
+        try:
+            _sigkill_a_search(b, env, runs_dir, killed)
+        except (AssertionError, pytest.fail.Exception) as e:  # the SIGKILL test reports it
+            out["kill_error"] = e
+        out["killed"] = killed
+        out["resumed"] = run_cli(["search", "spec.yaml", "--resume"], cwd=a, env=env)
+        if "recorded" in killed:
+            killed["recorded_alive_after"] = [p for p, t in killed["recorded"] if start_time(p) == t]
+            killed["session_left_after"] = session_pids(killed["pid"])
+            killed["temp_dir_left_after"] = Path(killed["temp_dir"]).exists()
+            killed["record_left_after"] = killed["record"].exists()
+            killed["records_after"] = list(runs_dir.glob("*.json"))
+        client, parents, children = runs(uri, "termed")
+        out["after_resume"] = {
+            "parents": parents,
+            "children": children,
+            "steps": {
+                c.info.run_id: [m.step for m in client.get_metric_history(c.info.run_id, "retain_acc")]
+                for c in children
+            },
+        }
+        out["killed_parents"] = runs(uri, "killed")[1]
+        yield out
+    finally:
+        if "pid" in killed:
+            stop_session(killed["pid"])
+        if killed.get("temp_dir"):
+            stop_until_gone(lambda: pids_naming(killed["temp_dir"]))
+
+
+def test_sigterm_ends_the_search_like_ctrl_c_and_resume_completes_it(term_then_kill):
+    """The driver gets SIGTERM (what `ray job stop` sends) once the first trial has reported
+    epoch 1 of 3. Ray's own SIGTERM handler would sys.exit wherever the driver is: a traceback,
+    MLflow runs left RUNNING. It must end as a Ctrl-C does: exit 130, the search interrupted and
+    resumable, no run left RUNNING; --resume then finishes it without logging any epoch twice."""
+    first = term_then_kill["first"]
+    rc, stdout, stderr = first["rc"], first["stdout"], first["stderr"]
     assert rc == 130, (rc, stdout[-2000:], stderr[-3000:])
     assert "Traceback" not in stderr and "SystemExit" not in stderr, stderr[-3000:]
     assert "search interrupted" in stdout and "--resume" in stdout and "Pareto front" not in stdout
-    (exp_dir,) = search_dirs(tmp_path)
-    assert json.loads((exp_dir / "coun_tune_search.json").read_text())["status"] == "interrupted"
-    _, parents, children = runs(uri, "termed")
+    (state,) = term_then_kill["first_state"]
+    assert state["status"] == "interrupted"
+    parents, children = term_then_kill["first_runs"]
     (parent,) = parents
     assert (parent.info.status, parent.data.tags["status"]) == ("KILLED", "interrupted")
     assert children and all(c.info.status != "RUNNING" for c in children)
     assert ("KILLED", "interrupted") in {(c.info.status, c.data.tags.get("status")) for c in children}
-    assert session_pids(proc.pid) == []  # its local Ray went with it
+    assert term_then_kill["first_session_left"] == []  # its local Ray went with it
 
-    resumed = run_cli(["search", "spec.yaml", "--resume"], cwd=tmp_path, env=env)
-    assert "exported the knee config" in resumed.stdout
-    client, parents, children = runs(uri, "termed")
-    (parent,) = parents
+    assert "exported the knee config" in term_then_kill["resumed"].stdout
+    seen = term_then_kill["after_resume"]
+    (parent,) = seen["parents"]
     assert (parent.info.status, parent.data.tags["status"]) == ("FINISHED", "completed")
-    assert len(children) == 2
-    for c in children:
+    assert len(seen["children"]) == 2
+    for c in seen["children"]:
         assert c.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(c.info.run_id, "retain_acc")]
-        assert sorted(steps) == [1, 2, 3]  # the interrupted trial went on from its checkpoint
+        assert sorted(seen["steps"][c.info.run_id]) == [1, 2, 3]  # the interrupted trial went on from its checkpoint
+
+
+def test_the_next_search_removes_what_a_sigkilled_driver_left(term_then_kill):
+    """Search B's driver is SIGKILLed once Ray is up; the next search on the machine (here
+    search A's --resume, on the same MLflow store) stops what B's run record names, removes its
+    temp dir and record, and completes; B's parent run stays RUNNING (resumable)."""
+    if "kill_error" in term_then_kill:
+        raise term_then_kill["kill_error"]
+    k = term_then_kill["killed"]
+    assert k["records"] == [k["record"]]  # one run record: the live driver's (A's is gone with A)
+    rec = k["rec_before"]
+    assert rec["driver_pid"] == k["pid"] and rec["processes"]
+    # the fault: Ray's agents outlive their driver (renamed ray::...). Most stay in the killed
+    # session, but not all: a Ray process may start its own session, so the cleanup must go
+    # by the run record (PID + start time), not by session.
+    assert k["alive"] and k["temp_dir_was_there"]
+    assert any(c.startswith("ray::") for c in k["alive_cmdlines"])
+
+    nxt = term_then_kill["resumed"]
+    assert "cleaned up after an earlier coun-tune run" in nxt.stdout
+    assert f"(driver {k['pid']}, gone)" in nxt.stdout
+    assert k["recorded_alive_after"] == []
+    assert k["session_left_after"] == [] and not k["temp_dir_left_after"]
+    assert not k["record_left_after"] and k["records_after"] == []
+    (nxt_parent,) = term_then_kill["after_resume"]["parents"]
+    killed_parents = term_then_kill["killed_parents"]
+    # the next search finished; the killed one stays resumable
+    assert sorted([nxt_parent.info.status] + [p.info.status for p in killed_parents]) == ["FINISHED", "RUNNING"]
 
 
 # --- two searches at once ------------------------------------------------------------------
@@ -299,68 +426,6 @@ def test_two_searches_started_at_once_on_a_fresh_store(tmp_path, prepared, sessi
     assert sorted(s["parent_run_id"] for s in states) == sorted(p.info.run_id for p in parents)
     assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
     assert sorted(c.data.tags["mlflow.parentRunId"] for c in children) == sorted(p.info.run_id for p in parents)
-
-
-# --- a SIGKILLed driver ---------------------------------------------------------------------
-
-
-def test_the_next_search_removes_what_a_sigkilled_driver_left(tmp_path, prepared, session_cache_dir):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    write_spec(
-        tmp_path / "spec.yaml",
-        "killed",
-        cache_dir=session_cache_dir,
-        storage_path=tmp_path / "results",
-        tracking_uri=uri,
-        num_samples=1,
-        max_concurrent_trials=1,
-        sampler="random",
-    )
-    env = child_env(COUN_TUNE_CACHE=str(tmp_path / "cc"))
-    runs_dir = tmp_path / "cc" / "runs"
-    proc = subprocess.Popen(
-        cli_command() + ["search", "spec.yaml"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    temp_dir = None
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # Ray up, base-model task done, parent run created
-            if list(runs_dir.glob("*.json")) and list((tmp_path / "results").glob("*/coun_tune_search.json")):
-                break
-            assert proc.poll() is None, "the search ended before it could be killed"
-            time.sleep(0.5)
-        (record,) = runs_dir.glob("*.json")
-        rec = json.loads(record.read_text())
-        temp_dir = rec["temp_dir"]
-        assert rec["driver_pid"] == proc.pid and rec["processes"]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        time.sleep(2)
-        rec = json.loads(record.read_text())  # as last refreshed by the driver
-        recorded = [(p, t) for p, t in rec["processes"]]
-        alive = [p for p, t in recorded if start_time(p) == t]
-        # the fault: Ray's agents outlive their driver (renamed ray::...). Most stay in the killed
-        # session, but not all: a Ray process may start its own session, so the cleanup must go
-        # by the run record (PID + start time), not by session.
-        assert alive and Path(temp_dir).is_dir()
-        assert any(cmdline(p).startswith("ray::") for p in alive)
-
-        nxt = run_cli(["search", "spec.yaml"], cwd=tmp_path, env=env)
-        assert "cleaned up after an earlier coun-tune run" in nxt.stdout
-        assert [p for p, t in recorded if start_time(p) == t] == []
-        assert session_pids(proc.pid) == [] and not Path(temp_dir).exists()
-        assert not record.exists() and list(runs_dir.glob("*.json")) == []
-        _, parents, _ = runs(uri, "killed")
-        assert sorted(p.info.status for p in parents) == ["FINISHED", "RUNNING"]  # the killed one stays resumable
-    finally:
-        stop_session(proc.pid)
-        if temp_dir:
-            stop_until_gone(lambda: pids_naming(temp_dir))
 
 
 def test_cleanup_leaves_live_runs_and_reused_pids_alone(tmp_path, monkeypatch):

@@ -15,9 +15,10 @@ lost after the server acted). Nothing of MLflow is mocked.
 - A reply lost after the server created the run (or logged a batch) is retried without a
   second run (or a second point).
 - End to end: `coun-tune search` against the server, which is stopped once the first trial
-  result is in MLflow and restarted seconds later: trials report epochs while it is down (the
-  trials table goes on), the two lines are printed once each, and afterwards every trial's
-  metric history in MLflow equals Tune's results, one point per (metric, epoch).
+  result is in MLflow and restarted once the search has said so and a trial has reported an
+  epoch since: trials report epochs while it is down (the trials table goes on), the two lines
+  are printed once each, and afterwards every trial's metric history in MLflow equals Tune's
+  results, one point per (metric, epoch).
 """
 
 from __future__ import annotations
@@ -390,8 +391,16 @@ def test_a_lost_reply_makes_no_second_run_and_no_second_point(server, search, qu
 
 # --- end to end: a real search, the server stopped mid-search -------------------------------
 
-OUTAGE_S = 20
+OUTAGE_MAX_S = 120  # the server stays down until a trial reports an epoch (seconds), at most this
 EPOCHS = 4
+# The driver's bounded wait at the end of a search for a stopped server (writer.FLUSH_TIMEOUT_S,
+# 60 s): what it waits for never comes in the test that ends while the server is down, so there
+# it is set shorter; the driver is the `coun-tune` CLI otherwise unchanged.
+FLUSH_TIMEOUT_S = 5.0
+_DRIVER = (
+    "import sys; from coun_tune.tracking import writer; writer.FLUSH_TIMEOUT_S = float(sys.argv.pop(1)); "
+    "from coun_tune.cli import main; sys.exit(main())"
+)
 
 
 def _tune_results(results_dir: Path) -> dict[str, list[dict]]:
@@ -405,11 +414,13 @@ def _tune_results(results_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def _start_search(cwd: Path, *args: str):
+def _start_search(cwd: Path, *args: str, flush_timeout_s: float | None = None):
     """`coun-tune search spec.yaml ARGS` in its own session; its stdout lines are collected
-    with the time each arrived. Returns (process, lines, reader thread)."""
+    with the time each arrived. Returns (process, lines, reader thread). With flush_timeout_s,
+    the driver's writer.FLUSH_TIMEOUT_S is that (the CLI's `main` run by `python -c`)."""
+    driver = cli_command() if flush_timeout_s is None else [sys.executable, "-c", _DRIVER, str(flush_timeout_s)]
     proc = subprocess.Popen(
-        [*cli_command(), "search", "spec.yaml", *args],
+        [*driver, "search", "spec.yaml", *args],
         cwd=cwd,
         env=child_env(COUN_TUNE_CACHE=str(cwd / "cc")),
         stdout=subprocess.PIPE,
@@ -433,6 +444,22 @@ def _wait_for_first_result(client, name: str, proc) -> None:
         assert proc.poll() is None, "the search ended before the server was stopped"
         assert time.monotonic() < deadline, "no trial result reached MLflow"
         time.sleep(0.5)
+
+
+def _progress(line: str) -> bool:
+    return line.split()[1:2] in (["running"], ["done"])
+
+
+def _wait_while_down(lines: list, proc, t_down: float) -> None:
+    """Until the search has said MLflow is unreachable and a trial has reported an epoch more
+    than a second after the server went down (the trials table went on), the search ended, or
+    OUTAGE_MAX_S passed (the assertions after say which)."""
+    deadline = t_down + OUTAGE_MAX_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen = list(lines)
+        if any(UNREACHABLE in s for _, s in seen) and any(t > t_down + 1 and _progress(s) for t, s in seen):
+            return
+        time.sleep(0.2)
 
 
 def _assert_mlflow_holds_tunes_results(client, name: str, results_dir: Path, num_trials: int) -> None:
@@ -490,7 +517,7 @@ def test_search_goes_on_while_the_mlflow_server_is_down(server, tmp_path, prepar
         t_stopping = time.monotonic()
         server.stop()
         t_down = time.monotonic()
-        time.sleep(OUTAGE_S)
+        _wait_while_down(lines, proc, t_down)
         t_restart = time.monotonic()
         server.start()
         proc.wait(timeout=900)
@@ -509,7 +536,7 @@ def test_search_goes_on_while_the_mlflow_server_is_down(server, tmp_path, prepar
     assert proc.returncode == 0, f"search exited {proc.returncode}\n{out[-4000:]}\n--- stderr\n{err[-4000:]}"
 
     # the trials table went on while the server was down
-    during = [s for t, s in lines if t_down + 1 < t < t_restart and s.split()[1:2] in (["running"], ["done"])]
+    during = [s for t, s in lines if t_down + 1 < t < t_restart and _progress(s)]
     assert during, f"no trial progress while MLflow was down:\n{(tmp_path / 'stdout.txt').read_text()}"
     down, up = lines_with(out, UNREACHABLE), lines_with(out, REACHABLE)
     assert len(down) == 1 and down[0].startswith(f"{UNREACHABLE}{server.url}, "), out
@@ -527,9 +554,10 @@ def test_a_search_ending_while_mlflow_is_down_is_resumed_with_nothing_lost(
     server, tmp_path, prepared, session_cache_dir
 ):
     """The server stops after the first result and stays down past the end of the trials: the
-    search waits a bounded time (writer.FLUSH_TIMEOUT_S), says so, exits 130 resumable without
-    calling MLflow again; once the server is back, --resume writes the buffered records (kept in
-    Tune's saved experiment) and ends the search as it would have ended."""
+    search waits a bounded time (writer.FLUSH_TIMEOUT_S, FLUSH_TIMEOUT_S here), says so, exits
+    130 resumable without calling MLflow again; once the server is back, --resume writes the
+    buffered records (kept in Tune's saved experiment) and ends the search as it would have
+    ended."""
     from mlflow.tracking import MlflowClient
 
     name = "outage_at_end"
@@ -544,7 +572,7 @@ def test_a_search_ending_while_mlflow_is_down_is_resumed_with_nothing_lost(
         sampler="random",
         space={**SPACE, "epochs": 2},
     )
-    proc, lines, reader = _start_search(tmp_path)
+    proc, lines, reader = _start_search(tmp_path, flush_timeout_s=FLUSH_TIMEOUT_S)
     client = MlflowClient(tracking_uri=server.url)
     try:
         _wait_for_first_result(client, name, proc)

@@ -46,6 +46,13 @@ def _s3(endpoint: str):
     )
 
 
+def _upload(endpoint: str, local: Path, dest: str) -> None:
+    """Copy a local directory tree to s3://dest (this test's own client)."""
+    from pyarrow import fs
+
+    fs.copy_files(str(local), dest, source_filesystem=fs.LocalFileSystem(), destination_filesystem=_s3(endpoint))
+
+
 def _bucket_exists(endpoint: str, bucket: str) -> bool:
     from pyarrow import fs
 
@@ -175,14 +182,17 @@ def _delete_bucket(endpoint: str, bucket: str) -> None:
 
 
 @pytest.mark.slow
-def test_bucket_lost_mid_search_ends_cleanly(s3_server, tmp_path, prepared):
+def test_bucket_lost_mid_search_ends_cleanly(s3_server, tmp_path, prepared, session_cache_dir):
     """storage_path and cache_dir in one bucket; the bucket is deleted once the first trial has
     reported epoch 1 of 3. The search must end with coun-tune's own line naming the lost bucket
     and the endpoint (exit 2), never blame the cache_dir setting, leave no MLflow run RUNNING
-    and not bring the bucket back; --resume then says in one line that the bucket is gone."""
+    and not bring the bucket back; --resume then says in one line that the bucket is gone.
+    The cache in the bucket starts as a copy of the session cache (`prepared`): the search
+    trains trials only."""
     endpoint = s3_server["endpoint"]
     bucket = "lost-mid"
     _s3(endpoint).create_dir(bucket)
+    _upload(endpoint, session_cache_dir, f"{bucket}/cache")
     name = "lostmid"
     _spec(
         tmp_path,
@@ -191,6 +201,9 @@ def test_bucket_lost_mid_search_ends_cleanly(s3_server, tmp_path, prepared):
         cache=f"s3://{bucket}/cache",
         results=f"s3://{bucket}/results",
         space={**SPACE, "epochs": 3},
+        # each trial is retried once after the bucket is gone (the retry's restore and the
+        # fresh start both meet the lost bucket); the default 3 retries only repeat that
+        max_failures=1,
     )
     # the cores are shared: a raylet may take minutes to register
     env = _env(endpoint, tmp_path, RAY_raylet_start_wait_time_s="300")
