@@ -99,7 +99,7 @@ class TrialProgress(Callback):
         row = self.trials[trial_id]
         row["status"] = status
         if not self._header_shown:
-            print(self._line(self._columns()), flush=True)
+            _write_line(self._line(self._columns()))
             self._header_shown = True
         epoch = _epoch(row)
         cells = [
@@ -110,7 +110,7 @@ class TrialProgress(Callback):
             *[_fmt(row.get("config", {}).get(k)) for k in self.params],
             trial_id,
         ]
-        print(self._line(cells), file=sys.stdout, flush=True)
+        _write_line(self._line(cells))
 
     def _row(self, trial) -> dict:
         config = {k: trial.config.get(k) for k in self.params}
@@ -204,3 +204,10 @@ def summary(
     more = len(progress_rows) - SUMMARY_ROWS
     tail = f"\n... and {more} more trials (all of them are in MLflow)" if more > 0 else ""
     return head + "\n" + table(["trial", "status", "epoch", *objectives, *params, "tune_id"], rows) + tail
+
+
+def _write_line(line: str) -> None:
+    """One write per row: print() writes the text and the newline separately, and the MLflow
+    writer thread's own line could land between them ("...6c73d77aMLflow unreachable ...")."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
