@@ -103,18 +103,26 @@ def s3_env(s3_server, monkeypatch):
     yield s3_server
 
 
-def s3_objects(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
-    """Every object key under s3://bucket/prefix (recursive), read with pyarrow directly (not
-    through coun_tune.core.storage, so tests do not check the code with itself)."""
+def s3_filesystem(endpoint: str, allow_bucket_creation: bool = False):
+    """pyarrow's S3 filesystem on the moto server at `endpoint`, with the tests' credentials."""
     from pyarrow import fs
 
-    s3 = fs.S3FileSystem(
+    return fs.S3FileSystem(
         endpoint_override=endpoint.split("://", 1)[1],
         scheme="http",
         access_key="testing",
         secret_key="testing",
         region="us-east-1",
+        allow_bucket_creation=allow_bucket_creation,
     )
+
+
+def s3_objects(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
+    """Every object key under s3://bucket/prefix (recursive), read with pyarrow directly (not
+    through coun_tune.core.storage, so tests do not check the code with itself)."""
+    from pyarrow import fs
+
+    s3 = s3_filesystem(endpoint)
     base = f"{bucket}/{prefix}".rstrip("/")
     infos = s3.get_file_info(fs.FileSelector(base, recursive=True, allow_not_found=True))
     return sorted(i.path[len(bucket) + 1 :] for i in infos if i.type == fs.FileType.File)

@@ -43,6 +43,7 @@ import pytest
 import torch
 import yaml
 from _i17_cluster import LoopbackCluster
+from _s3_helpers import s3_filesystem
 from _search_helpers import child_env, cli_command, stop_session, write_spec
 
 from coun_tune.config.search_spec import validate_search_spec
@@ -210,17 +211,8 @@ _train_original(Scenario(**json.loads(sys.argv[2])), load_dataset("digits"), sys
 
 
 def test_an_s3_cache_dir_checkpoints_resumes_and_cleans_up(s3_env, scenario, digits, tmp_path, reference_models):
-    from pyarrow import fs
-
     endpoint, objects = s3_env["endpoint"], s3_env["objects"]
-    s3 = fs.S3FileSystem(
-        endpoint_override=endpoint.split("://", 1)[1],
-        scheme="http",
-        access_key="testing",
-        secret_key="testing",
-        region="us-east-1",
-        allow_bucket_creation=True,
-    )
+    s3 = s3_filesystem(endpoint, allow_bucket_creation=True)
     s3.create_dir(S3_BUCKET)  # the bucket exists beforehand, as a search requires
     prefix = f"cache-{tmp_path.name}"
     cache = f"s3://{S3_BUCKET}/{prefix}"
